@@ -1,0 +1,89 @@
+"""Measure which memory candidates (capitals, continents) the base model really answers.
+
+Closed book, no tags: the model gets a plain "answer briefly" prompt and the question; a
+reply counts as correct when a normalized gold answer appears in the normalized reply
+(HotpotQA normalization). Greedy decoding decides the kind (MEMORY iff correct); `--samples`
+completions at T = 1 give the sampled accuracy, recorded for information.
+
+    python -m data.measure_memory            # writes data/smollm2_memory.json (~5 min on CPU)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from data.offline_task import DEFAULT_MEMORY_FILE, memory_candidates
+from grpo.models import SMOLLM2, load_model_and_tokenizer
+from grpo.prompts import build_prompt
+from grpo.rewards import normalize_answer
+from grpo.rollout import rollout
+
+CLOSED_BOOK_SYSTEM = "You are a helpful assistant. Answer the question briefly."
+
+
+def contains_gold(reply: str, golds) -> bool:
+    text = f" {normalize_answer(reply)} "
+    return any(f" {normalize_answer(g)} " in text for g in golds if normalize_answer(g))
+
+
+def _no_tool(query: str) -> str:
+    return "No tool is available."
+
+
+def measure(model_name: str = SMOLLM2, samples: int = 4, batch: int = 8, max_new_tokens: int = 32, seed: int = 0):
+    model, tokenizer = load_model_and_tokenizer(model_name)
+    model.eval()
+    questions = memory_candidates()
+    gen = torch.Generator().manual_seed(seed)
+    results = {}
+    t0 = time.perf_counter()
+    for start in range(0, len(questions), batch):
+        qs = questions[start:start + batch]
+        prompts = [build_prompt(tokenizer, q.question, system=CLOSED_BOOK_SYSTEM) for q in qs]
+        greedy = rollout(model, tokenizer, prompts, _no_tool, group_size=1, max_new_tokens=max_new_tokens,
+                         temperature=0.0)
+        sampled = rollout(model, tokenizer, prompts, _no_tool, group_size=samples, max_new_tokens=max_new_tokens,
+                          temperature=1.0, generator=gen)
+        for i, q in enumerate(qs):
+            hits = [contains_gold(t, q.answers) for t in sampled.texts[i * samples:(i + 1) * samples]]
+            results[q.id] = {"greedy_correct": contains_gold(greedy.texts[i], q.answers),
+                             "sampled_accuracy": sum(hits) / samples,
+                             "greedy_reply": greedy.texts[i].replace(tokenizer.eos_token, "").strip()[:120]}
+        print(f"{start + len(qs)}/{len(questions)} questions, {time.perf_counter() - t0:.0f} s", flush=True)
+    return results
+
+
+def report(results: dict) -> str:
+    lines = []
+    for kind in ("capital", "continent"):
+        rows = {k: v for k, v in results.items() if k.startswith(kind + "/")}
+        greedy = sum(v["greedy_correct"] for v in rows.values())
+        sampled = sum(v["sampled_accuracy"] for v in rows.values()) / max(len(rows), 1)
+        lines.append(f"{kind:10s} greedy {greedy}/{len(rows)} ({greedy / max(len(rows), 1):.0%}), "
+                     f"sampled accuracy {sampled:.0%}")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=SMOLLM2)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=DEFAULT_MEMORY_FILE)
+    args = ap.parse_args()
+    results = measure(args.model, samples=args.samples)
+    payload = {"model": args.model, "method": "closed-book, greedy decides; gold contained in reply",
+               "results": results}
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, args.out)  # never a half-written file
+    print(report(results))
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""Rewards for a search-tool agent: answer metrics, a tolerant tag parser, VOI and OTC rewards.
+
+Pure Python (no torch). Everything here scores one completion string (or one group of them);
+the rollout supplies the tool-call counts, because the environment, not the text, knows which
+calls were executed and which were refused.
+
+Completion format (observations are inserted by the environment, never by the model):
+
+    <thought>...</thought>  <call>query</call><obs>...</obs>  ...  <answer>...</answer>
+
+References
+- HotpotQA official evaluation script `hotpot_evaluate_v1.py` (Yang et al. 2018): answer
+  normalisation, exact match, token F1 with its yes/no/noanswer special case.
+- OTC-PO: Wang et al. 2025, "Acting Less is Reasoning More! Teaching Model to Act Efficiently"
+  (first titled "OTC: Optimal Tool Calls via Reinforcement Learning"), arXiv 2504.14870, §3.
+- The value-of-information (VOI) reward table is this project's own design, not a paper's.
+"""
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+# ---------------------------------------------------------------------------------------------
+# Answer metrics (HotpotQA official evaluation, hotpot_evaluate_v1.py)
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = frozenset(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """HotpotQA normalisation: lower-case, drop punctuation, drop a/an/the, collapse whitespace.
+
+    Punctuation is deleted, not replaced by a space ("Eiffel-Tower" -> "eiffeltower"), exactly as
+    in the official script.
+    """
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def exact_match(prediction: str, golds: Sequence[str]) -> float:
+    """EM = max over golds g of [normalize(prediction) == normalize(g)]; 0.0 if golds is empty."""
+    pred = normalize_answer(prediction)
+    return max((float(pred == normalize_answer(g)) for g in golds), default=0.0)
+
+
+def _f1_one(pred: str, gold: str) -> float:
+    # Official special case: a yes/no/noanswer answer gets no partial credit.
+    if (pred in ("yes", "no", "noanswer") or gold in ("yes", "no", "noanswer")) and pred != gold:
+        return 0.0
+    pred_tokens, gold_tokens = pred.split(), gold.split()
+    num_same = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+    if num_same == 0:
+        return 0.0
+    precision, recall = num_same / len(pred_tokens), num_same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1_score(prediction: str, golds: Sequence[str]) -> float:
+    """Token F1 = max over golds of 2PR/(P+R), P = |common|/|pred|, R = |common|/|gold|.
+
+    Tokens are whitespace-split normalised answers; common is the multiset intersection. If the
+    normalised prediction or gold is yes/no/noanswer and they differ, F1 = 0 (official rule).
+    """
+    pred = normalize_answer(prediction)
+    return max((_f1_one(pred, normalize_answer(g)) for g in golds), default=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tolerant tag parsing
+
+# One tag: "<", optional "/", a known name, ">" with any spaces and any case: "< / Answer >".
+# Linear time: each backtracking step is O(1) and each "<" only scans the whitespace after it.
+_TAG = re.compile(r"<\s*(/\s*)?(thought|call|obs|answer)\s*>", re.IGNORECASE)
+END_OF_TEXT_MARKERS = ("<|im_end|>", "<|endoftext|>")
+
+
+def _strip_end_markers(text: str) -> str:
+    """Remove trailing whitespace and end-of-text markers (any number, any order), in O(len)."""
+    end = len(text)
+    while True:
+        while end > 0 and text[end - 1].isspace():
+            end -= 1
+        for marker in END_OF_TEXT_MARKERS:
+            if text.endswith(marker, 0, end):
+                end -= len(marker)
+                break
+        else:
+            return text[:end]
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """What `parse_completion` recovers from one completion."""
+    answer: str | None       # text of the last <answer> (stripped); None if absent or blank
+    num_calls: int           # number of <call>...</call> pairs (closed calls)
+    calls: tuple[str, ...]   # their queries, stripped, in order
+    num_unclosed_calls: int  # <call> opened and never closed
+    well_formed: bool        # see parse_completion
+    reason: str              # "" when well-formed, else the first problem found
+
+
+def _format_problem(text: str, tags: list[tuple[bool, str, int, int]]) -> str:
+    """First violation of the flat grammar, or "" (the rules are listed in parse_completion)."""
+    open_name, prev_closed, answer_end, num_answers = None, None, -1, 0
+    for is_close, name, start, end in tags:
+        if open_name is None:
+            if is_close:
+                return f"stray </{name}>"
+            if prev_closed == "call" and name != "obs":
+                return "<call> without <obs>"
+            if name == "obs" and prev_closed != "call":
+                return "<obs> not after </call>"
+            if name == "answer" and num_answers:
+                return "several <answer> blocks"
+            open_name, open_end = name, end
+        elif is_close and name == open_name:
+            if name == "answer":
+                num_answers, answer_end = num_answers + 1, end
+                if not text[open_end:start].strip():
+                    return "empty <answer>"
+            prev_closed, open_name = name, None
+        else:
+            return f"<{'/' if is_close else ''}{name}> inside <{open_name}>"
+        if not is_close:
+            prev_closed = None
+    if open_name is not None:
+        return f"unclosed <{open_name}>"
+    if prev_closed == "call":
+        return "<call> without <obs>"
+    if num_answers == 0:
+        return "no <answer>"
+    if text[answer_end:].strip():
+        return "text after </answer>"
+    return ""
+
+
+def parse_completion(text: str) -> Parsed:
+    """Parse a completion tolerantly; never raises, runs in linear time.
+
+    Tags match with any spaces and case inside the brackets ("< Answer >", "</ call>").
+    Trailing end-of-text markers (<|im_end|>, <|endoftext|>) and whitespace are removed first.
+
+    Recovery: the answer is the text of the LAST <answer>, up to the next </answer>, or to the
+    end of the text when it is never closed. Calls: a </call> closes the currently open <call>;
+    a <call> opened while another is open, or open at the end, counts as unclosed.
+
+    Well-formed means all of:
+      1. blocks do not nest: between an opening tag and its closing tag there is no other tag
+         (so no <call> inside <answer>, no <answer> inside <thought>);
+      2. every opening tag is closed (this covers <thought>, <call>, <answer>, <obs>) and no
+         closing tag appears without its opening tag;
+      3. every </call> is followed by an <obs> block, and every <obs> follows a </call>;
+      4. exactly one <answer>...</answer>, its text not blank, and nothing but whitespace after
+         it. Free text between blocks is allowed.
+    A call refused by the environment (over the tool budget, no <obs> inserted) therefore makes
+    the completion malformed. Observations must not contain tag-like text (the environment is
+    expected to escape it), otherwise it is read as nesting.
+    """
+    text = _strip_end_markers(text)
+    tags = [(m.group(1) is not None, m.group(2).lower(), m.start(), m.end()) for m in _TAG.finditer(text)]
+
+    calls: list[str] = []
+    num_unclosed, call_start = 0, None
+    last_answer_open: tuple[int, int] | None = None  # (index in tags, end of the tag)
+    for i, (is_close, name, start, end) in enumerate(tags):
+        if name == "call":
+            if not is_close:
+                num_unclosed += call_start is not None
+                call_start = end
+            elif call_start is not None:
+                calls.append(text[call_start:start].strip())
+                call_start = None
+        elif name == "answer" and not is_close:
+            last_answer_open = (i, end)
+    num_unclosed += call_start is not None
+
+    answer = None
+    if last_answer_open is not None:
+        i, start = last_answer_open
+        close = next((t for t in tags[i + 1:] if t[0] and t[1] == "answer"), None)
+        answer = text[start:close[2] if close else len(text)].strip() or None
+
+    reason = _format_problem(text, tags)
+    return Parsed(answer, len(calls), tuple(calls), num_unclosed, not reason, reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# Value-of-information (VOI) reward
+
+
+@dataclass(frozen=True)
+class VOIWeights:
+    """Signed reward weights; the total is the plain sum of the terms."""
+    correct: float = 1.0
+    """Answer exact-matches a gold answer."""
+    wrong: float = -0.5
+    """Wrong answer, or no answer at all."""
+    well_formed: float = 0.1
+    """Completion is well-formed (`parse_completion(text).well_formed`)."""
+    malformed: float = -0.5
+    """Completion is not well-formed."""
+    per_call: float = -0.05
+    """Per executed tool call: the price of information."""
+    per_call_no_obs: float = -0.2
+    """Per call that got no observation: refused over the tool budget, or never closed."""
+    direct_bonus: float = 0.1
+    """Correct answer without any tool call, executed or attempted."""
+
+
+def _check_counts(num_calls: int, num_calls_no_obs: int) -> None:
+    if num_calls < 0 or num_calls_no_obs < 0:
+        raise ValueError(f"tool-call counts must be >= 0, got num_calls={num_calls}, "
+                         f"num_calls_no_obs={num_calls_no_obs}")
+
+
+def voi_reward(text: str, golds: Sequence[str], num_calls: int, num_calls_no_obs: int,
+               weights: VOIWeights = VOIWeights()) -> dict[str, float]:
+    """Value-of-information reward: be right, use the tool only when the answer is worth it.
+
+    total = correct + format + tool_cost + no_obs_penalty + direct_bonus, where
+      correct        = w.correct if EM(answer, golds) == 1 else w.wrong   (no answer -> wrong)
+      format         = w.well_formed if well-formed else w.malformed      (see parse_completion)
+      tool_cost      = w.per_call * num_calls
+      no_obs_penalty = w.per_call_no_obs * num_calls_no_obs
+      direct_bonus   = w.direct_bonus if correct and num_calls == num_calls_no_obs == 0 else 0
+    num_calls / num_calls_no_obs come from the rollout (the environment counts them).
+    With the default weights: correct and direct 1.2; correct with 2 calls 1.0; wrong -0.4;
+    and with max_tool_calls=5, max_no_obs=1 every total lies in [-1.45, 1.2]
+    (see voi_reward_bounds).
+    """
+    _check_counts(num_calls, num_calls_no_obs)
+    parsed = parse_completion(text)
+    is_correct = parsed.answer is not None and exact_match(parsed.answer, golds) == 1.0
+    parts = {
+        "correct": weights.correct if is_correct else weights.wrong,
+        "format": weights.well_formed if parsed.well_formed else weights.malformed,
+        "tool_cost": weights.per_call * num_calls,
+        "no_obs_penalty": weights.per_call_no_obs * num_calls_no_obs,
+        "direct_bonus": weights.direct_bonus if is_correct and num_calls == num_calls_no_obs == 0 else 0.0,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def voi_reward_bounds(weights: VOIWeights, max_tool_calls: int, max_no_obs: int) -> tuple[float, float]:
+    """(lo, hi) enclosing every voi_reward total when num_calls <= max_tool_calls and
+    num_calls_no_obs <= max_no_obs: the sum of each term's own min (max). Exact for the default
+    weights, e.g. (5, 1) -> (-0.5 - 0.5 - 0.25 - 0.2, 1.0 + 0.1 + 0.1) = (-1.45, 1.2).
+    """
+    terms = [(weights.correct, weights.wrong), (weights.well_formed, weights.malformed),
+             (0.0, weights.per_call * max_tool_calls), (0.0, weights.per_call_no_obs * max_no_obs),
+             (0.0, weights.direct_bonus)]
+    return sum(min(t) for t in terms), sum(max(t) for t in terms)
+
+
+# ---------------------------------------------------------------------------------------------
+# OTC reward (Wang et al. 2025, arXiv 2504.14870)
+
+
+@dataclass(frozen=True)
+class OTCWeights:
+    """Weights of the OTC-GRPO reward; the format term is ours (as in VOIWeights), not the paper's."""
+    alpha: float = 1.0
+    """Scale of the tool-integrated correctness term (the paper's alpha)."""
+    c: float = 1.0
+    """Smoothing constant of the n = 0 branch, cos(m*pi/(2m + c)); larger c = slower decay."""
+    well_formed: float = 0.1
+    """Format term for a well-formed completion, as in VOIWeights."""
+    malformed: float = -0.5
+    """Format term for a malformed completion, as in VOIWeights."""
+
+
+def otc_tool_factor(m: int, n: int, c: float = 1.0) -> float:
+    """OTC-GRPO tool reward r_tool(m, n) in [0, 1], m = calls of this sample, n = optimal calls.
+
+        r_tool = 1                          if f(m, n) = n = 0
+               = cos(m * pi / (2m + c))     if n = 0
+               = sin(f(m, n) * pi / (2n))   otherwise
+        f(m, n) = 0 if m = n = 0;  m if n = 0;  2nm / (m + n) otherwise
+
+    So r_tool = 1 exactly at m = n and falls towards 0 as m grows (f -> 2n, sin(pi) = 0);
+    for m < n it is also < 1. Source: arXiv 2504.14870 §3 (OTC-GRPO), checked against a public
+    verl-based implementation of it (`map_to_2n` / `oct_*_penalty`); the paper's text could only be
+    read in summaries here, and its value of c is not verified (our default c = 1 is a choice).
+    """
+    if m < 0 or n < 0 or c <= 0:
+        raise ValueError(f"otc_tool_factor needs m >= 0, n >= 0, c > 0; got m={m}, n={n}, c={c}")
+    if n == 0:
+        return 1.0 if m == 0 else math.cos(m * math.pi / (2 * m + c))
+    f = 2 * n * m / (m + n)
+    return max(0.0, math.sin(f * math.pi / (2 * n)))
+
+
+def otc_optimal_calls(correct: Sequence[bool], num_calls: Sequence[int]) -> int | None:
+    """n = min calls among the correct samples of one group (OTC-GRPO); None if none is correct."""
+    return min((m for ok, m in zip(correct, num_calls) if ok), default=None)
+
+
+def otc_group_rewards(texts: Sequence[str], golds: Sequence[str], num_calls: Sequence[int],
+                      weights: OTCWeights = OTCWeights()) -> list[dict[str, float]]:
+    """OTC-GRPO reward for the G samples of ONE group (same prompt, same golds).
+
+        total_i   = correct_i + format_i
+        correct_i = alpha * r_tool(m_i, n) * EM_i      (paper: r^tool = alpha * r_tool * r_phi)
+        n         = min{ m_j : sample j correct }      (the group's estimate of optimal calls)
+    tool_factor_i = r_tool(m_i, n) is returned for logging; it is not added to the total.
+    Wrong samples get tool_factor 1 (their correctness term is 0 whatever it is), as the public
+    implementation does. When no sample is correct, n is undefined: every tool_factor is 1 and the
+    totals are the format terms only; the group then carries no correctness signal, which is the
+    truth (we do not know how many calls would have sufficed).
+    """
+    if not len(texts) == len(num_calls):
+        raise ValueError(f"texts ({len(texts)}) and num_calls ({len(num_calls)}) differ in length")
+    parsed = [parse_completion(t) for t in texts]
+    correct = [p.answer is not None and exact_match(p.answer, golds) == 1.0 for p in parsed]
+    n = otc_optimal_calls(correct, num_calls)
+    out = []
+    for p, ok, m in zip(parsed, correct, num_calls):
+        _check_counts(m, 0)
+        factor = otc_tool_factor(m, n, weights.c) if ok else 1.0
+        parts = {"correct": weights.alpha * factor * float(ok),
+                 "format": weights.well_formed if p.well_formed else weights.malformed}
+        parts["total"] = parts["correct"] + parts["format"]
+        parts["tool_factor"] = factor
+        out.append(parts)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Guard
+
+
+def check_finite_rewards(components: Sequence[Mapping[str, float]], sample_ids: Sequence | None = None) -> None:
+    """Raise ValueError naming the sample and the component of the first non-finite value."""
+    for i, parts in enumerate(components):
+        for key, value in parts.items():
+            if not math.isfinite(value):
+                who = sample_ids[i] if sample_ids is not None else i
+                raise ValueError(f"reward component {key!r} of sample {who} (index {i}) is {value}")

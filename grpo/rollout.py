@@ -1,0 +1,259 @@
+"""Grouped sampling with in-loop tool execution: the "o_i ~ π_old(·|q)" step of GRPO.
+
+For B prompts we sample G completions each (N = B*G sequences) with a hand-written loop
+over the model's forward and its KV cache:
+
+    prefill   each prompt goes through the model once; its KV cache is repeated G times
+    decode    one sampled token per live sequence per step (temperature, top-p)
+    tool turn when a sequence's text closes `</call>`, the query is parsed, the env runs, and
+              `<obs>result</obs>` is encoded *on its own* and fed in the same forward as that
+              sequence's next step. Sampled ids are never decoded and re-encoded (BPE drift),
+              and no earlier token is fed to the model again: the cache is kept.
+    stop      at `</answer>`, at EOS, or when the sampled-token budget runs out
+
+Ragged steps. When some rows get observation tokens and others get one sampled token (or
+nothing, once finished), every row is fed the same number L of new positions: the row's
+tokens are right-aligned and the rest are pad positions masked out of attention. Position
+ids come from the cumulative attention mask, so these holes do not shift positions
+(PITFALLS: "A ragged batch after a tool turn"). At the end the holes are squeezed out and
+each row becomes [left-padded prompt | completion | right padding], with masks built from
+lengths, never from `ids != pad_id` (SmolLM2's pad token is its EOS).
+
+Shape vocabulary: B prompts, G group size, N = B*G samples, P prompt tokens, C completion
+tokens (sampled + observation), L tokens fed in one decode step, V vocabulary.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from grpo.prompts import BUDGET_OBSERVATION, OBS_CLOSE, OBS_OPEN
+
+_CALL_CLOSE = re.compile(r"<\s*/\s*call\s*>", re.IGNORECASE)
+_ANSWER_CLOSE = re.compile(r"<\s*/\s*answer\s*>", re.IGNORECASE)
+_CALL_QUERY = re.compile(r"<\s*call\s*>(.*?)<\s*/\s*call\s*>", re.IGNORECASE | re.DOTALL)
+_CALL_OPEN = re.compile(r"<\s*call\s*>", re.IGNORECASE)
+_TAIL_TOKENS = 16  # a closing tag is searched for in the decoded last few sampled tokens
+
+
+@dataclass
+class Rollout:
+    """B*G sampled completions, ready for the reward and the loss.
+
+    Sample n belongs to group `group_ids[n]` = n // G: the G samples of a prompt are consecutive.
+    """
+    input_ids: Tensor         # (N, P+C) [left-padded prompt | completion | right padding]
+    attention_mask: Tensor    # (N, P+C) 1 on prompt, sampled and observation tokens
+    completion_mask: Tensor   # (N, C)   1 only on tokens the policy sampled (0: observations, padding)
+    prompt_length: int        # P, the column where completions start
+    group_ids: Tensor         # (N,)     index of the prompt each sample answers
+    num_calls: Tensor         # (N,)     tool calls the env executed
+    num_calls_no_obs: Tensor  # (N,)     calls that got no observation (over budget, or never closed)
+    incomplete_calls: Tensor  # (N,)     `<call>` opened and never closed (subset of num_calls_no_obs)
+    tool_errors: Tensor       # (N,)     executed calls whose tool raised (an error observation was given)
+    num_generated: Tensor     # (N,)     tokens sampled by the policy
+    truncated: Tensor         # (N,)     bool, stopped by the token budget
+    texts: list[str]          # N decoded completions (observations included)
+    queries: list[list[str]]  # N lists of the executed queries
+
+    @property
+    def completion_ids(self) -> Tensor:
+        return self.input_ids[:, self.prompt_length:]  # (N, C)
+
+    @property
+    def group_size(self) -> int:
+        return int((self.group_ids == self.group_ids[0]).sum())
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that skip masked holes: the k-th real token of a row is at position k."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # same shape as the mask
+
+
+def sample_next(logits: Tensor, temperature: float, top_p: float, generator=None) -> Tensor:
+    """One token per row from logits (N, V): greedy at temperature 0, else top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)                                  # (N,)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)   # (N, V)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)     # (N, V)
+        outside = sorted_p.cumsum(-1) - sorted_p > top_p          # mass before this token already > p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, width: int | None = None) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows) if width is None else width
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def _run_tool(env, query: str) -> tuple[str, bool]:
+    """The env's answer, or a short error observation if it raised (the rollout goes on)."""
+    try:
+        return str(env(query)).replace("<", "‹"), False  # tag-like text in a result would corrupt the format
+    except Exception as e:  # a failing tool must not kill the other samples of the batch
+        return f"Tool error: {type(e).__name__}", True
+
+
+class _Row:
+    """Book-keeping of one sequence during decoding (plain Python; no tensors)."""
+
+    def __init__(self):
+        self.done = False
+        self.truncated = False
+        self.segment: list[int] = []  # sampled ids since the last observation
+        self.n_generated = 0
+        self.calls = 0
+        self.no_obs = 0
+        self.incomplete = 0
+        self.errors = 0
+        self.queries: list[str] = []
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_tokens: int,
+            temperature: float = 1.0, top_p: float = 1.0, max_tool_calls: int = 5,
+            max_obs_tokens: int = 160, generator: torch.Generator | None = None,
+            use_cache: bool = True) -> Rollout:
+    """Sample `group_size` completions for each prompt, executing tool calls as they close.
+
+    `use_cache=False` re-feeds the whole sequence at every step: the slow, obviously correct
+    reference the tests compare the cached loop against.
+    """
+    device = next(model.parameters()).device
+    G, pad_id = group_size, tokenizer.pad_token_id
+    stop_ids = {tokenizer.eos_token_id}
+    obs_open = tokenizer.encode(OBS_OPEN, add_special_tokens=False)
+    obs_close = tokenizer.encode(OBS_CLOSE, add_special_tokens=False)
+
+    # 1. prefill: each prompt once, its KV cache then shared by its G samples
+    prompt_ids, prompt_mask = _left_pad([tokenizer.encode(p, add_special_tokens=False) for p in prompts], pad_id)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)      # (B, P)
+    B, P = prompt_ids.shape
+    N = B * G
+    seq_ids = prompt_ids.repeat_interleave(G, dim=0)                              # (N, P)
+    seq_mask = prompt_mask.repeat_interleave(G, dim=0)                            # (N, P)
+    sampled = torch.zeros_like(seq_ids)                                           # (N, P) 1 where the policy sampled
+    cache = None
+    if use_cache:
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                    position_ids=position_ids_from_mask(prompt_mask), use_cache=True, logits_to_keep=1)
+        cache = out.cache
+        cache.batch_repeat_interleave(G)                                          # (B, …) -> (N, …)
+        logits = out.logits[:, -1].repeat_interleave(G, dim=0)                    # (N, V)
+    else:
+        logits = model(input_ids=seq_ids, attention_mask=seq_mask,
+                       position_ids=position_ids_from_mask(seq_mask), logits_to_keep=1).logits[:, -1]
+
+    rows = [_Row() for _ in range(N)]
+    while True:
+        # 2. sample one token for every live row, then run the tool where a call closed
+        next_tokens = sample_next(logits, temperature, top_p, generator).tolist()  # N ints
+        chunks: list[list[int]] = [[] for _ in range(N)]
+        flags: list[list[int]] = [[] for _ in range(N)]
+        for i, row in enumerate(rows):
+            if row.done:
+                continue
+            tok = next_tokens[i]
+            chunks[i].append(tok)
+            flags[i].append(1)
+            row.segment.append(tok)
+            row.n_generated += 1
+            tail = tokenizer.decode(row.segment[-_TAIL_TOKENS:])
+            if tok in stop_ids or _ANSWER_CLOSE.search(tail):
+                row.done = True
+            elif _CALL_CLOSE.search(tail):
+                obs = _tool_turn(row, tokenizer.decode(row.segment), env, max_tool_calls)
+                obs_ids = tokenizer.encode(obs, add_special_tokens=False)[:max_obs_tokens]
+                chunks[i] += obs_open + obs_ids + obs_close
+                flags[i] += [0] * (len(obs_open) + len(obs_ids) + len(obs_close))
+                row.segment = []
+            if not row.done and row.n_generated >= max_new_tokens:
+                row.done = row.truncated = True
+
+        # 3. append this step's tokens (right-aligned, holes masked) to every row
+        L = max(len(c) for c in chunks)
+        if L == 0:
+            break
+        chunk_ids, chunk_mask = _left_pad(chunks, pad_id, L)                       # (N, L)
+        chunk_flags, _ = _left_pad(flags, 0, L)                                    # (N, L)
+        seq_ids = torch.cat([seq_ids, chunk_ids.to(device)], dim=1)                # (N, T+L)
+        seq_mask = torch.cat([seq_mask, chunk_mask.to(device)], dim=1)             # (N, T+L)
+        sampled = torch.cat([sampled, chunk_flags.to(device)], dim=1)              # (N, T+L)
+        if all(r.done for r in rows):
+            break
+
+        # 4. forward only the new tokens (the cache holds the rest); keep the last logits
+        positions = position_ids_from_mask(seq_mask)                               # (N, T+L)
+        if use_cache:
+            out = model(input_ids=seq_ids[:, -L:], attention_mask=seq_mask, position_ids=positions[:, -L:],
+                        cache=cache, use_cache=True, logits_to_keep=1)
+            cache = out.cache
+        else:
+            out = model(input_ids=seq_ids, attention_mask=seq_mask, position_ids=positions, logits_to_keep=1)
+        logits = out.logits[:, -1]                                                 # (N, V)
+
+    for row in rows:  # a `<call>` still open at the end never got its observation
+        if _CALL_OPEN.search(tokenizer.decode(row.segment)):
+            row.incomplete += 1
+            row.no_obs += 1
+    return _pack(rows, tokenizer, prompt_mask, seq_ids, seq_mask, sampled, P, G, pad_id)
+
+
+def _tool_turn(row: _Row, segment_text: str, env, max_tool_calls: int) -> str:
+    """Parse the query just closed, run the env (or refuse past the budget): the observation text."""
+    found = _CALL_QUERY.findall(segment_text)
+    query = found[-1].strip() if found else ""
+    if row.calls >= max_tool_calls:
+        row.no_obs += 1
+        return BUDGET_OBSERVATION
+    row.calls += 1
+    row.queries.append(query)
+    result, failed = _run_tool(env, query)
+    row.errors += failed
+    return result
+
+
+def _pack(rows, tokenizer, prompt_mask, seq_ids, seq_mask, sampled, P, G, pad_id) -> Rollout:
+    """Squeeze the holes out of the completions and right-pad them into one tensor."""
+    N = len(rows)
+    comp_ids, comp_flags = [], []
+    for i in range(N):
+        real = seq_mask[i, P:].bool()                                              # (T-P,)
+        comp_ids.append(seq_ids[i, P:][real])
+        comp_flags.append(sampled[i, P:][real])
+    C = max(len(c) for c in comp_ids)
+    device = seq_ids.device
+    completion = torch.full((N, C), pad_id, dtype=torch.long, device=device)     # (N, C)
+    completion_mask = torch.zeros((N, C), dtype=torch.long, device=device)       # (N, C)
+    lengths = torch.tensor([len(c) for c in comp_ids], device=device)            # (N,)
+    for i in range(N):
+        completion[i, :lengths[i]] = comp_ids[i]
+        completion_mask[i, :lengths[i]] = comp_flags[i]
+    real_completion = (torch.arange(C, device=device)[None, :] < lengths[:, None]).long()  # (N, C) from lengths
+    prompt_ids = seq_ids[:, :P]                                                   # (N, P)
+    return Rollout(
+        input_ids=torch.cat([prompt_ids, completion], dim=1),                    # (N, P+C)
+        attention_mask=torch.cat([prompt_mask.repeat_interleave(G, dim=0), real_completion], dim=1),
+        completion_mask=completion_mask,
+        prompt_length=P,
+        group_ids=torch.arange(N // G, device=device).repeat_interleave(G),
+        num_calls=torch.tensor([r.calls for r in rows]),
+        num_calls_no_obs=torch.tensor([r.no_obs for r in rows]),
+        incomplete_calls=torch.tensor([r.incomplete for r in rows]),
+        tool_errors=torch.tensor([r.errors for r in rows]),
+        num_generated=torch.tensor([r.n_generated for r in rows]),
+        truncated=torch.tensor([r.truncated for r in rows]),
+        texts=[tokenizer.decode(comp_ids[i].tolist()) for i in range(N)],
+        queries=[r.queries for r in rows],
+    )

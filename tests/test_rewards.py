@@ -1,0 +1,254 @@
+"""Rewards: hand-computed values for every VOI row, EM/F1, parser tolerance, OTC; property tests."""
+import math
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from grpo.rewards import (OTCWeights, VOIWeights, check_finite_rewards, exact_match, f1_score,
+                          normalize_answer, otc_group_rewards, otc_optimal_calls, otc_tool_factor,
+                          parse_completion, voi_reward, voi_reward_bounds)
+
+KENYA = ("<thought>I need the population.</thought><call>Kenya</call>"
+         "<obs>[Kenya] Kenya has 53 million people.</obs><answer>53 million</answer>")
+TWO_CALLS = ("<call>Kenya</call><obs>[Kenya] ...</obs><call>Kenya population</call>"
+             "<obs>[Kenya] 53 million</obs><answer>53 million</answer>")
+
+# --------------------------------------------------------------------------------------- EM / F1
+
+
+def test_normalize_answer():
+    # lower -> "the  eiffel-tower!"; drop punctuation -> "the  eiffeltower"; drop "the"; squeeze
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert normalize_answer("An apple a day") == "apple day"
+    assert normalize_answer("theatre") == "theatre"  # "the" only as a whole word
+
+
+def test_exact_match_multiple_golds_articles_punctuation():
+    assert exact_match("the Paris.", ["London", "paris"]) == 1.0
+    assert exact_match("Paris, France", ["Paris"]) == 0.0
+    assert exact_match("anything", []) == 0.0
+
+
+def test_f1_hand_computed():
+    # pred [barack, obama], gold [obama]: common 1, P = 1/2, R = 1, F1 = 2*(1/2)*1/(3/2) = 2/3
+    assert f1_score("Barack Obama", ["Obama"]) == pytest.approx(2 / 3)
+    # max over golds: the second gold matches exactly
+    assert f1_score("New York City", ["York", "the New York City"]) == 1.0
+    assert f1_score("Lyon", ["Paris"]) == 0.0
+    assert f1_score("", ["Paris"]) == 0.0
+
+
+def test_f1_yes_no_special_case():
+    # plain token F1 would give 2/3 for "yes" vs "yes sir"; the official rule gives 0
+    assert f1_score("yes", ["yes sir"]) == 0.0
+    assert f1_score("no sir", ["no"]) == 0.0
+    assert f1_score("No.", ["no"]) == 1.0
+
+# --------------------------------------------------------------------------------------- parser
+
+
+def test_parse_reference_example():
+    p = parse_completion(KENYA)
+    assert (p.answer, p.num_calls, p.calls, p.num_unclosed_calls) == ("53 million", 1, ("Kenya",), 0)
+    assert p.well_formed and p.reason == ""
+
+
+def test_parse_spaces_and_case_in_tags():
+    p = parse_completion("< call > Kenya </ CALL ><obs>o</Obs >< answer > Paris </ Answer >")
+    assert (p.answer, p.calls, p.well_formed) == ("Paris", ("Kenya",), True)
+
+
+def test_parse_unclosed_final_answer_is_recovered_but_malformed():
+    p = parse_completion("<call>x</call><obs>o</obs><answer> Paris <|im_end|>")
+    assert p.answer == "Paris" and not p.well_formed and "unclosed <answer>" in p.reason
+
+
+def test_parse_duplicate_answers_takes_last():
+    p = parse_completion("<answer>Lyon</answer><answer>Paris</answer>")
+    assert p.answer == "Paris" and not p.well_formed and "several" in p.reason
+
+
+def test_parse_nested_tags():
+    p = parse_completion("<answer><call>x</call>Paris</answer>")
+    assert p.num_calls == 1 and not p.well_formed and "<call> inside <answer>" in p.reason
+    p = parse_completion("<thought><answer>Paris</answer></thought>")
+    assert p.answer == "Paris" and not p.well_formed
+
+
+def test_parse_end_of_text_tokens_after_answer():
+    assert parse_completion("<answer>Paris</answer><|im_end|>").well_formed
+    assert parse_completion("<answer>Paris</answer> <|im_end|><|endoftext|>\n").well_formed
+    assert parse_completion("<answer>Paris</answer> and more").reason == "text after </answer>"
+
+
+def test_parse_unclosed_calls_counted():
+    # first <call> is abandoned when the second opens; only "b" is a closed pair
+    p = parse_completion("<call>a<call>b</call><obs>o</obs><answer>x</answer>")
+    assert (p.num_calls, p.calls, p.num_unclosed_calls, p.well_formed) == (1, ("b",), 1, False)
+    assert parse_completion("<call>Kenya").num_unclosed_calls == 1
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("Paris", "no <answer>"),
+    ("<answer>  </answer>", "empty <answer>"),
+    ("</call><answer>x</answer>", "stray </call>"),
+    ("<call>q</call><answer>x</answer>", "<call> without <obs>"),
+    ("<obs>made up</obs><answer>x</answer>", "<obs> not after </call>"),
+    ("<thought>hm<answer>x</answer>", "<answer> inside <thought>"),
+])
+def test_parse_malformed_reasons(text, reason):
+    p = parse_completion(text)
+    assert not p.well_formed and p.reason == reason
+
+
+def test_parse_blank_answer_is_none():
+    assert parse_completion("<answer>   </answer>").answer is None
+    assert parse_completion("no tags").answer is None
+
+
+@pytest.mark.parametrize("text", [
+    "<" + " " * 1_000_000, "<call>" * 200_000, "< answer" + " " * 1_000_000,
+    "<|im_end|>" * 100_000, "<answer>" * 100_000 + "x", "< / answer " * 100_000,
+])
+def test_parse_megabyte_inputs_linear_time(text):
+    t0 = time.perf_counter()
+    parse_completion(text)
+    assert time.perf_counter() - t0 < 3.0  # quadratic behaviour would take minutes
+
+# --------------------------------------------------------------------------------------- VOI
+
+
+def _voi(text, calls, no_obs, golds=("53 million",)):
+    return voi_reward(text, list(golds), calls, no_obs)
+
+
+@pytest.mark.parametrize("text, calls, no_obs, expected", [
+    # correct, direct: correct 1.0 + format 0.1 + tools 0 + no-obs 0 + bonus 0.1 = 1.2
+    ("<answer>53 million</answer>", 0, 0, dict(correct=1.0, format=0.1, tool_cost=0.0,
+                                               no_obs_penalty=0.0, direct_bonus=0.1, total=1.2)),
+    # correct with 2 calls: 1.0 + 0.1 - 2*0.05 + 0 + 0 = 1.0
+    (TWO_CALLS, 2, 0, dict(correct=1.0, format=0.1, tool_cost=-0.1, no_obs_penalty=0.0,
+                           direct_bonus=0.0, total=1.0)),
+    # wrong, direct: -0.5 + 0.1 = -0.4
+    ("<answer>12 million</answer>", 0, 0, dict(correct=-0.5, format=0.1, direct_bonus=0.0, total=-0.4)),
+    # wrong after 1 call: -0.5 + 0.1 - 0.05 = -0.45
+    (KENYA.replace("53", "12"), 1, 0, dict(correct=-0.5, tool_cost=-0.05, total=-0.45)),
+    # no answer at all (malformed): -0.5 - 0.5 = -1.0
+    ("53 million", 0, 0, dict(correct=-0.5, format=-0.5, direct_bonus=0.0, total=-1.0)),
+    # unclosed call, the env counts it as a call without observation: -0.5 - 0.5 - 0.2 = -1.2
+    ("<call>Kenya", 0, 1, dict(correct=-0.5, format=-0.5, no_obs_penalty=-0.2, total=-1.2)),
+    # unclosed call then a correct answer: 1.0 - 0.5 + 0 - 0.2, no direct bonus (a call was
+    # attempted) = 0.3
+    ("<call>Kenya<answer>53 million</answer>", 0, 1, dict(direct_bonus=0.0, total=0.3)),
+    # over budget (max 2): 2 executed + 1 refused, no <obs> after the refused call (malformed):
+    # 1.0 - 0.5 - 2*0.05 - 0.2 = 0.2
+    (TWO_CALLS.replace("<answer>", "<call>more</call><answer>"), 2, 1,
+     dict(correct=1.0, format=-0.5, tool_cost=-0.1, no_obs_penalty=-0.2, total=0.2)),
+])
+def test_voi_table(text, calls, no_obs, expected):
+    r = _voi(text, calls, no_obs)
+    assert set(r) == {"correct", "format", "tool_cost", "no_obs_penalty", "direct_bonus", "total"}
+    for key, value in expected.items():
+        assert r[key] == pytest.approx(value), key
+    assert r["total"] == pytest.approx(sum(v for k, v in r.items() if k != "total"))
+
+
+def test_voi_bounds_hand_computed():
+    # lo = -0.5 - 0.5 - 5*0.05 - 1*0.2 = -1.45; hi = 1.0 + 0.1 + 0 + 0 + 0.1 = 1.2
+    assert voi_reward_bounds(VOIWeights(), 5, 1) == pytest.approx((-1.45, 1.2))
+
+
+def test_voi_rejects_negative_counts():
+    with pytest.raises(ValueError, match="num_calls=-1"):
+        voi_reward("<answer>x</answer>", ["x"], -1, 0)
+
+# --------------------------------------------------------------------------------------- OTC
+
+
+@pytest.mark.parametrize("m, n, c, expected", [
+    (0, 0, 1.0, 1.0),                            # f = n = 0
+    (1, 0, 1.0, 0.5),                            # cos(pi/3)
+    (2, 0, 1.0, math.cos(2 * math.pi / 5)),      # cos(2pi/5) = 0.309
+    (1, 0, 6.0, math.cos(math.pi / 8)),          # larger c decays slower: 0.924
+    (2, 2, 1.0, 1.0),                            # f = 2*2*2/4 = 2, sin(2pi/4) = 1
+    (3, 1, 1.0, math.sqrt(0.5)),                 # f = 6/4 = 1.5, sin(1.5pi/2) = sin(3pi/4)
+    (1, 2, 1.0, math.sqrt(3) / 2),               # f = 4/3, sin((4/3)pi/4) = sin(pi/3)
+    (0, 1, 1.0, 0.0),                            # f = 0, sin(0)
+])
+def test_otc_tool_factor_values(m, n, c, expected):
+    assert otc_tool_factor(m, n, c) == pytest.approx(expected)
+
+
+@given(n=st.integers(0, 10), c=st.floats(0.1, 10))
+def test_otc_tool_factor_peaks_at_n_and_decreases(n, c):
+    values = [otc_tool_factor(m, n, c) for m in range(n, n + 20)]
+    assert values[0] == pytest.approx(1.0)
+    assert all(0.0 <= b <= a + 1e-12 for a, b in zip(values, values[1:]))
+
+
+def test_otc_group_rewards_n_zero():
+    texts = ["<answer>53 million</answer>", TWO_CALLS, KENYA.replace("53", "12"), "53 million"]
+    out = otc_group_rewards(texts, ["53 million"], [0, 2, 1, 0])
+    assert otc_optimal_calls([True, True, False, False], [0, 2, 1, 0]) == 0
+    # n = 0: correct direct 1*1 + 0.1; correct with 2 calls cos(2pi/5) + 0.1; wrong 0 + 0.1;
+    # no answer 0 - 0.5
+    totals = [1.1, math.cos(2 * math.pi / 5) + 0.1, 0.1, -0.5]
+    assert [r["total"] for r in out] == pytest.approx(totals)
+    assert [r["tool_factor"] for r in out] == pytest.approx([1.0, math.cos(2 * math.pi / 5), 1.0, 1.0])
+
+
+def test_otc_group_rewards_n_one_and_alpha():
+    three = KENYA.replace("<answer>", "<call>a</call><obs>o</obs><call>b</call><obs>o</obs><answer>")
+    out = otc_group_rewards([KENYA, three], ["53 million"], [1, 3], OTCWeights(alpha=2.0))
+    # n = 1: m = 1 -> 2*1 + 0.1 = 2.1; m = 3 -> 2*sin(3pi/4) + 0.1 = 1.5142
+    assert [r["total"] for r in out] == pytest.approx([2.1, 2 * math.sqrt(0.5) + 0.1])
+
+
+def test_otc_group_no_correct_sample_gives_format_only():
+    out = otc_group_rewards(["<answer>1</answer>", "<answer>2"], ["53 million"], [3, 0])
+    assert otc_optimal_calls([False, False], [3, 0]) is None
+    assert [r["total"] for r in out] == pytest.approx([0.1, -0.5])
+    assert all(r["tool_factor"] == 1.0 and r["correct"] == 0.0 for r in out)
+
+# --------------------------------------------------------------------------------------- guard
+
+
+def test_check_finite_rewards_names_sample_and_component():
+    check_finite_rewards([{"total": 1.0}, {"total": -0.5}])
+    with pytest.raises(ValueError, match=r"'format' of sample q7-3 \(index 1\)"):
+        check_finite_rewards([{"total": 1.0}, {"format": math.nan}], ["q7-2", "q7-3"])
+    with pytest.raises(ValueError, match="'total' of sample 0"):
+        check_finite_rewards([{"total": math.inf}])
+
+# --------------------------------------------------------------------------------------- properties
+
+FRAGMENTS = ["<answer>", "</answer>", "<call>", "</call>", "<obs>", "</obs>", "<thought>",
+             "</thought>", "< answer >", "</ Answer>", "<CALL >", "<anwser>", "<", ">", "/",
+             "<|im_end|>", "<|endoftext|>", " ", "\n", "53 million", "Paris", "the", "é漢🙂", "\x00"]
+tag_soup = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=8), max_size=40).map("".join)
+any_text = st.text() | tag_soup
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=any_text)
+def test_parse_never_raises_and_is_consistent(text):
+    p = parse_completion(text)
+    assert p.num_calls == len(p.calls) and p.num_unclosed_calls >= 0
+    assert p.well_formed == (p.reason == "")
+    assert p.answer is None or p.answer == p.answer.strip() != ""
+    if p.well_formed:
+        assert p.answer is not None and p.num_unclosed_calls == 0
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=any_text, golds=st.lists(st.text(max_size=12) | st.sampled_from(["53 million", "Paris"]),
+                                     max_size=3),
+       calls=st.integers(0, 5), no_obs=st.integers(0, 3))
+def test_voi_never_raises_and_within_bounds(text, golds, calls, no_obs):
+    r = voi_reward(text, golds, calls, no_obs)
+    check_finite_rewards([r])
+    lo, hi = voi_reward_bounds(VOIWeights(), max_tool_calls=5, max_no_obs=3)
+    assert lo - 1e-9 <= r["total"] <= hi + 1e-9
+    assert r["total"] == pytest.approx(sum(v for k, v in r.items() if k != "total"))
