@@ -1,0 +1,104 @@
+"""`QADataModule`: batches of questions for GRPO, SFT and evaluation, and the search env over them.
+
+A batch is a plain list of `QAExample`s (B prompts); the module tokenizes, because the
+rollout needs the text. The knowledge base behind the search tool comes with the task:
+the offline task's country documents, or the HotpotQA paragraphs of every loaded example.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from data.hotpotqa import hotpotqa_documents, load_hotpotqa
+from data.offline_task import build_offline_task
+from data.types import QAExample
+from envs.search import MockSearchEnv
+
+TASKS = ("offline", "hotpotqa")
+
+
+def _collate(batch: list[QAExample]) -> list[QAExample]:
+    return batch
+
+
+class QADataModule(L.LightningDataModule):
+    def __init__(self, task: str = "offline", batch_size: int = 2, seed: int = 0,
+                 train_path: str | None = None, val_path: str | None = None,
+                 train_limit: int | None = None, val_limit: int | None = 32,
+                 search_top_k: int = 3, search_max_chars: int = 600):
+        """
+        Args:
+            task: "offline" (GeoNames countries, no download) or "hotpotqa".
+            batch_size: B, prompts per training step (each sampled G times by the module).
+            seed: seed of the offline task's splits and of the training order.
+            train_path: HotpotQA training source: a local .json/.jsonl file or a hub name
+                (e.g. "hotpotqa/hotpot_qa"); required for task="hotpotqa".
+            val_path: HotpotQA validation source (file or hub name, split "validation").
+            train_limit: use only the first n training questions (None: all).
+            val_limit: evaluate on the first n validation questions (None: all).
+            search_top_k: hits per search.
+            search_max_chars: cap on one observation's length, in characters.
+        """
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"data.task={task!r}: expected one of {TASKS}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size}: must be >= 1")
+        for name, value in (("train_limit", train_limit), ("val_limit", val_limit)):
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name}={value}: must be >= 1 or null")
+        if task == "hotpotqa":
+            if train_path is None:
+                raise ValueError("data.train_path is required for task='hotpotqa' (a .jsonl file or a hub name)")
+            for name, path in (("train_path", train_path), ("val_path", val_path)):
+                looks_local = path is not None and (path.endswith((".json", ".jsonl")) or path.startswith((".", "/")))
+                if looks_local and not Path(path).is_file():
+                    raise FileNotFoundError(f"data.{name}={path!r}: no such file")
+        self.save_hyperparameters()
+        self.train_set: list[QAExample] = []
+        self.val_set: list[QAExample] = []
+        self.test_set: list[QAExample] = []
+        self.documents = []
+        self._env = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set or self.val_set:
+            return
+        hp = self.hparams
+        if hp.task == "offline":
+            task = build_offline_task(seed=hp.seed)
+            self.train_set, self.val_set, self.test_set = task.train, task.validation, task.test
+            self.documents = task.documents
+        else:
+            self.train_set = load_hotpotqa(hp.train_path, "train")
+            self.val_set = load_hotpotqa(hp.val_path, "validation") if hp.val_path else []
+            self.test_set = self.val_set
+            self.documents = hotpotqa_documents(self.train_set + self.val_set)
+        if hp.train_limit:
+            self.train_set = self.train_set[:hp.train_limit]
+        if hp.val_limit:
+            self.val_set, self.test_set = self.val_set[:hp.val_limit], self.test_set[:hp.val_limit]
+        if not self.train_set:
+            raise ValueError(f"data: the training split of task {hp.task!r} is empty")
+
+    def search_env(self) -> MockSearchEnv:
+        """The search tool over this task's documents (built once)."""
+        if self._env is None:
+            self.setup()
+            self._env = MockSearchEnv(self.documents, top_k=self.hparams.search_top_k,
+                                      max_chars=self.hparams.search_max_chars)
+        return self._env
+
+    def train_dataloader(self) -> DataLoader:
+        order = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=order,
+                          collate_fn=_collate, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, collate_fn=_collate)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=self.hparams.batch_size, collate_fn=_collate)

@@ -1,0 +1,283 @@
+"""`GRPOModule`: GRPO with in-loop tool calls, as one LightningModule.
+
+`training_step` is the algorithm, one call per step:
+
+    1. rollout      G completions per question; `<call>` runs the search tool mid-generation
+    2. reward       value-of-information (or OTC) reward of every completion
+    3. advantages   Â_i = (r_i - mean_group) / (std_group + ε)
+    4. log-probs    π_old (only when μ > 1) and π_ref (only when β > 0), without gradient
+    5. update       μ steps on the clipped surrogate + β·KL(k3), completion tokens only
+
+The maths lives in `grpo.losses` and `grpo.rewards` (pure, tested functions); sampling in
+`grpo.rollout`; this file only combines them. Optimization is manual so that the μ inner
+updates of step 5 are plain to see. Shapes: B prompts, G group size, N = B*G, C completion tokens.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+
+from data.types import QAExample
+from grpo.logprobs import completion_logprobs
+from grpo.losses import group_advantages, grpo_loss
+from grpo.models import (DEFAULT_LORA_TARGETS, SMOLLM2, add_lora, check_4bit, check_model_name, frozen_copy,
+                         load_model_and_tokenizer, reference_policy)
+from grpo.prompts import build_prompt
+from grpo.rewards import (OTCWeights, VOIWeights, check_finite_rewards, exact_match, f1_score, otc_group_rewards,
+                          parse_completion, voi_reward)
+from grpo.rollout import Rollout, rollout
+
+REWARDS = ("voi", "otc")
+
+
+def cosine_with_warmup(step: int, total_steps: int, warmup_ratio: float) -> float:
+    """LR multiplier: linear warm-up over warmup_ratio·total steps, then cosine decay to 0."""
+    warmup = max(1, int(warmup_ratio * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"model.{name}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
+
+
+class PolicyModule(L.LightningModule):
+    """What GRPO and SFT share: the policy network (LoRA or full), its tokenizer, the optimizer."""
+
+    def __init__(self, model_name: str = SMOLLM2, dtype: str = "float32", load_in_4bit: bool = False,
+                 lora: bool = True, lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
+                 lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS, init_adapter: str | None = None,
+                 lr: float = 2e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
+                 max_grad_norm: float = 1.0, seed: int = 0):
+        super().__init__()
+        check_model_name(model_name)
+        check_4bit(load_in_4bit)
+        if lora:
+            _positive("lora_r", lora_r)
+            _positive("lora_alpha", lora_alpha)
+        _positive("lr", lr)
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"model.warmup_ratio={warmup_ratio!r}: must be in [0, 1)")
+        self.policy = None  # built in configure_model, after every option has been checked
+        self.ref_model = None
+        self.tokenizer = None
+        self.strict_loading = False  # checkpoints hold the trainable weights only
+        self.automatic_optimization = False
+        self.sampler = torch.Generator().manual_seed(seed)  # the rollout's RNG, saved in checkpoints
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        model, self.tokenizer = load_model_and_tokenizer(hp.model_name, hp.dtype, hp.load_in_4bit, seed=hp.seed)
+        if hp.lora:
+            model = add_lora(model, hp.lora_r, hp.lora_alpha, hp.lora_dropout, tuple(hp.lora_targets),
+                             hp.init_adapter)
+        elif getattr(hp, "beta", 0) > 0:
+            self.ref_model = frozen_copy(model)  # full fine-tuning: π_ref is a frozen copy
+        self.policy = model
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: cosine_with_warmup(step, total, self.hparams.warmup_ratio))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    def optimize(self, loss: torch.Tensor) -> None:
+        """One optimizer step on `loss` (manual optimization)."""
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.hparams.max_grad_norm:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # a batch is a list of QAExample records: text, no tensors
+
+    # ---- checkpoints hold the trainable weights and the sampler's RNG, nothing frozen
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["sampler_rng"] = self.sampler.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "sampler_rng" in checkpoint:
+            self.sampler.set_state(checkpoint["sampler_rng"])
+
+
+class GRPOModule(PolicyModule):
+    def __init__(self, model_name: str = SMOLLM2, dtype: str = "float32", load_in_4bit: bool = False,
+                 lora: bool = True, lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
+                 lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS, init_adapter: str | None = None,
+                 group_size: int = 8, max_new_tokens: int = 256, max_tool_calls: int = 5,
+                 max_obs_tokens: int = 160, temperature: float = 1.0, top_p: float = 1.0,
+                 reward: str = "voi", voi_weights: VOIWeights | None = None, otc_weights: OTCWeights | None = None,
+                 scale_by_std: bool = True, beta: float = 0.04, clip_eps: float = 0.2,
+                 clip_eps_high: float | None = None, token_level: bool = True, num_updates: int = 1,
+                 lr: float = 2e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
+                 max_grad_norm: float = 1.0, eval_max_new_tokens: int | None = None, seed: int = 0):
+        """
+        Args:
+            model_name: "smollm2-135m-instruct" (default, offline), "tiny" (random, tests), a HF folder or hub id.
+            dtype: weights' dtype: float32 | bfloat16 | float16. (bf16 decoding is slower on this CPU.)
+            load_in_4bit: NF4 weights through bitsandbytes (meant for CUDA; allowed on CPU with a warning).
+            lora: train LoRA adapters (True) or every weight (False, with a frozen copy as π_ref).
+            lora_r: LoRA rank r.
+            lora_alpha: LoRA scale α (the update is scaled by α/r).
+            lora_dropout: dropout on the LoRA input.
+            lora_targets: module names that get adapters.
+            init_adapter: a PEFT adapter folder (the SFT cold start) merged in first; π_ref is then the SFT policy.
+            group_size: G, completions sampled per question.
+            max_new_tokens: budget of sampled tokens per completion (observations not counted).
+            max_tool_calls: executed calls per completion; past it the env answers with a budget notice.
+            max_obs_tokens: an observation is cut to this many tokens.
+            temperature: sampling temperature (the loss uses the same one).
+            top_p: nucleus sampling threshold.
+            reward: "voi" (value-of-information table) or "otc" (OTC-GRPO tool-efficiency reward).
+            voi_weights: weights of the VOI table (None: the defaults).
+            otc_weights: weights of the OTC reward (None: the defaults).
+            scale_by_std: divide advantages by the group std (GRPO) or not (Dr. GRPO).
+            beta: β, weight of the KL to the reference policy; 0 skips the reference pass.
+            clip_eps: ε of the clipped surrogate.
+            clip_eps_high: upper ε (DAPO clip-higher); None means ε.
+            token_level: average the loss over all completion tokens of the batch (True) or per sequence first.
+            num_updates: μ, policy updates per rollout batch.
+            lr: peak learning rate (AdamW), reached after warm-up, then cosine decay.
+            weight_decay: AdamW weight decay.
+            warmup_ratio: share of the steps spent warming up.
+            max_grad_norm: gradient clipping by global norm (0: off).
+            eval_max_new_tokens: token budget of greedy evaluation rollouts (None: max_new_tokens).
+            seed: seed of the tiny model's weights and of the rollout sampler.
+        """
+        super().__init__(model_name, dtype, load_in_4bit, lora, lora_r, lora_alpha, lora_dropout, lora_targets,
+                         init_adapter, lr, weight_decay, warmup_ratio, max_grad_norm, seed)
+        if group_size < 2:
+            raise ValueError(f"model.group_size={group_size}: GRPO needs at least 2 completions per group")
+        for name in ("max_new_tokens", "max_obs_tokens", "temperature", "top_p", "clip_eps", "num_updates"):
+            _positive(name, locals()[name])
+        _positive("max_tool_calls", max_tool_calls, allow_zero=True)
+        _positive("beta", beta, allow_zero=True)
+        if top_p > 1:
+            raise ValueError(f"model.top_p={top_p}: must be in (0, 1]")
+        if reward not in REWARDS:
+            raise ValueError(f"model.reward={reward!r}: expected one of {REWARDS}")
+        self.save_hyperparameters()
+        self.voi_weights = voi_weights or VOIWeights()
+        self.otc_weights = otc_weights or OTCWeights()
+        self.env = None  # the search tool; taken from the datamodule in setup()
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.env is None and dm is not None and hasattr(dm, "search_env"):
+            self.env = dm.search_env()
+        if self.env is None:
+            raise ValueError("GRPOModule needs a search env: use QADataModule or set module.env")
+
+    # ------------------------------------------------------------------ the algorithm
+    def training_step(self, batch: list[QAExample], batch_idx: int):
+        hp, G = self.hparams, self.hparams.group_size
+        t0 = time.perf_counter()
+        # 1. rollout: G completions per question, tool calls executed inside the loop
+        ro = self.rollout(batch, temperature=hp.temperature, group_size=G)
+        t_rollout = time.perf_counter() - t0
+        # 2. reward of every completion, and its components
+        rewards, parts = self.compute_rewards(ro, batch)                                    # (N,), {k: (N,)}
+        # 3. group-relative advantages
+        advantages, zero_std = group_advantages(rewards, G, hp.scale_by_std)                # (N,), (B,)
+        # 4. log-probs of π_old (μ > 1 only) and π_ref (β > 0 only), no gradient
+        old_logp, ref_logp = self.frozen_logprobs(ro)                                       # (N, C) or None
+        # 5. μ policy updates: clipped surrogate + β·KL on the sampled tokens only
+        for _ in range(hp.num_updates):
+            logp = completion_logprobs(self.policy, ro, hp.temperature)                     # (N, C)
+            out = grpo_loss(logp, old_logp, ref_logp, advantages, ro.completion_mask, hp.clip_eps,
+                            hp.clip_eps_high, hp.beta, hp.token_level)
+            self.optimize(out.loss)
+        self.lr_schedulers().step()
+        # 6. log
+        self.log_step(ro, rewards, parts, zero_std, out, t_rollout, time.perf_counter() - t0, len(batch))
+        return out.loss.detach()
+
+    # ------------------------------------------------------------------ the steps
+    def rollout(self, batch: list[QAExample], temperature: float, group_size: int,
+                max_new_tokens: int | None = None) -> Rollout:
+        prompts = [build_prompt(self.tokenizer, ex.question) for ex in batch]
+        was_training = self.policy.training
+        self.policy.eval()
+        # bf16 autocast makes CPU decoding ~4x slower here (small matmuls): decode in the weights' dtype
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda" and torch.is_autocast_enabled()):
+            ro = rollout(self.policy, self.tokenizer, prompts, self.env, group_size,
+                         max_new_tokens or self.hparams.max_new_tokens, temperature, self.hparams.top_p,
+                         self.hparams.max_tool_calls, self.hparams.max_obs_tokens, generator=self.sampler)
+        self.policy.train(was_training)
+        return ro
+
+    def compute_rewards(self, ro: Rollout, batch: list[QAExample]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total reward (N,) and each component (N,) of every completion."""
+        G = ro.group_size
+        if self.hparams.reward == "voi":
+            parts = [voi_reward(ro.texts[n], batch[n // G].answers, int(ro.num_calls[n]),
+                                int(ro.num_calls_no_obs[n]), self.voi_weights) for n in range(len(ro.texts))]
+        else:
+            parts = []
+            for b, ex in enumerate(batch):
+                s = slice(b * G, (b + 1) * G)
+                parts += otc_group_rewards(ro.texts[s], ex.answers, ro.num_calls[s].tolist(), self.otc_weights)
+        check_finite_rewards(parts, [f"{batch[n // G].id}#{n % G}" for n in range(len(parts))])
+        components = {k: torch.tensor([p[k] for p in parts], dtype=torch.float32) for k in parts[0]}
+        return components.pop("total").to(self.device), components
+
+    @torch.no_grad()
+    def frozen_logprobs(self, ro: Rollout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        hp = self.hparams
+        old_logp = completion_logprobs(self.policy, ro, hp.temperature) if hp.num_updates > 1 else None
+        ref_logp = None
+        if hp.beta > 0:
+            with reference_policy(self.policy, self.ref_model) as ref:
+                ref_logp = completion_logprobs(ref, ro, hp.temperature)
+        return old_logp, ref_logp
+
+    def log_step(self, ro, rewards, parts, zero_std, out, t_rollout, t_step, batch_size) -> None:
+        sampled = ro.completion_mask.sum(1).float()                                          # (N,)
+        metrics = {
+            "loss/policy": out.policy_loss, "loss/kl": out.kl, "loss/total": out.loss.detach(),
+            "loss/clip_frac": out.clip_frac,
+            "reward/mean": rewards.mean(), "reward/std": rewards.std(),
+            "reward/frac_zero_std": zero_std.float().mean(),
+            **{f"reward/{k}": v.mean() for k, v in parts.items()},
+            "tools/calls_per_sample": ro.num_calls.float().mean(),
+            "tools/no_obs_per_sample": ro.num_calls_no_obs.float().mean(),
+            "tools/errors_per_sample": ro.tool_errors.float().mean(),
+            "rollout/tokens_per_sample": sampled.mean(),
+            "rollout/truncated_frac": ro.truncated.float().mean(),
+            "time/rollout_s": t_rollout, "time/step_s": t_step,
+        }
+        self.log_dict(metrics, batch_size=batch_size)
+        self.log_dict({"reward": rewards.mean(), "calls": ro.num_calls.float().mean(), "s/step": t_step},
+                      prog_bar=True, logger=False, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ evaluation
+    def validation_step(self, batch: list[QAExample], batch_idx: int) -> None:
+        """Greedy agentic rollouts: accuracy, tokens and tool use on held-out questions."""
+        ro = self.rollout(batch, temperature=0.0, group_size=1,
+                          max_new_tokens=self.hparams.eval_max_new_tokens or self.hparams.max_new_tokens)
+        answers = [parse_completion(t) for t in ro.texts]
+        em = torch.tensor([exact_match(p.answer or "", ex.answers) for p, ex in zip(answers, batch)])
+        f1 = torch.tensor([f1_score(p.answer or "", ex.answers) for p, ex in zip(answers, batch)])
+        self.log_dict({
+            "eval/em": em.mean(), "eval/f1": f1.mean(),
+            "eval/well_formed": torch.tensor([float(p.well_formed) for p in answers]).mean(),
+            "eval/calls_per_sample": ro.num_calls.float().mean(),
+            "eval/search_rate": (ro.num_calls > 0).float().mean(),
+            "eval/tokens_per_sample": ro.completion_mask.sum(1).float().mean(),
+        }, batch_size=len(batch))
+
+    test_step = validation_step

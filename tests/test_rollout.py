@@ -1,0 +1,309 @@
+"""Rollout: a scripted model (no weights) checks forced observations, masks, stopping, tool
+budget and that every token is fed once; the tiny Llama checks cache == no-cache and that
+packed, left-padded rows give the logits of each sequence alone. Shapes: B prompts, G group
+size, N = B*G rows, P prompt tokens, C completion tokens, L new tokens of a step, V vocab."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from grpo.models import load_model_and_tokenizer
+from grpo.prompts import BUDGET_OBSERVATION
+from grpo.rollout import position_ids_from_mask, rollout, sample_next
+from grpo.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+EOS = "<|im_end|>"
+ENV_TEXT = "Paris is the capital of France."
+
+# --------------------------------------------------------------------------------------- scripted model
+
+
+class FakeCache:
+    """What each row has been fed: (token, position) pairs; `columns` = mask width seen so far."""
+
+    def __init__(self, prompt_lens: list[int]):
+        self.rows = [[] for _ in prompt_lens]
+        self.prompt_lens = list(prompt_lens)
+        self.columns = 0
+
+    def batch_repeat_interleave(self, g: int):  # in place, like transformers' Cache
+        self.rows = [list(r) for r in self.rows for _ in range(g)]
+        self.prompt_lens = [n for n in self.prompt_lens for _ in range(g)]
+
+
+class ScriptedLM(nn.Module):
+    """Mimics the HF causal-LM call of `rollout`. Row n's next token is scripts[n][k], where k counts
+    the tokens it was fed after its prompt outside <obs>...</obs> (the ones it sampled); EOS once
+    the script is exhausted. The G rows of a group share the prefill, so they share scripts[b*G][0]."""
+
+    def __init__(self, scripts: list[str], group_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(()))  # rollout reads the device from here
+        self.scripts = [TOK.encode(s) for s in scripts]
+        self.G, self.cache, self.calls = group_size, None, []
+        self.obs_open, self.obs_close = TOK.convert_tokens_to_ids("<obs>"), TOK.convert_tokens_to_ids("</obs>")
+
+    def _num_sampled(self, fed: list[int]) -> int:
+        n, inside = 0, False
+        for t in fed:
+            inside = (inside or t == self.obs_open) and t != self.obs_close
+            n += not inside and t != self.obs_close
+        return n
+
+    def forward(self, input_ids, attention_mask, position_ids, cache=None, use_cache=False, logits_to_keep=0):
+        assert use_cache and logits_to_keep == 1
+        self.calls.append(SimpleNamespace(ids=input_ids.clone(), mask=attention_mask[:, -input_ids.shape[1]:].clone(),
+                                          prefill=cache is None))
+        L = input_ids.shape[1]
+        cache = cache or FakeCache(attention_mask.sum(-1).tolist())
+        assert attention_mask.shape[1] == cache.columns + L, "mask must cover the cache and the new tokens"
+        cache.columns += L
+        for i in range(len(input_ids)):
+            cache.rows[i] += [(int(t), int(p)) for t, p, m in
+                              zip(input_ids[i], position_ids[i], attention_mask[i, -L:]) if m]
+        logits = torch.zeros(len(input_ids), 1, len(TOK))                           # (B or N, 1, V)
+        for i, row in enumerate(cache.rows):
+            script = self.scripts[i * self.G if self.calls[-1].prefill else i]
+            k = self._num_sampled([t for t, _ in row[cache.prompt_lens[i]:]])
+            logits[i, -1, script[k] if k < len(script) else TOK.eos_token_id] = 1e4
+        self.cache = cache
+        return SimpleNamespace(logits=logits, cache=cache)
+
+
+class ScriptedEnv:
+    """Records the queries; returns ENV_TEXT, or raises on the query "boom"."""
+
+    def __init__(self):
+        self.queries = []
+
+    def __call__(self, query: str) -> str:
+        self.queries.append(query)
+        if query == "boom":
+            raise RuntimeError("tool down")
+        return ENV_TEXT
+
+
+def run(scripts, prompts, group_size, max_new_tokens=64, **kwargs):
+    model, env = ScriptedLM(scripts, group_size), ScriptedEnv()
+    r = rollout(model, TOK, prompts, env, group_size=group_size, max_new_tokens=max_new_tokens,
+                generator=torch.Generator().manual_seed(0), **kwargs)
+    return r, model, env
+
+
+def pieces(*parts: tuple[str, int]) -> tuple[list[int], list[int]]:
+    """Expected completion ids and completion mask from (text, sampled) pieces."""
+    ids, mask = [], []
+    for text, sampled in parts:
+        enc = TOK.encode(text)
+        ids, mask = ids + enc, mask + [sampled] * len(enc)
+    return ids, mask
+
+
+def obs(text: str) -> tuple[str, int]:
+    return f"<obs>{text}</obs>", 0
+
+
+def completion(r, i: int) -> list[int]:
+    n = int(r.attention_mask[i, r.prompt_length:].sum())
+    return r.completion_ids[i, :n].tolist()
+
+# --------------------------------------------------------------------------------------- scripted tests
+
+
+def test_forced_observations_masks_and_stopping():
+    """Obs tokens forced with mask 0 right after </call>; masks from lengths (EOS == pad keeps
+    attention 1); stops at </answer>, EOS and the budget; group ids and texts."""
+    prompts = ["Capital of France?", "Hi"]
+    scripts = ["<thought>a</thought><call>capital of France</call><answer>Paris</answer>junk",
+               "<thought>b</thought><answer>Rome</answer>junk",
+               f"<thought>c{EOS}junk",
+               "<thought>" + "z" * 50]
+    r, _, env = run(scripts, prompts, group_size=2, max_new_tokens=32)
+    expected = [pieces(("<thought>a</thought><call>capital of France</call>", 1), obs(ENV_TEXT),
+                       ("<answer>Paris</answer>", 1)),
+                pieces(("<thought>b</thought><answer>Rome</answer>", 1)),
+                pieces((f"<thought>c{EOS}", 1)),
+                pieces(("<thought>" + "z" * 31, 1))]
+    prompt_ids = [TOK.encode(p) for p in prompts]
+    P, C = max(map(len, prompt_ids)), max(len(ids) for ids, _ in expected)
+    pad = TOK.pad_token_id
+    for i, (ids, mask) in enumerate(expected):
+        p = prompt_ids[i // 2]
+        assert r.input_ids[i].tolist() == [pad] * (P - len(p)) + p + ids + [pad] * (C - len(ids))
+        assert r.attention_mask[i].tolist() == [0] * (P - len(p)) + [1] * (len(p) + len(ids)) + [0] * (C - len(ids))
+        assert r.completion_mask[i].tolist() == mask + [0] * (C - len(ids))
+        assert r.texts[i] == TOK.decode(ids)
+    assert r.prompt_length == P and r.input_ids.shape == (4, P + C)
+    assert r.completion_ids[2, len(expected[2][0]) - 1] == TOK.eos_token_id   # the sampled EOS is kept
+    assert r.num_generated.tolist() == [sum(m) for _, m in expected] and r.num_generated[3] == 32
+    assert r.truncated.tolist() == [False, False, False, True]
+    assert r.group_ids.tolist() == [0, 0, 1, 1] and r.group_size == 2
+    assert r.num_calls.tolist() == [1, 0, 0, 0] and r.queries == [["capital of France"], [], [], []]
+    assert env.queries == ["capital of France"]
+    assert r.num_calls_no_obs.sum() == r.incomplete_calls.sum() == r.tool_errors.sum() == 0
+
+
+def test_each_token_fed_once():
+    """Prompts are prefilled once per group (B rows, not N); afterwards each step feeds only the new
+    tokens, right-aligned with masked holes, at the row's next position: no token is fed again after a
+    tool turn. All rows sample 10 tokens, so only the last sampled token of each row is never fed."""
+    prompts = ["Which city?", "Why?"]
+    scripts = ["<thought><call>ab</call><answer>xyz</answer>",
+               "<thought>abc<call>d</call><answer>e</answer>",
+               "<thought>abcdef<answer>g</answer>",
+               "<thought><call>q</call><call>rs</call><answer></answer>",
+               f"<thought>abcdefgh{EOS}",
+               "<thought>abcdefghijklmnop"]
+    r, model, _ = run(scripts, prompts, group_size=3, max_new_tokens=10)
+    assert r.num_generated.tolist() == [10] * 6 and r.num_calls.tolist() == [1, 1, 0, 2, 0, 0]  # the set-up
+    prompt_ids = [TOK.encode(p) for p in prompts]
+    prefill, decode = model.calls[0], model.calls[1:]
+    assert prefill.prefill and prefill.ids.shape[0] == 2 and not any(c.prefill for c in decode)
+    assert all(c.ids.shape[0] == 6 for c in decode)
+    assert any(c.ids.shape[1] > 1 for c in decode)  # a ragged step (observation tokens) happened
+    fed = sum(int(c.mask.sum()) for c in model.calls)
+    assert fed == sum(map(len, prompt_ids)) + int(r.attention_mask[:, r.prompt_length:].sum()) - 6
+    for i, row in enumerate(model.cache.rows):
+        full = prompt_ids[i // 3] + completion(r, i)
+        assert [t for t, _ in row] == full[:-1]
+        assert [p for _, p in row] == list(range(len(full) - 1))  # positions skip the holes
+
+
+def test_rows_that_stop_early_are_not_fed_again():
+    """Ragged stops: each row was fed a prefix of its sequence, in order, missing at most its last token."""
+    scripts = ["<thought><answer>a</answer>", "<thought><call>x</call><answer>bbbbbb</answer>"]
+    r, model, _ = run(scripts, ["Q"], group_size=2)
+    for i, row in enumerate(model.cache.rows):
+        full = TOK.encode("Q") + completion(r, i)
+        assert [t for t, _ in row] == full[:len(row)] and len(full) - len(row) in (0, 1)
+        assert [p for _, p in row] == list(range(len(row)))
+
+
+def test_tool_budget():
+    """Past max_tool_calls the call gets the budget observation and the env is not called."""
+    script = "<thought><call>q1</call><call>q2</call><answer>a</answer>"
+    r, _, env = run([script], ["Q"], group_size=1, max_tool_calls=1)
+    ids, mask = pieces(("<thought><call>q1</call>", 1), obs(ENV_TEXT), ("<call>q2</call>", 1),
+                       obs(BUDGET_OBSERVATION), ("<answer>a</answer>", 1))
+    assert completion(r, 0) == ids and r.completion_mask[0].tolist() == mask
+    assert (r.num_calls.item(), r.num_calls_no_obs.item(), r.incomplete_calls.item()) == (1, 1, 0)
+    assert env.queries == ["q1"] and r.queries == [["q1"]]
+
+
+def test_unclosed_call_at_budget():
+    """A `<call>` still open when the token budget runs out is incomplete and got no observation."""
+    r, _, env = run(["<thought><call>never closed"], ["Q"], group_size=1, max_new_tokens=8)
+    assert completion(r, 0) == TOK.encode("<thought><call>never ")
+    assert (r.incomplete_calls.item(), r.num_calls_no_obs.item(), r.num_calls.item()) == (1, 1, 0)
+    assert r.truncated.item() and env.queries == []
+
+
+def test_env_error_only_affects_its_sample():
+    """A tool that raises gives that sample an error observation; the other sample is unaffected."""
+    scripts = ["<thought><call>boom</call><answer>a</answer>", "<thought><call>fine</call><answer>b</answer>"]
+    r, _, env = run(scripts, ["Q"], group_size=2)
+    ids, mask = pieces(("<thought><call>fine</call>", 1), obs(ENV_TEXT), ("<answer>b</answer>", 1))
+    assert completion(r, 1) == ids and r.completion_mask[1, :len(mask)].tolist() == mask
+    assert r.texts[0].startswith("<thought><call>boom</call><obs>") and r.texts[0].endswith("</obs><answer>a</answer>")
+    error_obs = r.texts[0].split("<obs>")[1].split("</obs>")[0]
+    assert "error" in error_obs.lower() and ENV_TEXT not in error_obs
+    n_obs = len(TOK.encode(error_obs)) + 2
+    assert r.completion_mask[0, :len(completion(r, 0))].tolist() == [1] * 7 + [0] * n_obs + [1] * 3
+    assert r.tool_errors.tolist() == [1, 0] and r.num_calls.tolist() == [1, 1] and env.queries == ["boom", "fine"]
+
+# --------------------------------------------------------------------------------------- tiny Llama
+
+
+class ToolBiased(nn.Module):
+    """The tiny random model with the tag logits raised, so that calls and answers happen. It
+    records the last-position logits of every call: the distributions the rollout sampled from."""
+
+    def __init__(self, model, bias: dict[str, float]):
+        super().__init__()
+        self.model, self.step_logits = model, []
+        b = torch.zeros(len(TOK))                                                    # (V,)
+        for tag, value in bias.items():
+            b[TOK.convert_tokens_to_ids(tag)] = value
+        self.register_buffer("bias", b)
+
+    def forward(self, **kwargs):
+        out = self.model(**kwargs)
+        out.logits = out.logits + self.bias                                          # (rows, T or 1, V)
+        self.step_logits.append(out.logits[:, -1].clone())                          # (rows, V)
+        return out
+
+
+@pytest.fixture(scope="module")
+def tiny_rollouts():
+    """The same seeded rollout (B=2 prompts of different lengths, G=3), with and without the cache."""
+    model, tokenizer = load_model_and_tokenizer("tiny")
+    out = {}
+    for use_cache in (True, False):
+        biased = ToolBiased(model.eval(), {"<call>": 3.0, "</call>": 3.5, "<answer>": 1.5, "</answer>": 2.0})
+        r = rollout(biased, tokenizer, ["What is the capital of France?", "Hi"], lambda q: f"result for {q}",
+                    group_size=3, max_new_tokens=40, generator=torch.Generator().manual_seed(1), use_cache=use_cache)
+        out[use_cache] = r, biased, list(biased.step_logits)
+    return out
+
+
+def test_cache_matches_no_cache_with_tool_turns(tiny_rollouts):
+    """The cached loop (ragged tool steps, holes, one shared prefill) samples the same tokens from the
+    same logits as re-feeding the whole sequence at every step."""
+    (cached, _, steps_c), (reference, _, steps_r) = tiny_rollouts[True], tiny_rollouts[False]
+    lengths = cached.attention_mask[:, cached.prompt_length:].sum(-1)
+    assert (cached.num_calls > 0).sum() >= 2 and len(set(lengths.tolist())) > 1  # the ragged case happened
+    assert torch.equal(cached.input_ids, reference.input_ids)
+    assert torch.equal(cached.attention_mask, reference.attention_mask)
+    assert torch.equal(cached.completion_mask, reference.completion_mask)
+    assert cached.texts == reference.texts and cached.num_calls.tolist() == reference.num_calls.tolist()
+    assert len(steps_c) == len(steps_r) and steps_c[0].shape[0] == 2                 # prefill: B rows
+    torch.testing.assert_close(steps_c[0].repeat_interleave(3, dim=0), steps_r[0], atol=1e-5, rtol=1e-4)
+    for c, ref in zip(steps_c[1:], steps_r[1:]):
+        torch.testing.assert_close(c, ref, atol=1e-5, rtol=1e-4)                     # (N, V)
+
+
+def test_packed_logits_match_each_sequence_alone(tiny_rollouts):
+    """The packed rollout (left-padded prompt | completion | right padding, positions from the mask)
+    gives each real token the logits of its sequence run alone; and every sampled token was drawn from
+    exactly those logits (what the loss will recompute), holes and tool turns notwithstanding."""
+    r, biased, step_logits = tiny_rollouts[True]
+    P, G = r.prompt_length, 3
+    with torch.no_grad():
+        packed = biased(input_ids=r.input_ids, attention_mask=r.attention_mask,
+                        position_ids=position_ids_from_mask(r.attention_mask)).logits     # (N, P+C, V)
+        for i in range(len(r.input_ids)):
+            real = r.attention_mask[i].bool()
+            alone = biased(input_ids=r.input_ids[i][real][None]).logits[0]            # (T_i, V)
+            torch.testing.assert_close(packed[i][real], alone, atol=1e-5, rtol=1e-4)
+    steps = [step_logits[0].repeat_interleave(G, dim=0)] + step_logits[1:]  # each (N, V)
+    for i in range(len(r.input_ids)):
+        sampled_at = r.completion_mask[i].nonzero().squeeze(-1)                      # (num_generated,)
+        assert len(sampled_at) == r.num_generated[i]
+        for step, c in enumerate(sampled_at.tolist()):
+            torch.testing.assert_close(steps[step][i], packed[i, P + c - 1], atol=1e-5, rtol=1e-4)
+
+# --------------------------------------------------------------------------------------- sample_next
+
+
+def test_sample_next_greedy_and_top_p():
+    """Temperature 0 is argmax; a tiny top_p keeps only the argmax token."""
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))           # (N, V)
+    assert torch.equal(sample_next(logits, 0.0, 1.0), logits.argmax(-1))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        assert torch.equal(sample_next(logits, 1.0, 1e-3, generator=g), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature, top_p, expected", [
+    (1.0, 1.0, [0.5, 0.3, 0.2]),
+    (2.0, 1.0, [x / 1.7346 for x in (0.7071, 0.5477, 0.4472)]),  # p^(1/2) renormalized
+    (1.0, 0.6, [0.625, 0.375, 0.0]),  # 0.5 + 0.3 reach 0.6: keep two, renormalize by 0.8
+])
+def test_sample_next_distribution(temperature, top_p, expected):
+    """Empirical frequencies of 20k draws match the tempered, top-p truncated distribution."""
+    logits = torch.tensor([0.5, 0.3, 0.2]).log().expand(20_000, 3)                   # (N, V)
+    draws = sample_next(logits, temperature, top_p, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=3).float() / len(draws)
+    assert torch.allclose(freq, torch.tensor(expected), atol=0.015)
