@@ -28,7 +28,8 @@ class QADataModule(L.LightningDataModule):
     def __init__(self, task: str = "offline", batch_size: int = 2, seed: int = 0,
                  train_path: str | None = None, val_path: str | None = None,
                  train_limit: int | None = None, val_limit: int | None = 32,
-                 search_top_k: int = 3, search_max_chars: int = 600):
+                 search_top_k: int = 3, search_max_chars: int = 600, traces: str | None = None,
+                 num_traces: int = 500):
         """
         Args:
             task: "offline" (GeoNames countries, no download) or "hotpotqa".
@@ -41,6 +42,9 @@ class QADataModule(L.LightningDataModule):
             val_limit: evaluate on the first n validation questions (None: all).
             search_top_k: hits per search.
             search_max_chars: cap on one observation's length, in characters.
+            traces: SFT traces (.jsonl). When set, training batches are traces (the cold start) instead
+                of questions; a missing file is generated from the offline task's training split.
+            num_traces: how many traces to generate when `traces` does not exist yet.
         """
         super().__init__()
         if task not in TASKS:
@@ -62,6 +66,7 @@ class QADataModule(L.LightningDataModule):
         self.val_set: list[QAExample] = []
         self.test_set: list[QAExample] = []
         self.documents = []
+        self.train_traces = []
         self._env = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -83,6 +88,21 @@ class QADataModule(L.LightningDataModule):
             self.val_set, self.test_set = self.val_set[:hp.val_limit], self.test_set[:hp.val_limit]
         if not self.train_set:
             raise ValueError(f"data: the training split of task {hp.task!r} is empty")
+        if hp.traces:
+            self.train_traces = self._load_traces(Path(hp.traces))
+
+    def _load_traces(self, path: Path):
+        from data.traces import offline_traces, read_traces, write_traces
+
+        if not path.exists():
+            if self.hparams.task != "offline":
+                raise FileNotFoundError(f"data.traces={str(path)!r}: no such file (generate it with python -m data.traces)")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_traces(offline_traces(n=self.hparams.num_traces, seed=self.hparams.seed), path)
+        traces = read_traces(path)
+        if not traces:
+            raise ValueError(f"data.traces={str(path)!r}: the file holds no trace")
+        return traces
 
     def search_env(self) -> MockSearchEnv:
         """The search tool over this task's documents (built once)."""
@@ -94,7 +114,7 @@ class QADataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         order = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=order,
+        return DataLoader(self.train_traces or self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=order,
                           collate_fn=_collate, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:

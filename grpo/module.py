@@ -33,6 +33,28 @@ from grpo.rollout import Rollout, rollout
 REWARDS = ("voi", "otc")
 
 
+def eval_metrics(rows: list[dict]) -> dict[str, float]:
+    """Means of the per-question evaluation rows, overall and per kind (memory / lookup).
+
+    eval/em, eval/f1        answer quality (HotpotQA EM / F1)
+    eval/well_formed        share of completions that are well-formed and end in an answer
+    eval/calls_per_sample   executed tool calls per question
+    eval/search_rate        share of questions with at least one call
+    eval/tokens_per_sample  sampled tokens per question
+    """
+    def means(rs):
+        n = len(rs)
+        return {"em": sum(r["em"] for r in rs) / n, "f1": sum(r["f1"] for r in rs) / n,
+                "well_formed": sum(r["well_formed"] for r in rs) / n,
+                "calls_per_sample": sum(r["calls"] for r in rs) / n,
+                "search_rate": sum(r["calls"] > 0 for r in rs) / n,
+                "tokens_per_sample": sum(r["tokens"] for r in rs) / n}
+    out = {f"eval/{k}": v for k, v in means(rows).items()}
+    for kind in sorted({r["kind"] for r in rows}):
+        out |= {f"eval/{kind}/{k}": v for k, v in means([r for r in rows if r["kind"] == kind]).items()}
+    return out
+
+
 def cosine_with_warmup(step: int, total_steps: int, warmup_ratio: float) -> float:
     """LR multiplier: linear warm-up over warmup_ratio·total steps, then cosine decay to 0."""
     warmup = max(1, int(warmup_ratio * total_steps))
@@ -48,15 +70,27 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 
 
 class PolicyModule(L.LightningModule):
-    """What GRPO and SFT share: the policy network (LoRA or full), its tokenizer, the optimizer."""
+    """What GRPO and SFT share: the policy (LoRA or full) and tokenizer, the optimizer and schedule,
+    agentic rollouts and their evaluation, and checkpoints of the trainable weights only.
+
+    Subclasses document every argument and call `save_hyperparameters()`.
+    """
 
     def __init__(self, model_name: str = SMOLLM2, dtype: str = "float32", load_in_4bit: bool = False,
                  lora: bool = True, lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
                  lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS, init_adapter: str | None = None,
                  lr: float = 2e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
-                 max_grad_norm: float = 1.0, seed: int = 0):
+                 max_grad_norm: float = 1.0, max_new_tokens: int = 256, max_tool_calls: int = 5,
+                 max_obs_tokens: int = 160, top_p: float = 1.0, eval_temperature: float = 0.0,
+                 eval_max_new_tokens: int | None = None, seed: int = 0):
         super().__init__()
         check_model_name(model_name)
+        for name in ("max_new_tokens", "max_obs_tokens", "top_p"):
+            _positive(name, locals()[name])
+        _positive("max_tool_calls", max_tool_calls, allow_zero=True)
+        _positive("eval_temperature", eval_temperature, allow_zero=True)
+        if top_p > 1:
+            raise ValueError(f"model.top_p={top_p}: must be in (0, 1]")
         check_4bit(load_in_4bit)
         if lora:
             _positive("lora_r", lora_r)
@@ -70,6 +104,15 @@ class PolicyModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the trainable weights only
         self.automatic_optimization = False
         self.sampler = torch.Generator().manual_seed(seed)  # the rollout's RNG, saved in checkpoints
+        self.env = None  # the search tool; taken from the datamodule in setup()
+        self._eval_rows: list[dict] = []
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.env is None and dm is not None and hasattr(dm, "search_env"):
+            self.env = dm.search_env()
+        if self.env is None:
+            raise ValueError(f"{type(self).__name__} needs a search env: use QADataModule or set module.env")
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -100,6 +143,46 @@ class PolicyModule(L.LightningModule):
             self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
         opt.step()
 
+    def rollout(self, batch: list[QAExample], temperature: float, group_size: int,
+                max_new_tokens: int | None = None) -> Rollout:
+        prompts = [build_prompt(self.tokenizer, ex.question) for ex in batch]
+        was_training = self.policy.training
+        self.policy.eval()
+        # bf16 autocast makes CPU decoding ~4x slower here (small matmuls): decode in the weights' dtype
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda" and torch.is_autocast_enabled()):
+            ro = rollout(self.policy, self.tokenizer, prompts, self.env, group_size,
+                         max_new_tokens or self.hparams.max_new_tokens, temperature, self.hparams.top_p,
+                         self.hparams.max_tool_calls, self.hparams.max_obs_tokens, generator=self.sampler)
+        self.policy.train(was_training)
+        return ro
+
+    # ---- evaluation: agentic rollouts on held-out questions
+    def validation_step(self, batch: list[QAExample], batch_idx: int) -> None:
+        """Rollouts at `eval_temperature` (0: greedy): accuracy, format, tokens and tool use."""
+        ro = self.rollout(batch, temperature=self.hparams.eval_temperature, group_size=1,
+                          max_new_tokens=self.hparams.eval_max_new_tokens or self.hparams.max_new_tokens)
+        for i, ex in enumerate(batch):
+            parsed = parse_completion(ro.texts[i])
+            self._eval_rows.append({
+                "kind": ex.kind, "em": exact_match(parsed.answer or "", ex.answers),
+                "f1": f1_score(parsed.answer or "", ex.answers),
+                "well_formed": float(parsed.well_formed and parsed.answer is not None),
+                "calls": float(ro.num_calls[i]), "tokens": float(ro.completion_mask[i].sum())})
+
+    test_step = validation_step
+
+    def on_validation_epoch_end(self) -> None:
+        rows, self._eval_rows = self._eval_rows, []
+        if not rows:
+            return
+        metrics = eval_metrics(rows)
+        self.log_dict(metrics)
+        if not self.trainer.sanity_checking:
+            self.print(f"[eval step {self.global_step}] " + "  ".join(
+                f"{k.removeprefix('eval/')}={v:.3f}" for k, v in metrics.items() if "/" not in k[5:]))
+
+    on_test_epoch_end = on_validation_epoch_end
+
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # a batch is a list of QAExample records: text, no tensors
 
@@ -124,7 +207,8 @@ class GRPOModule(PolicyModule):
                  scale_by_std: bool = True, beta: float = 0.04, clip_eps: float = 0.2,
                  clip_eps_high: float | None = None, token_level: bool = True, num_updates: int = 1,
                  lr: float = 2e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
-                 max_grad_norm: float = 1.0, eval_max_new_tokens: int | None = None, seed: int = 0):
+                 max_grad_norm: float = 1.0, eval_temperature: float = 0.0, eval_max_new_tokens: int | None = None,
+                 seed: int = 0):
         """
         Args:
             model_name: "smollm2-135m-instruct" (default, offline), "tiny" (random, tests), a HF folder or hub id.
@@ -155,32 +239,26 @@ class GRPOModule(PolicyModule):
             weight_decay: AdamW weight decay.
             warmup_ratio: share of the steps spent warming up.
             max_grad_norm: gradient clipping by global norm (0: off).
-            eval_max_new_tokens: token budget of greedy evaluation rollouts (None: max_new_tokens).
+            eval_temperature: temperature of evaluation rollouts (0: greedy).
+            eval_max_new_tokens: token budget of evaluation rollouts (None: max_new_tokens).
             seed: seed of the tiny model's weights and of the rollout sampler.
         """
-        super().__init__(model_name, dtype, load_in_4bit, lora, lora_r, lora_alpha, lora_dropout, lora_targets,
-                         init_adapter, lr, weight_decay, warmup_ratio, max_grad_norm, seed)
+        super().__init__(
+            model_name=model_name, dtype=dtype, load_in_4bit=load_in_4bit, lora=lora, lora_r=lora_r,
+            lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, init_adapter=init_adapter,
+            lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm,
+            max_new_tokens=max_new_tokens, max_tool_calls=max_tool_calls, max_obs_tokens=max_obs_tokens, top_p=top_p,
+            eval_temperature=eval_temperature, eval_max_new_tokens=eval_max_new_tokens, seed=seed)
         if group_size < 2:
             raise ValueError(f"model.group_size={group_size}: GRPO needs at least 2 completions per group")
-        for name in ("max_new_tokens", "max_obs_tokens", "temperature", "top_p", "clip_eps", "num_updates"):
+        for name in ("temperature", "clip_eps", "num_updates"):
             _positive(name, locals()[name])
-        _positive("max_tool_calls", max_tool_calls, allow_zero=True)
         _positive("beta", beta, allow_zero=True)
-        if top_p > 1:
-            raise ValueError(f"model.top_p={top_p}: must be in (0, 1]")
         if reward not in REWARDS:
             raise ValueError(f"model.reward={reward!r}: expected one of {REWARDS}")
         self.save_hyperparameters()
         self.voi_weights = voi_weights or VOIWeights()
         self.otc_weights = otc_weights or OTCWeights()
-        self.env = None  # the search tool; taken from the datamodule in setup()
-
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if self.env is None and dm is not None and hasattr(dm, "search_env"):
-            self.env = dm.search_env()
-        if self.env is None:
-            raise ValueError("GRPOModule needs a search env: use QADataModule or set module.env")
 
     # ------------------------------------------------------------------ the algorithm
     def training_step(self, batch: list[QAExample], batch_idx: int):
@@ -207,19 +285,6 @@ class GRPOModule(PolicyModule):
         return out.loss.detach()
 
     # ------------------------------------------------------------------ the steps
-    def rollout(self, batch: list[QAExample], temperature: float, group_size: int,
-                max_new_tokens: int | None = None) -> Rollout:
-        prompts = [build_prompt(self.tokenizer, ex.question) for ex in batch]
-        was_training = self.policy.training
-        self.policy.eval()
-        # bf16 autocast makes CPU decoding ~4x slower here (small matmuls): decode in the weights' dtype
-        with torch.autocast(self.device.type, enabled=self.device.type == "cuda" and torch.is_autocast_enabled()):
-            ro = rollout(self.policy, self.tokenizer, prompts, self.env, group_size,
-                         max_new_tokens or self.hparams.max_new_tokens, temperature, self.hparams.top_p,
-                         self.hparams.max_tool_calls, self.hparams.max_obs_tokens, generator=self.sampler)
-        self.policy.train(was_training)
-        return ro
-
     def compute_rewards(self, ro: Rollout, batch: list[QAExample]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total reward (N,) and each component (N,) of every completion."""
         G = ro.group_size
@@ -263,21 +328,3 @@ class GRPOModule(PolicyModule):
         self.log_dict(metrics, batch_size=batch_size)
         self.log_dict({"reward": rewards.mean(), "calls": ro.num_calls.float().mean(), "s/step": t_step},
                       prog_bar=True, logger=False, batch_size=batch_size)
-
-    # ------------------------------------------------------------------ evaluation
-    def validation_step(self, batch: list[QAExample], batch_idx: int) -> None:
-        """Greedy agentic rollouts: accuracy, tokens and tool use on held-out questions."""
-        ro = self.rollout(batch, temperature=0.0, group_size=1,
-                          max_new_tokens=self.hparams.eval_max_new_tokens or self.hparams.max_new_tokens)
-        answers = [parse_completion(t) for t in ro.texts]
-        em = torch.tensor([exact_match(p.answer or "", ex.answers) for p, ex in zip(answers, batch)])
-        f1 = torch.tensor([f1_score(p.answer or "", ex.answers) for p, ex in zip(answers, batch)])
-        self.log_dict({
-            "eval/em": em.mean(), "eval/f1": f1.mean(),
-            "eval/well_formed": torch.tensor([float(p.well_formed) for p in answers]).mean(),
-            "eval/calls_per_sample": ro.num_calls.float().mean(),
-            "eval/search_rate": (ro.num_calls > 0).float().mean(),
-            "eval/tokens_per_sample": ro.completion_mask.sum(1).float().mean(),
-        }, batch_size=len(batch))
-
-    test_step = validation_step

@@ -97,7 +97,7 @@ def _left_pad(rows: list[list[int]], pad_id: int, width: int | None = None) -> t
     return ids, mask
 
 
-def _run_tool(env, query: str) -> tuple[str, bool]:
+def run_tool(env, query: str) -> tuple[str, bool]:
     """The env's answer, or a short error observation if it raised (the rollout goes on)."""
     try:
         return str(env(query)).replace("<", "‹"), False  # tag-like text in a result would corrupt the format
@@ -219,7 +219,7 @@ def _tool_turn(row: _Row, segment_text: str, env, max_tool_calls: int) -> str:
         return BUDGET_OBSERVATION
     row.calls += 1
     row.queries.append(query)
-    result, failed = _run_tool(env, query)
+    result, failed = run_tool(env, query)
     row.errors += failed
     return result
 

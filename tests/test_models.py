@@ -11,6 +11,9 @@ from grpo.prompts import build_prompt
 from grpo.rollout import rollout
 from grpo.tokenizer import SPECIAL_TOKENS, ByteTokenizer
 
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # peft calls a renamed transformers method:
+              pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")]
+
 LORA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 IDS = torch.tensor([[5, 80, 261, 33, 7, 120, 262, 9]])  # (1, T) a few bytes and tags
 

@@ -39,7 +39,7 @@ def test_bad_options_fail_before_loading(option, value, message):
             m.configure_model()
         return
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        GRPOModule(model_name="tiny", **{option: value})
+        GRPOModule(**{"model_name": "tiny", option: value})
 
 
 class _EasyReward(GRPOModule):

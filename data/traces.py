@@ -1,0 +1,347 @@
+"""Synthetic SFT traces for the cold start: one assistant turn in the exact GRPO format.
+
+SmolLM2-135M-Instruct never writes our tags zero-shot, so GRPO starts from a model fine-tuned
+on traces like these (observations are real env output, shortened here):
+
+    direct    <thought>I know this.</thought><answer>Nairobi</answer>
+    search    <thought>I need to look up Kenya.</thought><call>Kenya</call><obs>[Kenya] …</obs><answer>Shilling</answer>
+    multihop  <thought>I need to look up Kenya and Peru.</thought><call>Kenya</call><obs>…</obs>
+              <thought>Now I need Peru.</thought><call>Peru</call><obs>…</obs><answer>Kenya</answer>
+
+A Trace is stored as segments, ("model", text) or ("obs", result), so the SFT tokenizer can
+encode them apart and mask observations as `grpo.rollout` does, whose result for a query is
+`run_tool(env, query)[0]`, wrapped in <obs></obs>. No EOS in the text (the tokenizer adds it).
+
+Styles: direct <- kind MEMORY; search <- kind LOOKUP with one hop (population, area, currency,
+border, bridge, unknown capitals/continents); multihop <- kind LOOKUP with >= 2 hops (offline
+comparisons; HotpotQA, hops = supporting titles). Queries are the `hops`; the answer is the
+first gold. An offline search/multihop trace is skipped (counted) unless a normalized gold
+occurs as whole words in its normalized observations; HotpotQA traces (`verify_gold=False`)
+are kept and only counted (snippets are cut; yes/no answers never occur). A trace that fails
+`parse_completion(text).well_formed`, or whose calls differ from the hops, is skipped (counted).
+
+Drawing: counts per style = n * mix by largest remainder (summing to n). Each style draws from
+its eligible examples sorted by id and shuffled by a string-seeded RNG (no hash(): the same
+list in every process). A style short of examples gives what it has, warns, and the other
+styles with a positive share fill its remainder, largest share first. The result is shuffled.
+Run `python -m data.traces --out outputs/traces.jsonl [--hotpotqa PATH]`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from itertools import islice
+from typing import Iterator, Sequence
+
+from data.hotpotqa import hotpotqa_documents, load_hotpotqa
+from data.offline_task import build_offline_task
+from data.types import MEMORY, QAExample
+from envs.search import MockSearchEnv
+from grpo.prompts import observation_text
+from grpo.rewards import normalize_answer, parse_completion
+from grpo.rollout import run_tool
+
+STYLES = ("direct", "search", "multihop")
+ROLES = ("model", "obs")
+DEFAULT_MIX = (0.2, 0.6, 0.2)  # shares of direct, search, multihop
+
+# Thought templates, one picked per example with an RNG seeded by (seed, example id).
+DIRECT_THOUGHTS = ("I know this.", "I know this one.", "I know the answer.")
+SEARCH_THOUGHTS = ("I need to look up {q}.", "I do not know this; I will search for {q}.",
+                   "I should search for {q}.")
+MULTIHOP_THOUGHTS = ("I need to look up {qs}.", "I need facts about {qs}; first {q}.")
+NEXT_HOP_THOUGHTS = ("Now I need {q}.", "Next I look up {q}.")
+
+
+# --------------------------------------------------------------------------- the record
+
+@dataclass(frozen=True)
+class Trace:
+    id: str                                  # "<style>/<example id>"
+    question: str
+    answers: tuple[str, ...]                 # every gold answer; the trace answers answers[0]
+    kind: str                                # MEMORY or LOOKUP, from the example
+    style: str                               # "direct" | "search" | "multihop"
+    segments: tuple[tuple[str, str], ...]    # ("model", text) or ("obs", result without tags)
+    type: str | None = None                  # the example's type (HotpotQA ones: "hotpotqa/<type>")
+
+    def __post_init__(self):
+        bad = [s for s in self.segments if len(s) != 2 or s[0] not in ROLES or not isinstance(s[1], str)]
+        if self.style not in STYLES or bad:
+            raise ValueError(f"trace {self.id!r}: style must be one of {STYLES} (got {self.style!r}) and every "
+                             f"segment a (role, text) pair with role in {ROLES} (bad: {bad[:1]})")
+
+    @property
+    def text(self) -> str:
+        """The whole assistant turn as the rollout would decode it: each obs wrapped in <obs></obs>."""
+        return "".join(text if role == "model" else observation_text(text) for role, text in self.segments)
+
+
+@dataclass
+class TraceReport:
+    """What one draw dropped, and how many kept traces went unverified."""
+    skipped: Counter = field(default_factory=Counter)   # "<style>: <reason>" -> examples dropped
+    unverified: int = 0                                 # kept without the gold check (HotpotQA)
+    unverified_with_gold: int = 0                       # ... whose observations hold a gold answer
+
+
+# --------------------------------------------------------------------------- building one trace
+
+def style_of(example: QAExample) -> str | None:
+    """The style an example is eligible for (see the module docstring); None without hops."""
+    if example.kind == MEMORY:
+        return "direct"
+    return {0: None, 1: "search"}.get(len(example.hops), "multihop")
+
+
+def gold_in(text: str, answers: Sequence[str]) -> bool:
+    """A normalized gold answer occurs as whole words in the normalized text."""
+    haystack = f" {normalize_answer(text)} "
+    return any(f" {g} " in haystack for g in map(normalize_answer, answers) if g)
+
+
+def build_trace(example: QAExample, style: str, env, rng: random.Random) -> Trace:
+    """The trace of one example in one style; each observation is `run_tool(env, query)[0]`."""
+    answer, queries = f"<answer>{example.answers[0]}</answer>", example.hops
+    if style == "direct":
+        segments = [("model", f"<thought>{rng.choice(DIRECT_THOUGHTS)}</thought>{answer}")]
+    else:
+        first = SEARCH_THOUGHTS if style == "search" else MULTIHOP_THOUGHTS
+        listed = queries[0] if len(queries) == 1 else ", ".join(queries[:-1]) + " and " + queries[-1]
+        thought = rng.choice(first).format(q=queries[0], qs=listed)
+        segments = [("model", f"<thought>{thought}</thought><call>{queries[0]}</call>")]
+        for i, query in enumerate(queries):
+            segments.append(("obs", run_tool(env, query)[0]))
+            if i + 1 < len(queries):
+                hop = rng.choice(NEXT_HOP_THOUGHTS).format(q=queries[i + 1])
+                segments.append(("model", f"<thought>{hop}</thought><call>{queries[i + 1]}</call>"))
+        segments.append(("model", answer))
+    return Trace(f"{style}/{example.id}", example.question, tuple(example.answers), example.kind, style,
+                 tuple(segments), example.type)
+
+
+def check_trace(trace: Trace, queries: Sequence[str]) -> str:
+    """'' if the text is well-formed, calls exactly `queries` and answers answers[0]; else why not."""
+    parsed = parse_completion(trace.text)
+    if not parsed.well_formed:
+        return f"malformed ({parsed.reason})"
+    if parsed.calls != tuple(q.strip() for q in queries):
+        return "calls differ from the hops"
+    return "" if parsed.answer == trace.answers[0].strip() else "answer differs from the first gold"
+
+
+# --------------------------------------------------------------------------- drawing
+
+def quotas(n: int, mix: Sequence[float]) -> dict[str, int]:
+    """style -> n * share, rounded by largest remainder so that the counts sum to n."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an integer >= 0, got {n!r}")
+    if len(mix) != len(STYLES) or any(s < 0 for s in mix) or sum(mix) <= 0:
+        raise ValueError(f"mix must be {len(STYLES)} shares >= 0 of {STYLES} with a positive sum, got {tuple(mix)}")
+    exact = [n * s / sum(mix) for s in mix]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(STYLES)), key=lambda i: (counts[i] - exact[i], i))[:n - sum(counts)]:
+        counts[i] += 1
+    return dict(zip(STYLES, counts))
+
+
+def _valid_traces(pool: list[QAExample], style: str, env, seed: int, verify_gold: bool,
+                  report: TraceReport) -> Iterator[Trace]:
+    """The traces of `pool` in order, skipping (and counting) the ones that fail a check."""
+    for ex in pool:
+        trace = build_trace(ex, style, env, random.Random(f"{seed}/{ex.id}"))
+        problem = check_trace(trace, ex.hops if style != "direct" else ())
+        observed = " ".join(text for role, text in trace.segments if role == "obs")
+        if not problem and style != "direct":
+            if verify_gold and not gold_in(observed, ex.answers):
+                problem = "gold not in the observations"
+            elif not verify_gold:
+                report.unverified += 1
+                report.unverified_with_gold += gold_in(observed, ex.answers)
+        if problem:
+            report.skipped[f"{style}: {problem}"] += 1
+        else:
+            yield trace
+
+
+def draw_traces(examples: Sequence[QAExample], env, counts: dict[str, int], seed: int = 0,
+                verify_gold: bool = True, fill: bool = True) -> tuple[list[Trace], TraceReport]:
+    """Up to counts[style] traces per style (see the module docstring) and what was skipped.
+
+    fill: a short style's remainder is drawn from the other styles with a positive count.
+    """
+    report = TraceReport()
+    eligible = sorted((ex for ex in examples if style_of(ex)), key=lambda e: e.id)
+    sources = {}
+    for style in STYLES:
+        pool = [ex for ex in eligible if style_of(ex) == style]
+        random.Random(f"{seed}/{style}").shuffle(pool)
+        sources[style] = _valid_traces(pool, style, env, seed, verify_gold, report)
+    out = {style: list(islice(sources[style], counts.get(style, 0))) for style in STYLES}
+    shortfall = sum(counts.values()) - sum(map(len, out.values()))
+    for style in STYLES:
+        if len(out[style]) < counts.get(style, 0):
+            then = "; filling from the other styles" if fill else ""
+            warnings.warn(f"only {len(out[style])} {style} traces of the {counts[style]} requested (too few "
+                          f"eligible examples pass the checks){then}", stacklevel=2)
+    for style in sorted((s for s in STYLES if fill and counts.get(s, 0) > 0), key=lambda s: -counts[s]):
+        extra = list(islice(sources[style], shortfall))
+        out[style] += extra
+        shortfall -= len(extra)
+    if fill and shortfall:
+        warnings.warn(f"{shortfall} traces short of the {sum(counts.values())} requested", stacklevel=2)
+    traces = [t for style in STYLES for t in out[style]]
+    random.Random(f"{seed}/order").shuffle(traces)
+    return traces, report
+
+
+def make_traces(examples: Sequence[QAExample], env, n: int = 500, mix: Sequence[float] = DEFAULT_MIX,
+                seed: int = 0, verify_gold: bool = True) -> list[Trace]:
+    """n traces, shares `mix` of (direct, search, multihop); same seed -> same list."""
+    return draw_traces(examples, env, quotas(n, mix), seed, verify_gold)[0]
+
+
+def offline_traces(n: int = 500, mix: Sequence[float] = DEFAULT_MIX, seed: int = 0, split: str = "train",
+                   task_seed: int | None = None) -> list[Trace]:
+    """Traces of one offline split. `task_seed` (default: `seed`) seeds the splits: it must equal the
+    GRPO run's data.seed, so that SFT never sees a validation or test question."""
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"split={split!r}: expected 'train', 'validation' or 'test'")
+    task = build_offline_task(seed if task_seed is None else task_seed)
+    return make_traces(getattr(task, split), MockSearchEnv(task.documents), n, mix, seed)
+
+
+def _draw_hotpotqa(path: str, n: int, seed: int) -> tuple[list[Trace], TraceReport]:
+    """Up to n multihop traces, ids "multihop/hotpotqa/<id>", types "hotpotqa/<type>"."""
+    examples = load_hotpotqa(path)
+    env = MockSearchEnv(hotpotqa_documents(examples))
+    traces, report = draw_traces(examples, env, {"multihop": n}, seed, verify_gold=False, fill=False)
+    return [replace(t, id=f"multihop/hotpotqa/{t.id.split('/', 1)[1]}", type=f"hotpotqa/{t.type}")
+            for t in traces], report
+
+
+def hotpotqa_traces(path: str, n: int, seed: int = 0) -> list[Trace]:
+    """n multihop traces from a HotpotQA file, over an env indexing the paragraphs of its examples."""
+    return _draw_hotpotqa(path, n, seed)[0]
+
+
+# --------------------------------------------------------------------------- JSONL files
+
+REQUIRED_FIELDS = ("id", "question", "answers", "kind", "style", "segments")
+
+
+def write_traces(traces: Sequence[Trace], path: str | Path) -> None:
+    """One JSON object per line; "text" is for people (`read_traces` checks it against the segments)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for t in traces:
+            row = {"id": t.id, "style": t.style, "kind": t.kind, "type": t.type, "question": t.question,
+                   "answers": list(t.answers), "text": t.text, "segments": [list(s) for s in t.segments]}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _from_dict(row, where: str) -> Trace:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if missing := [name for name in REQUIRED_FIELDS if name not in row]:
+        raise ValueError(f"{where}: missing field {missing[0]!r}")
+    answers, segments = row["answers"], row["segments"]
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{where}: field 'answers': expected a non-empty list of strings")
+    if not isinstance(segments, list) or not all(isinstance(s, list) and len(s) == 2 for s in segments):
+        raise ValueError(f"{where}: field 'segments': expected a list of [role, text] pairs")
+    try:
+        trace = Trace(str(row["id"]), row["question"], tuple(answers), row["kind"], row["style"],
+                      tuple(map(tuple, segments)), row.get("type"))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    if "text" in row and row["text"] != trace.text:
+        raise ValueError(f"{where}: field 'text' does not match field 'segments'")
+    return trace
+
+
+def read_traces(path: str | Path) -> list[Trace]:
+    """Traces from a `write_traces` file; a bad line raises ValueError naming the file, line and field."""
+    path = Path(path)
+    traces = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {lineno}: invalid JSON ({err.msg})") from err
+        traces.append(_from_dict(row, f"{path}, line {lineno}"))
+    return traces
+
+
+# --------------------------------------------------------------------------- command line
+
+def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = None, hotpotqa: str | None = None,
+               hotpotqa_share: float = 0.5) -> tuple[list[Trace], list[TraceReport]]:
+    """Offline train traces; with `hotpotqa`, that file gives `hotpotqa_share` of the multihop count
+    (fewer if it is short) and offline comparisons the rest. Each source keeps its own env: the
+    one its GRPO run searches."""
+    counts = quotas(n, mix)
+    hp, reports = [], []
+    if hotpotqa:
+        hp, report = _draw_hotpotqa(hotpotqa, round(counts["multihop"] * hotpotqa_share), seed)
+        counts["multihop"] -= len(hp)
+        reports.append(report)
+    task = build_offline_task(seed if task_seed is None else task_seed)
+    offline, report = draw_traces(task.train, MockSearchEnv(task.documents), counts, seed)
+    traces = hp + offline
+    random.Random(f"{seed}/mixed").shuffle(traces)
+    return traces, reports + [report]
+
+
+def summarize(traces: Sequence[Trace], reports: Sequence[TraceReport]) -> str:
+    by = Counter((t.style, t.kind, t.type) for t in traces)
+    lines = [f"{len(traces)} traces: " + ", ".join(f"{s} {sum(t.style == s for t in traces)}" for s in STYLES),
+             f"{'style':<10}{'kind':<8}{'type':<22}{'count':>6}"]
+    lines += [f"{s:<10}{k:<8}{str(ty):<22}{c:>6}" for (s, k, ty), c in sorted(by.items(), key=str)]
+    skipped = sum((r.skipped for r in reports), Counter())
+    lines.append("skipped: " + (", ".join(f"{why}: {c}" for why, c in sorted(skipped.items())) or "none"))
+    unverified = sum(r.unverified for r in reports)
+    if unverified:
+        lines.append(f"HotpotQA (kept unverified): {sum(r.unverified_with_gold for r in reports)} of "
+                     f"{unverified} have a gold answer in their observations")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write SFT cold-start traces (JSONL).")
+    parser.add_argument("--out", required=True, help="output .jsonl file")
+    parser.add_argument("--n", type=int, default=500, help="number of traces")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draw and the templates")
+    parser.add_argument("--task-seed", type=int, default=None, help="split seed, = GRPO data.seed (default: --seed)")
+    parser.add_argument("--mix", type=float, nargs=3, default=DEFAULT_MIX, metavar=("DIRECT", "SEARCH", "MULTIHOP"))
+    parser.add_argument("--hotpotqa", default=None, help="HotpotQA .json/.jsonl mixed into the multihop share")
+    parser.add_argument("--hotpotqa-share", type=float, default=0.5, help="part of the multihop share from HotpotQA")
+    args = parser.parse_args(argv)
+    if not 0 <= args.hotpotqa_share <= 1:
+        parser.error(f"--hotpotqa-share must be in [0, 1], got {args.hotpotqa_share}")
+    try:
+        traces, reports = cli_traces(args.n, args.mix, args.seed, args.task_seed, args.hotpotqa, args.hotpotqa_share)
+    except ValueError as err:
+        parser.error(str(err))
+    write_traces(traces, args.out)
+    print(summarize(traces, reports))
+    for style in STYLES:
+        sample = next((t for t in traces if t.style == style), None)
+        if sample is not None:
+            print(f"\nsample {sample.id}\nQ: {sample.question}\n{sample.text}")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

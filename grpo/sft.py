@@ -1,0 +1,127 @@
+"""Cold start: supervised fine-tuning on synthetic tool-use traces, so the model speaks the format.
+
+SmolLM2-135M-Instruct writes no `<answer>`/`<call>` tags on its own (0/96 samples), so every
+GRPO group would get equal rewards and no gradient. A short SFT on traces in exactly the
+rollout's format fixes that (the "phase 1" of the seed project; DeepSeek-R1's cold start).
+
+Tokenization mirrors the rollout token for token: the prompt is the same `build_prompt`, the
+model's own segments are encoded on their own, and each observation is encoded as
+`<obs>` + result (cut to `max_obs_tokens`) + `</obs>`, exactly as `grpo.rollout` forces it.
+The loss is the token-level cross-entropy on the assistant's own tokens only (its segments
+and the final EOS); prompt and observation tokens are context, with label -100.
+
+GRPO then starts from the SFT adapter (`model.init_adapter`): it is merged into the base
+weights, fresh LoRA adapters are added, and the reference policy of the KL term is the
+merged network with those adapters disabled, i.e. the SFT policy, not the raw base model.
+"""
+from __future__ import annotations
+
+import torch
+
+from data.traces import Trace
+from grpo.models import DEFAULT_LORA_TARGETS, SMOLLM2
+from grpo.module import PolicyModule
+from grpo.prompts import OBS_CLOSE, OBS_OPEN, build_prompt
+
+IGNORE = -100  # label of tokens without loss
+
+
+def tokenize_trace(tokenizer, trace: Trace, max_obs_tokens: int = 160) -> tuple[list[int], list[int]]:
+    """(ids, labels) of prompt + assistant turn; labels are IGNORE on prompt and observations."""
+    ids = tokenizer.encode(build_prompt(tokenizer, trace.question), add_special_tokens=False)
+    labels = [IGNORE] * len(ids)
+    obs_open = tokenizer.encode(OBS_OPEN, add_special_tokens=False)
+    obs_close = tokenizer.encode(OBS_CLOSE, add_special_tokens=False)
+    for role, text in trace.segments:
+        if role == "model":
+            piece = tokenizer.encode(text, add_special_tokens=False)
+            ids += piece
+            labels += piece
+        elif role == "obs":
+            piece = obs_open + tokenizer.encode(text, add_special_tokens=False)[:max_obs_tokens] + obs_close
+            ids += piece
+            labels += [IGNORE] * len(piece)
+        else:
+            raise ValueError(f"trace {trace.id!r}: unknown segment role {role!r} (expected 'model' or 'obs')")
+    ids.append(tokenizer.eos_token_id)  # the model learns to stop
+    labels.append(tokenizer.eos_token_id)
+    return ids, labels
+
+
+def collate_sft(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest; the attention mask comes from lengths (pad id == EOS id)."""
+    T = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)   # (B, T)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)      # (B, T)
+    attention_mask = torch.zeros((len(examples), T), dtype=torch.long)     # (B, T)
+    for i, (ids, lab) in enumerate(examples):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(lab)] = torch.tensor(lab)
+        attention_mask[i, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token-level cross-entropy: token t predicts label t+1; IGNORE labels carry no loss.
+
+    logits (B, T, V), labels (B, T) -> scalar mean over the supervised tokens of the batch.
+    """
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+class SFTModule(PolicyModule):
+    def __init__(self, model_name: str = SMOLLM2, dtype: str = "float32", load_in_4bit: bool = False,
+                 lora: bool = True, lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
+                 lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS, lr: float = 2e-4, weight_decay: float = 0.0,
+                 warmup_ratio: float = 0.1, max_grad_norm: float = 1.0, max_new_tokens: int = 160,
+                 max_tool_calls: int = 5, max_obs_tokens: int = 160, top_p: float = 1.0,
+                 eval_temperature: float = 1.0, eval_max_new_tokens: int | None = None, seed: int = 0):
+        """
+        Args:
+            model_name: "smollm2-135m-instruct" (default, offline), "tiny" (random, tests), a HF folder or hub id.
+            dtype: weights' dtype: float32 | bfloat16 | float16.
+            load_in_4bit: NF4 weights through bitsandbytes (meant for CUDA; allowed on CPU with a warning).
+            lora: train LoRA adapters (True) or every weight (False).
+            lora_r: LoRA rank r.
+            lora_alpha: LoRA scale α.
+            lora_dropout: dropout on the LoRA input.
+            lora_targets: module names that get adapters.
+            lr: peak learning rate (AdamW), then cosine decay.
+            weight_decay: AdamW weight decay.
+            warmup_ratio: share of the steps spent warming up.
+            max_grad_norm: gradient clipping by global norm (0: off).
+            max_new_tokens: token budget of evaluation rollouts.
+            max_tool_calls: executed calls per evaluation rollout.
+            max_obs_tokens: an observation is cut to this many tokens (in training traces too).
+            top_p: nucleus threshold of evaluation sampling.
+            eval_temperature: temperature of evaluation rollouts (1: sampled, as the GRPO phase will).
+            eval_max_new_tokens: token budget of evaluation rollouts (None: max_new_tokens).
+            seed: seed of the tiny model's weights and of the evaluation sampler.
+        """
+        super().__init__(
+            model_name=model_name, dtype=dtype, load_in_4bit=load_in_4bit, lora=lora, lora_r=lora_r,
+            lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, init_adapter=None,
+            lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm,
+            max_new_tokens=max_new_tokens, max_tool_calls=max_tool_calls, max_obs_tokens=max_obs_tokens, top_p=top_p,
+            eval_temperature=eval_temperature, eval_max_new_tokens=eval_max_new_tokens, seed=seed)
+        self.save_hyperparameters()
+        self.hparams.init_adapter = None
+
+    def training_step(self, batch: list[Trace], batch_idx: int):
+        if not batch or not isinstance(batch[0], Trace):
+            raise ValueError("SFTModule trains on traces: set data.traces (a .jsonl path; made if missing)")
+        # 1. tokenize exactly as the rollout will see it; labels only on the model's own tokens
+        enc = collate_sft([tokenize_trace(self.tokenizer, t, self.hparams.max_obs_tokens) for t in batch],
+                          self.tokenizer.pad_token_id)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        # 2. next-token cross-entropy on those tokens
+        logits = self.policy(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits  # (B, T, V)
+        loss = sft_loss(logits, enc["labels"])
+        # 3. update
+        self.optimize(loss)
+        self.lr_schedulers().step()
+        n_tokens = (enc["labels"] != IGNORE).sum()
+        self.log_dict({"sft/loss": loss.detach(), "sft/tokens_per_batch": n_tokens.float()}, batch_size=len(batch))
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(batch))
+        return loss.detach()

@@ -1,0 +1,259 @@
+"""Tests of the SFT cold-start traces (data/traces.py).
+
+Observations are checked against a fresh env (never against the generator's own output), the
+format against `parse_completion`, the answer check against `normalize_answer`. The HotpotQA
+test reads ../shared/data/hotpotqa/train_distractor_100.jsonl and skips when it is absent.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from data.offline_task import build_offline_task
+from data.traces import (STYLES, Trace, draw_traces, hotpotqa_traces, main, make_traces, offline_traces,
+                         quotas, read_traces, write_traces)
+from data.types import LOOKUP, MEMORY
+from envs.base import Document
+from envs.search import MockSearchEnv
+from grpo.rewards import normalize_answer, parse_completion
+from grpo.rollout import run_tool
+
+REPO = Path(__file__).resolve().parents[1]
+HOTPOTQA_TRAIN = REPO.parent / "shared" / "data" / "hotpotqa" / "train_distractor_100.jsonl"
+N = 120
+
+
+@pytest.fixture(scope="module")
+def task():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the memory measurement may be absent here
+        return build_offline_task(0)
+
+
+@pytest.fixture(scope="module")
+def env(task):
+    return MockSearchEnv(task.documents)
+
+
+@pytest.fixture(scope="module")
+def traces(task, env):
+    return make_traces(task.train, env, n=N, seed=0)
+
+
+@pytest.fixture(scope="module")
+def by_id(task):
+    return {ex.id: ex for ex in task.train}
+
+
+def example_of(trace, by_id):
+    return by_id[trace.id.split("/", 1)[1]]
+
+
+def obs_texts(trace):
+    return [text for role, text in trace.segments if role == "obs"]
+
+
+# --------------------------------------------------------------------------- determinism and mix
+
+def digest(traces) -> str:
+    return hashlib.sha256(json.dumps([[t.id, t.segments] for t in traces]).encode()).hexdigest()
+
+
+def test_same_seed_same_traces_other_seed_differs(task, env, traces):
+    assert make_traces(task.train, env, n=N, seed=0) == traces
+    other = make_traces(task.train, env, n=N, seed=1)
+    assert [t.id for t in other] != [t.id for t in traces]
+
+
+def test_same_traces_in_another_process(traces):
+    code = ("import warnings, json, hashlib; warnings.simplefilter('ignore')\n"
+            "from data.traces import offline_traces\n"
+            f"t = offline_traces(n={N}, seed=0)\n"
+            "print(hashlib.sha256(json.dumps([[x.id, x.segments] for x in t]).encode()).hexdigest())")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == digest(traces)
+
+
+def test_quotas_sum_to_n_by_largest_remainder():
+    assert quotas(10, (1, 1, 1)) == {"direct": 4, "search": 3, "multihop": 3}
+    assert quotas(7, (1, 3, 1)) == {"direct": 2, "search": 4, "multihop": 1}  # 1.4, 4.2, 1.4: tie -> first
+    assert quotas(9, (1, 3, 1)) == {"direct": 2, "search": 5, "multihop": 2}  # 1.8, 5.4, 1.8
+    for n in range(30):
+        for mix in [(1, 1, 1), (0.2, 0.6, 0.2), (0.0, 0.3, 0.7), (5, 1, 0)]:
+            counts = quotas(n, mix)
+            assert sum(counts.values()) == n
+            assert all(abs(counts[s] - n * m / sum(mix)) < 1 for s, m in zip(STYLES, mix)), (n, mix)
+    with pytest.raises(ValueError, match="mix"):
+        quotas(10, (1, 1))
+    with pytest.raises(ValueError, match="n must"):
+        quotas(-1, (1, 1, 1))
+
+
+@pytest.mark.parametrize("mix", [(0.2, 0.6, 0.2), (0.5, 0.25, 0.25), (0.0, 0.3, 0.7)])
+def test_mix_proportions(task, env, mix):
+    n = 101
+    traces = make_traces(task.train, env, n=n, mix=mix, seed=3)
+    assert len(traces) == n
+    for style, share in zip(STYLES, mix):
+        assert abs(sum(t.style == style for t in traces) - n * share) <= 1, style
+    assert len({t.id for t in traces}) == n  # no example is used twice
+
+
+def test_short_style_warns_and_is_filled_by_the_others(task, env):
+    few_memory = [ex for ex in task.train if ex.kind == MEMORY][:3]
+    examples = few_memory + [ex for ex in task.train if ex.kind == LOOKUP]
+    with pytest.warns(UserWarning, match="only 3 direct traces of the 25"):
+        traces = make_traces(examples, env, n=50, mix=(0.5, 0.5, 0.0), seed=0)
+    styles = [t.style for t in traces]
+    assert len(traces) == 50 and styles.count("direct") == 3
+    assert styles.count("search") == 47 and styles.count("multihop") == 0  # a zero share is never used
+
+
+def test_offline_traces_only_use_the_training_split_of_their_seed():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_ids = {ex.id for ex in build_offline_task(1).train}
+        traces = offline_traces(n=80, seed=1)  # the split seed follows the seed unless task_seed is given
+    assert len(traces) == 80 and all(t.id.split("/", 1)[1] in train_ids for t in traces)
+
+
+# --------------------------------------------------------------------------- format and content
+
+def test_every_trace_well_formed_with_the_style_call_count(traces, by_id):
+    assert {t.style for t in traces} == set(STYLES)
+    for trace in traces:
+        parsed = parse_completion(trace.text)
+        example = example_of(trace, by_id)
+        assert parsed.well_formed, (trace.id, parsed.reason)
+        assert parsed.answer == example.answers[0]
+        expected_calls = {"direct": 0, "search": 1, "multihop": 2}[trace.style]
+        assert parsed.num_calls == expected_calls == len(obs_texts(trace)), trace.id
+        assert parsed.calls == (example.hops if trace.style != "direct" else ())
+        assert "<|im_end|>" not in trace.text and "<|endoftext|>" not in trace.text
+        assert trace.text.startswith("<thought>") and trace.segments[-1][0] == "model"
+
+
+def test_every_observation_is_what_the_env_returns(task, traces):
+    fresh = MockSearchEnv(task.documents)
+    checked = 0
+    for trace in traces:
+        query = None
+        for role, text in trace.segments:
+            if role == "model":
+                calls = parse_completion(text + "<obs>x</obs><answer>x</answer>").calls
+                query = calls[-1] if calls else None
+            else:
+                assert query is not None, f"{trace.id}: an observation not after a call"
+                assert text == run_tool(fresh, query)[0], (trace.id, query)
+                query, checked = None, checked + 1
+    assert checked >= N // 2
+
+
+def test_offline_search_traces_hold_the_gold_in_their_observations(traces):
+    for trace in traces:
+        if trace.style != "direct":
+            observed = f" {normalize_answer(' '.join(obs_texts(trace)))} "
+            assert any(f" {normalize_answer(g)} " in observed for g in trace.answers), trace.id
+
+
+def test_gold_missing_from_the_observations_is_skipped_and_counted(task):
+    currency = [ex for ex in task.train if ex.type == "currency"][:5]
+    blank = MockSearchEnv([Document(d.title, "No facts here.") for d in task.documents])
+    with pytest.warns(UserWarning) as caught:
+        traces, report = draw_traces(currency, blank, {"search": 5}, seed=0)
+    assert [str(w.message).split(" (")[0] for w in caught] == ["only 0 search traces of the 5 requested",
+                                                                "5 traces short of the 5 requested"]
+    assert traces == [] and report.skipped == {"search: gold not in the observations": 5}
+
+
+def test_direct_traces_only_from_memory_questions(task, env, traces, by_id):
+    assert all(example_of(t, by_id).kind == MEMORY for t in traces if t.style == "direct")
+    # capitals the model was measured not to know are searched, never answered directly
+    unknown = [replace(ex, kind=LOOKUP) if ex.type == "capital" else ex for ex in task.train]
+    other = make_traces(unknown, env, n=300, seed=0)
+    assert not any(t.style == "direct" and t.type == "capital" for t in other)
+    capital_searches = [t for t in other if t.style == "search" and t.type == "capital"]
+    assert capital_searches and all(t.kind == LOOKUP for t in capital_searches)
+
+
+def test_text_property_matches_the_segments(traces):
+    trace = Trace("search/x", "Q?", ("B",), LOOKUP, "search",
+                  (("model", "<thought>t</thought><call>A</call>"), ("obs", "[A] B."), ("model", "<answer>B</answer>")))
+    assert trace.text == "<thought>t</thought><call>A</call><obs>[A] B.</obs><answer>B</answer>"
+    for t in traces:
+        assert t.text == "".join(x if r == "model" else f"<obs>{x}</obs>" for r, x in t.segments)
+    with pytest.raises(ValueError, match="role"):
+        Trace("x", "Q?", ("B",), LOOKUP, "search", (("user", "hi"),))
+
+
+# --------------------------------------------------------------------------- files
+
+def test_write_read_round_trip(traces, tmp_path):
+    path = tmp_path / "sub" / "traces.jsonl"
+    write_traces(traces, path)
+    assert read_traces(path) == traces
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(traces) and not list(path.parent.glob("*.tmp"))
+    row = json.loads(lines[0])
+    assert row["text"] == traces[0].text and row["segments"] == [list(s) for s in traces[0].segments]
+    assert "km²" in path.read_text(encoding="utf-8")  # ensure_ascii=False: readable as written
+
+
+def test_read_errors_name_file_line_and_field(traces, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = path.with_name("good.jsonl")
+    write_traces(traces[:2], good)
+    first, second = good.read_text(encoding="utf-8").splitlines()
+    row = json.loads(second)
+    del row["segments"]
+    path.write_text(first + "\n" + json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"bad\.jsonl, line 2: missing field 'segments'"):
+        read_traces(path)
+    path.write_text(first + "\n\n{not json\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 3: invalid JSON"):
+        read_traces(path)
+    edited = json.loads(first)
+    edited["text"] = edited["text"].replace("<answer>", "<answer>not ")
+    path.write_text(json.dumps(edited) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"line 1: field 'text' does not match"):
+        read_traces(path)
+
+
+def test_command_line_writes_a_readable_file(tmp_path, capsys):
+    out = tmp_path / "traces.jsonl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(["--out", str(out), "--n", "20", "--seed", "1"])
+    printed = capsys.readouterr().out
+    assert "20 traces: direct 4, search 12, multihop 4" in printed and "skipped: none" in printed
+    assert "sample search/" in printed and len(read_traces(out)) == 20
+
+
+# --------------------------------------------------------------------------- HotpotQA
+
+def test_hotpotqa_traces_query_the_supporting_titles():
+    if not HOTPOTQA_TRAIN.is_file():
+        pytest.skip(f"HotpotQA sample not found at {HOTPOTQA_TRAIN} (see ../shared/data/README.md)")
+    from data.hotpotqa import hotpotqa_documents, load_hotpotqa
+
+    examples = {ex.id: ex for ex in load_hotpotqa(str(HOTPOTQA_TRAIN))}
+    fresh = MockSearchEnv(hotpotqa_documents(examples.values()))
+    traces = hotpotqa_traces(str(HOTPOTQA_TRAIN), n=20, seed=0)
+    assert len(traces) == 20
+    for trace in traces:
+        example = examples[trace.id.removeprefix("multihop/hotpotqa/")]
+        parsed = parse_completion(trace.text)
+        assert trace.style == "multihop" and trace.type == f"hotpotqa/{example.type}"
+        assert parsed.well_formed and parsed.answer == example.answers[0]
+        assert parsed.calls == example.supporting_titles and len(parsed.calls) >= 2
+        assert obs_texts(trace) == [run_tool(fresh, q)[0] for q in example.supporting_titles]
