@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
+from data.loader import ResumableBatches
 from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import build_offline_task
 from data.types import QAExample
@@ -112,10 +112,11 @@ class QADataModule(L.LightningDataModule):
                                       max_chars=self.hparams.search_max_chars)
         return self._env
 
-    def train_dataloader(self) -> DataLoader:
-        order = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_traces or self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=order,
-                          collate_fn=_collate, drop_last=True)
+    def train_dataloader(self) -> ResumableBatches:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return ResumableBatches(self.train_traces or self.train_set, self.hparams.batch_size, self.hparams.seed,
+                                rank=rank, world_size=world)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, collate_fn=_collate)

@@ -20,13 +20,16 @@ import torch
 from data.offline_task import DEFAULT_MEMORY_FILE, memory_candidates
 from grpo.models import SMOLLM2, load_model_and_tokenizer
 from grpo.prompts import build_prompt
-from grpo.rewards import normalize_answer
+from grpo.rewards import END_OF_TEXT_MARKERS, normalize_answer
 from grpo.rollout import rollout
 
 CLOSED_BOOK_SYSTEM = "You are a helpful assistant. Answer the question briefly."
 
 
 def contains_gold(reply: str, golds) -> bool:
+    """A normalized gold answer occurs, as whole words, in the normalized reply (EOS markers removed)."""
+    for marker in END_OF_TEXT_MARKERS:
+        reply = reply.replace(marker, " ")
     text = f" {normalize_answer(reply)} "
     return any(f" {normalize_answer(g)} " in text for g in golds if normalize_answer(g))
 
@@ -53,7 +56,7 @@ def measure(model_name: str = SMOLLM2, samples: int = 4, batch: int = 8, max_new
             hits = [contains_gold(t, q.answers) for t in sampled.texts[i * samples:(i + 1) * samples]]
             results[q.id] = {"greedy_correct": contains_gold(greedy.texts[i], q.answers),
                              "sampled_accuracy": sum(hits) / samples,
-                             "greedy_reply": greedy.texts[i].replace(tokenizer.eos_token, "").strip()[:120]}
+                             "greedy_reply": greedy.texts[i].replace(tokenizer.eos_token, "").strip()}
         print(f"{start + len(qs)}/{len(questions)} questions, {time.perf_counter() - t0:.0f} s", flush=True)
     return results
 

@@ -1,4 +1,4 @@
-"""Shared test set-up: import the package from the repository root, and a one-thread fixture."""
+"""Shared test set-up: import the package from the repository root; one thread for tiny models."""
 import sys
 from pathlib import Path
 
@@ -8,12 +8,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `pytest` works without installing the package
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models run on one thread. With two threads on this 2-core machine, while another process
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tests of tiny models run on one thread (the slow real-model tests keep them all). With two threads on this 2-core machine, while another process
     holds a core, every op waits for a descheduled OpenMP worker (measured: a 40-step tiny rollout
     takes 11 s instead of 0.05 s)."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)

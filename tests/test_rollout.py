@@ -238,7 +238,7 @@ class ToolBiased(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def tiny_rollouts(one_thread):
+def tiny_rollouts():
     """The same seeded rollout (B=2 prompts of different lengths, G=3), with and without the cache."""
     model, tokenizer = load_model_and_tokenizer("tiny")
     out = {}
