@@ -33,8 +33,9 @@ class ExportAdapter(L.Callback):
         self.dirpath = dirpath
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a collective call: every rank must make it
         if not trainer.is_global_zero or not hasattr(pl_module.policy, "peft_config"):
             return
-        target = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "adapter")
+        target = Path(self.dirpath or Path(log_dir or trainer.default_root_dir) / "adapter")
         save_adapter(pl_module.policy, target)
         pl_module.print(f"adapter saved: {target}")

@@ -106,6 +106,8 @@ class PolicyModule(L.LightningModule):
         self.sampler = torch.Generator().manual_seed(seed)  # the rollout's RNG, saved in checkpoints
         self.env = None  # the search tool; taken from the datamodule in setup()
         self._eval_rows: list[dict] = []
+        self.last_eval: dict[str, float] = {}  # metrics of the latest evaluation (read by callbacks)
+        self.last_eval_rows: list[dict] = []
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -167,7 +169,8 @@ class PolicyModule(L.LightningModule):
                 "kind": ex.kind, "em": exact_match(parsed.answer or "", ex.answers),
                 "f1": f1_score(parsed.answer or "", ex.answers),
                 "well_formed": float(parsed.well_formed and parsed.answer is not None),
-                "calls": float(ro.num_calls[i]), "tokens": float(ro.completion_mask[i].sum())})
+                "calls": float(ro.num_calls[i]), "tokens": float(ro.completion_mask[i].sum()),
+                "id": ex.id, "question": ex.question, "text": ro.texts[i]})
 
     test_step = validation_step
 
@@ -176,6 +179,7 @@ class PolicyModule(L.LightningModule):
         if not rows:
             return
         metrics = eval_metrics(rows)
+        self.last_eval, self.last_eval_rows = metrics, rows
         self.log_dict(metrics)
         if not self.trainer.sanity_checking:
             self.print(f"[eval step {self.global_step}] " + "  ".join(
@@ -282,7 +286,8 @@ class GRPOModule(PolicyModule):
         self.lr_schedulers().step()
         # 6. log
         self.log_step(ro, rewards, parts, zero_std, out, t_rollout, time.perf_counter() - t0, len(batch))
-        return out.loss.detach()
+        # what callbacks (tool metrics, transcripts) read in on_train_batch_end
+        return {"loss": out.loss.detach(), "rollout": ro, "rewards": rewards, "components": parts}
 
     # ------------------------------------------------------------------ the steps
     def compute_rewards(self, ro: Rollout, batch: list[QAExample]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -32,11 +32,11 @@ from torch import Tensor
 
 from grpo.prompts import BUDGET_OBSERVATION, OBS_CLOSE, OBS_OPEN
 
-_CALL_CLOSE = re.compile(r"<\s*/\s*call\s*>", re.IGNORECASE)
-_ANSWER_CLOSE = re.compile(r"<\s*/\s*answer\s*>", re.IGNORECASE)
-_CALL_QUERY = re.compile(r"<\s*call\s*>(.*?)<\s*/\s*call\s*>", re.IGNORECASE | re.DOTALL)
-_CALL_OPEN = re.compile(r"<\s*call\s*>", re.IGNORECASE)
-_TAIL_TOKENS = 16  # a closing tag is searched for in the decoded last few sampled tokens
+CALL_CLOSE = re.compile(r"<\s*/\s*call\s*>", re.IGNORECASE)
+ANSWER_CLOSE = re.compile(r"<\s*/\s*answer\s*>", re.IGNORECASE)
+CALL_QUERY = re.compile(r"<\s*call\s*>(.*?)<\s*/\s*call\s*>", re.IGNORECASE | re.DOTALL)
+CALL_OPEN = re.compile(r"<\s*call\s*>", re.IGNORECASE)
+TAIL_TOKENS = 16  # a closing tag is searched for in the decoded last few sampled tokens
 
 
 @dataclass
@@ -105,7 +105,7 @@ def run_tool(env, query: str) -> tuple[str, bool]:
         return f"Tool error: {type(e).__name__}", True
 
 
-class _Row:
+class RowState:
     """Book-keeping of one sequence during decoding (plain Python; no tensors)."""
 
     def __init__(self):
@@ -155,7 +155,7 @@ def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_
         logits = model(input_ids=seq_ids, attention_mask=seq_mask,
                        position_ids=position_ids_from_mask(seq_mask), logits_to_keep=1).logits[:, -1]
 
-    rows = [_Row() for _ in range(N)]
+    rows = [RowState() for _ in range(N)]
     while True:
         # 2. sample one token for every live row, then run the tool where a call closed
         next_tokens = sample_next(logits, temperature, top_p, generator).tolist()  # N ints
@@ -169,11 +169,11 @@ def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_
             flags[i].append(1)
             row.segment.append(tok)
             row.n_generated += 1
-            tail = tokenizer.decode(row.segment[-_TAIL_TOKENS:])
-            if tok in stop_ids or _ANSWER_CLOSE.search(tail):
+            tail = tokenizer.decode(row.segment[-TAIL_TOKENS:])
+            if tok in stop_ids or ANSWER_CLOSE.search(tail):
                 row.done = True
-            elif _CALL_CLOSE.search(tail):
-                obs = _tool_turn(row, tokenizer.decode(row.segment), env, max_tool_calls)
+            elif CALL_CLOSE.search(tail):
+                obs = tool_turn(row, tokenizer.decode(row.segment), env, max_tool_calls)
                 obs_ids = tokenizer.encode(obs, add_special_tokens=False)[:max_obs_tokens]
                 chunks[i] += obs_open + obs_ids + obs_close
                 flags[i] += [0] * (len(obs_open) + len(obs_ids) + len(obs_close))
@@ -204,15 +204,15 @@ def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_
         logits = out.logits[:, -1]                                                 # (N, V)
 
     for row in rows:  # a `<call>` still open at the end never got its observation
-        if _CALL_OPEN.search(tokenizer.decode(row.segment)):
+        if CALL_OPEN.search(tokenizer.decode(row.segment)):
             row.incomplete += 1
             row.no_obs += 1
     return _pack(rows, tokenizer, prompt_mask, seq_ids, seq_mask, sampled, P, G, pad_id)
 
 
-def _tool_turn(row: _Row, segment_text: str, env, max_tool_calls: int) -> str:
+def tool_turn(row: RowState, segment_text: str, env, max_tool_calls: int) -> str:
     """Parse the query just closed, run the env (or refuse past the budget): the observation text."""
-    found = _CALL_QUERY.findall(segment_text)
+    found = CALL_QUERY.findall(segment_text)
     query = found[-1].strip() if found else ""
     if row.calls >= max_tool_calls:
         row.no_obs += 1
