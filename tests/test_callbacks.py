@@ -154,7 +154,7 @@ def test_tiny_fit_logs_tool_metrics_transcripts_and_report(tmp_path):
     rows = [line for line in (report_dir / "report.md").read_text().splitlines() if line.startswith("| step ")]
     assert [r.split()[2] for r in rows] == ["1", "2"]  # one row per evaluation (val_check_interval 1)
     assert all(r.rstrip().endswith(("| yes |", "| no |")) for r in rows)
-    ckpt = next(tmp_path.rglob("*.ckpt"))
+    ckpt = next(tmp_path.rglob("*step=2.ckpt"))
     assert f"`{ckpt}`" in rows[1], "the step-2 row names the checkpoint saved at step 2"
     state = torch.load(ckpt, weights_only=False)["callbacks"]["EvalReport"]  # what a resumed run starts from
     assert [p["step"] for p in state["points"]] == [1, 2]
