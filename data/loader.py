@@ -19,8 +19,8 @@ class ResumableBatches:
     def __init__(self, items: Sequence[Any], batch_size: int, seed: int = 0, shuffle: bool = True,
                  rank: int = 0, world_size: int = 1):
         if batch_size < 1 or batch_size * world_size > len(items):
-            raise ValueError(f"batch_size={batch_size} x world_size={world_size} does not fit "
-                             f"{len(items)} training items")
+            raise ValueError(f"data.batch_size={batch_size} x world_size={world_size} does not fit the "
+                             f"{len(items)} training items: every rank needs a full batch each step")
         self.items, self.batch_size, self.seed, self.shuffle = list(items), batch_size, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch = 0

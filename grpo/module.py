@@ -64,6 +64,36 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_ratio: float) -> floa
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def ddp_token_scale(local_tokens: torch.Tensor, global_tokens: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Factor that makes DDP's gradient average equal the token-level loss of the whole batch.
+
+    Rank r's loss is a token mean S_r / T_r over its own T_r completion tokens, and DDP averages
+    gradients over the W ranks: (1/W) Σ_r ∇(S_r / T_r). The token-level loss of the global batch
+    is Σ_r S_r / T with T = Σ_r T_r, which needs every rank to weigh its mean by T_r·W / T:
+        (1/W) Σ_r ∇(T_r·W/T · S_r/T_r) = ∇(Σ_r S_r / T).
+    (PITFALLS: "normalise by the token count of the whole batch, once".) Equal T_r give 1.
+    """
+    return local_tokens * world_size / global_tokens.clamp(min=1)
+
+
+def gather_eval_rows(rows: list[dict]) -> list[dict]:
+    """Under DDP, the evaluation rows of every rank, each question once; else `rows` unchanged.
+
+    Lightning's DistributedSampler pads the validation set with repeated questions so that every
+    rank gets as many; keeping the first row of each (id, question) counts every question once.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return rows
+    per_rank: list[list[dict]] = [[] for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather_object(per_rank, rows)
+    seen, unique = set(), []
+    for row in (row for rank_rows in per_rank for row in rank_rows):
+        if (row["id"], row["question"]) not in seen:
+            seen.add((row["id"], row["question"]))
+            unique.append(row)
+    return unique
+
+
 def _positive(name: str, value, allow_zero: bool = False) -> None:
     if value is None or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"model.{name}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
@@ -175,12 +205,12 @@ class PolicyModule(L.LightningModule):
     test_step = validation_step
 
     def on_validation_epoch_end(self) -> None:
-        rows, self._eval_rows = self._eval_rows, []
+        rows, self._eval_rows = gather_eval_rows(self._eval_rows), []  # every rank: the whole validation set
         if not rows:
             return
         metrics = eval_metrics(rows)
         self.last_eval, self.last_eval_rows = metrics, rows
-        self.log_dict(metrics)
+        self.log_dict(metrics, sync_dist=True)  # already equal on every rank: the mean over ranks keeps them
         if not self.trainer.sanity_checking:
             self.print(f"[eval step {self.global_step}] " + "  ".join(
                 f"{k.removeprefix('eval/')}={v:.3f}" for k, v in metrics.items() if "/" not in k[5:]))
@@ -278,16 +308,19 @@ class GRPOModule(PolicyModule):
         # 4. log-probs of π_old (μ > 1 only) and π_ref (β > 0 only), no gradient
         old_logp, ref_logp = self.frozen_logprobs(ro)                                       # (N, C) or None
         # 5. μ policy updates: clipped surrogate + β·KL on the sampled tokens only
+        token_scale = self.token_scale(ro.completion_mask)                                  # (), 1 on one process
         for _ in range(hp.num_updates):
             logp = completion_logprobs(self.policy, ro, hp.temperature)                     # (N, C)
             out = grpo_loss(logp, old_logp, ref_logp, advantages, ro.completion_mask, hp.clip_eps,
                             hp.clip_eps_high, hp.beta, hp.token_level)
-            self.optimize(out.loss)
+            self.optimize(out.loss * token_scale)
         self.lr_schedulers().step()
         # 6. log
-        self.log_step(ro, rewards, parts, zero_std, out, t_rollout, time.perf_counter() - t0, len(batch))
+        self.log_step(ro, rewards, parts, zero_std, out, t_rollout, time.perf_counter() - t0, len(batch),
+                      token_scale)
         # what callbacks (tool metrics, transcripts) read in on_train_batch_end
-        return {"loss": out.loss.detach(), "rollout": ro, "rewards": rewards, "components": parts}
+        return {"loss": out.loss.detach(), "rollout": ro, "rewards": rewards, "components": parts,
+                "token_scale": token_scale}
 
     # ------------------------------------------------------------------ the steps
     def compute_rewards(self, ro: Rollout, batch: list[QAExample]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -306,6 +339,22 @@ class GRPOModule(PolicyModule):
         return components.pop("total").to(self.device), components
 
     @torch.no_grad()
+    def token_scale(self, completion_mask: torch.Tensor) -> torch.Tensor:
+        """`ddp_token_scale` of this rank under DDP with the token-level loss, else 1.
+
+        The loss is a token mean over the local batch and DDP averages gradients over ranks: that
+        is the token mean of the global batch only when every rank has as many completion tokens.
+        Rescaling by T_r·W/T (one all-reduce of the token count) normalises by the token count of
+        the whole batch, once (PITFALLS, "Length bias of per-sequence means").
+        """
+        world_size = self.trainer.world_size
+        if not self.hparams.token_level or world_size == 1:
+            return torch.ones((), device=self.device)
+        local_tokens = completion_mask.sum().float()                                        # ()
+        global_tokens = self.trainer.strategy.reduce(local_tokens.clone(), reduce_op="sum")  # () Σ_r T_r
+        return ddp_token_scale(local_tokens, global_tokens, world_size)
+
+    @torch.no_grad()
     def frozen_logprobs(self, ro: Rollout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         hp = self.hparams
         old_logp = completion_logprobs(self.policy, ro, hp.temperature) if hp.num_updates > 1 else None
@@ -315,10 +364,14 @@ class GRPOModule(PolicyModule):
                 ref_logp = completion_logprobs(ref, ro, hp.temperature)
         return old_logp, ref_logp
 
-    def log_step(self, ro, rewards, parts, zero_std, out, t_rollout, t_step, batch_size) -> None:
+    def log_step(self, ro, rewards, parts, zero_std, out, t_rollout, t_step, batch_size, token_scale=1.0) -> None:
+        """Every metric is the mean over ranks (sync_dist): the global mean for per-sample means, as
+        ranks hold B·G samples each. Token-mean losses are scaled by `token_scale` first, so that their
+        mean over ranks is the token mean of the global batch; std and clip_frac are rank means."""
         sampled = ro.completion_mask.sum(1).float()                                          # (N,)
         metrics = {
-            "loss/policy": out.policy_loss, "loss/kl": out.kl, "loss/total": out.loss.detach(),
+            "loss/policy": out.policy_loss * token_scale, "loss/kl": out.kl * token_scale,
+            "loss/total": out.loss.detach() * token_scale,
             "loss/clip_frac": out.clip_frac,
             "reward/mean": rewards.mean(), "reward/std": rewards.std(),
             "reward/frac_zero_std": zero_std.float().mean(),
@@ -330,6 +383,6 @@ class GRPOModule(PolicyModule):
             "rollout/truncated_frac": ro.truncated.float().mean(),
             "time/rollout_s": t_rollout, "time/step_s": t_step,
         }
-        self.log_dict(metrics, batch_size=batch_size)
+        self.log_dict(metrics, batch_size=batch_size, sync_dist=True)
         self.log_dict({"reward": rewards.mean(), "calls": ro.num_calls.float().mean(), "s/step": t_step},
-                      prog_bar=True, logger=False, batch_size=batch_size)
+                      prog_bar=True, logger=False, batch_size=batch_size, sync_dist=True)

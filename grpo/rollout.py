@@ -8,7 +8,8 @@ over the model's forward and its KV cache:
     tool turn when a sequence's text closes `</call>`, the query is parsed, the env runs, and
               `<obs>result</obs>` is encoded *on its own* and fed in the same forward as that
               sequence's next step. Sampled ids are never decoded and re-encoded (BPE drift),
-              and no earlier token is fed to the model again: the cache is kept.
+              and no earlier token is fed to the model again: the cache is kept. A tool that
+              raises, hangs or returns megabytes gives that sample a short observation (`run_tool`).
     stop      at `</answer>`, at EOS, or when the sampled-token budget runs out
 
 Ragged steps. When some rows get observation tokens and others get one sampled token (or
@@ -25,6 +26,9 @@ tokens (sampled + observation), L tokens fed in one decode step, V vocabulary.
 from __future__ import annotations
 
 import re
+import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +41,9 @@ ANSWER_CLOSE = re.compile(r"<\s*/\s*answer\s*>", re.IGNORECASE)
 CALL_QUERY = re.compile(r"<\s*call\s*>(.*?)<\s*/\s*call\s*>", re.IGNORECASE | re.DOTALL)
 CALL_OPEN = re.compile(r"<\s*call\s*>", re.IGNORECASE)
 TAIL_TOKENS = 16  # a closing tag is searched for in the decoded last few sampled tokens
+TOOL_TIMEOUT_S = 10.0  # a tool call still running after this many seconds is abandoned (see run_tool)
+OBS_CHARS_PER_TOKEN = 8  # a tool's output is cut to 8 x max_obs_tokens characters before tokenizing
+OVERSIZED_CHARS = 100_000  # a longer output is a malfunction (a search hit is a few hundred characters)
 
 
 @dataclass
@@ -97,12 +104,47 @@ def _left_pad(rows: list[list[int]], pad_id: int, width: int | None = None) -> t
     return ids, mask
 
 
-def run_tool(env, query: str) -> tuple[str, bool]:
-    """The env's answer, or a short error observation if it raised (the rollout goes on)."""
+def _call_with_timeout(env, query: str, timeout: float):
+    """`env(query)` in a worker thread; raises concurrent.futures.TimeoutError after `timeout` seconds.
+
+    A Python thread cannot be killed: a call that hangs keeps its thread, and whatever the env
+    holds, until it returns by itself; its result is then dropped. The thread is a daemon so that
+    a hung call never keeps the process alive at exit (a ThreadPoolExecutor's workers are joined
+    at interpreter exit, so one hung call would block the end of training).
+    """
+    future: Future = Future()
+
+    def work():
+        try:
+            future.set_result(env(query))
+        except BaseException as e:  # handed to the caller, which decides what is fatal
+            future.set_exception(e)
+
+    threading.Thread(target=work, name="tool-call", daemon=True).start()
+    return future.result(timeout=timeout)
+
+
+def run_tool(env, query: str, timeout: float | None = TOOL_TIMEOUT_S,
+             max_chars: int | None = None) -> tuple[str, bool]:
+    """The observation text for one call, and whether the tool failed (counted in `tool_errors`).
+
+    A failing tool must not kill the other samples of the batch, so each failure becomes a short
+    observation for its own sample only:
+        raised     "Tool error: <exception type>"
+        hung       "Tool error: timeout" after `timeout` seconds (None: no thread, wait for ever)
+        oversized  longer than OVERSIZED_CHARS: failed, and cut like any output (below)
+    Any output is cut to `max_chars` characters first, so that megabytes are never tokenized, and
+    tag-like text is defused ("<" -> "‹") since it would corrupt the completion's format.
+    """
     try:
-        return str(env(query)).replace("<", "‹"), False  # tag-like text in a result would corrupt the format
-    except Exception as e:  # a failing tool must not kill the other samples of the batch
+        result = env(query) if timeout is None else _call_with_timeout(env, query, timeout)
+    except FutureTimeout:  # (also a TimeoutError raised by the env itself)
+        return "Tool error: timeout", True
+    except Exception as e:
         return f"Tool error: {type(e).__name__}", True
+    text = str(result)
+    failed = len(text) > OVERSIZED_CHARS
+    return text[:max_chars].replace("<", "‹"), failed
 
 
 class RowState:
@@ -124,11 +166,13 @@ class RowState:
 def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_tokens: int,
             temperature: float = 1.0, top_p: float = 1.0, max_tool_calls: int = 5,
             max_obs_tokens: int = 160, generator: torch.Generator | None = None,
-            use_cache: bool = True) -> Rollout:
+            use_cache: bool = True, tool_timeout: float | None = TOOL_TIMEOUT_S) -> Rollout:
     """Sample `group_size` completions for each prompt, executing tool calls as they close.
 
     `use_cache=False` re-feeds the whole sequence at every step: the slow, obviously correct
-    reference the tests compare the cached loop against.
+    reference the tests compare the cached loop against. `tool_timeout`: seconds before a tool
+    call is abandoned (see `run_tool`). A tool's output is cut to OBS_CHARS_PER_TOKEN x
+    max_obs_tokens characters before it is tokenized, then to max_obs_tokens tokens.
     """
     device = next(model.parameters()).device
     G, pad_id = group_size, tokenizer.pad_token_id
@@ -173,7 +217,8 @@ def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_
             if tok in stop_ids or ANSWER_CLOSE.search(tail):
                 row.done = True
             elif CALL_CLOSE.search(tail):
-                obs = tool_turn(row, tokenizer.decode(row.segment), env, max_tool_calls)
+                obs = tool_turn(row, tokenizer.decode(row.segment), env, max_tool_calls, tool_timeout,
+                                OBS_CHARS_PER_TOKEN * max_obs_tokens)
                 obs_ids = tokenizer.encode(obs, add_special_tokens=False)[:max_obs_tokens]
                 chunks[i] += obs_open + obs_ids + obs_close
                 flags[i] += [0] * (len(obs_open) + len(obs_ids) + len(obs_close))
@@ -210,7 +255,8 @@ def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_
     return _pack(rows, tokenizer, prompt_mask, seq_ids, seq_mask, sampled, P, G, pad_id)
 
 
-def tool_turn(row: RowState, segment_text: str, env, max_tool_calls: int) -> str:
+def tool_turn(row: RowState, segment_text: str, env, max_tool_calls: int, timeout: float | None = TOOL_TIMEOUT_S,
+              max_chars: int | None = None) -> str:
     """Parse the query just closed, run the env (or refuse past the budget): the observation text."""
     found = CALL_QUERY.findall(segment_text)
     query = found[-1].strip() if found else ""
@@ -219,7 +265,7 @@ def tool_turn(row: RowState, segment_text: str, env, max_tool_calls: int) -> str
         return BUDGET_OBSERVATION
     row.calls += 1
     row.queries.append(query)
-    result, failed = run_tool(env, query)
+    result, failed = run_tool(env, query, timeout, max_chars)
     row.errors += failed
     return result
 
