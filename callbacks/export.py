@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 
 import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 
@@ -49,9 +51,15 @@ class AdapterCheckpoint(ModelCheckpoint):
     `step=8.ckpt` gets `step=8.adapter/` (adapter_config.json + adapter_model.safetensors),
     loadable with `PeftModel.from_pretrained(base, path)`; it is removed with its checkpoint.
     The `.ckpt` itself holds only the trainable weights (see `PolicyModule.on_save_checkpoint`)
-    and is written by Lightning through an fsspec transaction: a temporary file, then a rename.
+    and is written atomically (`AtomicCheckpointIO`, installed in `setup` unless the strategy
+    already has a custom checkpoint IO).
     (Overrides ModelCheckpoint's `_save_checkpoint` / `_remove_checkpoint`, Lightning 2.6.)
     """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make it atomic
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     @staticmethod
     def adapter_path(ckpt_path: str) -> Path:
@@ -67,3 +75,26 @@ class AdapterCheckpoint(ModelCheckpoint):
         super()._remove_checkpoint(trainer, filepath)
         if trainer.is_global_zero:
             shutil.rmtree(self.adapter_path(filepath), ignore_errors=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into a temporary file beside the target, fsync, then `os.replace`.
+
+    Lightning's own save goes through an fsspec transaction whose temporary file lives in
+    $TMPDIR: when that is another filesystem, the commit copies into the checkpoint in place,
+    and a crash during that copy destroys the previous checkpoint. A rename within one
+    directory is atomic: a reader sees the old file or the new one, never half of one.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -90,6 +90,11 @@ class QADataModule(L.LightningDataModule):
             raise ValueError(f"data: the training split of task {hp.task!r} is empty")
         if hp.traces:
             self.train_traces = self._load_traces(Path(hp.traces))
+        world = self.trainer.world_size if self.trainer is not None else 1
+        n_train = len(self.train_traces or self.train_set)
+        if hp.batch_size * world > n_train:
+            raise ValueError(f"data.batch_size={hp.batch_size} x {world} device(s) is more than the "
+                             f"{n_train} training items of task {hp.task!r}")
 
     def _load_traces(self, path: Path):
         from data.traces import offline_traces, read_traces, write_traces

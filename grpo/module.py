@@ -126,6 +126,12 @@ class PolicyModule(L.LightningModule):
             _positive("lora_r", lora_r)
             _positive("lora_alpha", lora_alpha)
         _positive("lr", lr)
+        _positive("weight_decay", weight_decay, allow_zero=True)
+        _positive("max_grad_norm", max_grad_norm, allow_zero=True)
+        if eval_max_new_tokens is not None:
+            _positive("eval_max_new_tokens", eval_max_new_tokens)
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"model.lora_dropout={lora_dropout!r}: must be in [0, 1)")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"model.warmup_ratio={warmup_ratio!r}: must be in [0, 1)")
         self.policy = None  # built in configure_model, after every option has been checked
@@ -140,6 +146,8 @@ class PolicyModule(L.LightningModule):
         self.last_eval_rows: list[dict] = []
 
     def setup(self, stage: str) -> None:
+        # every rank samples its own random stream (a checkpoint restores each rank's own state)
+        self.sampler.manual_seed(self.hparams.seed + 1_000_003 * self.global_rank)
         dm = getattr(self.trainer, "datamodule", None)
         if self.env is None and dm is not None and hasattr(dm, "search_env"):
             self.env = dm.search_env()
@@ -224,11 +232,28 @@ class PolicyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["sampler_rng"] = self.sampler.get_state()
+        checkpoint["sampler_rng"] = _all_ranks(self.sampler.get_state())  # [state of rank 0, rank 1, ...]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "sampler_rng" in checkpoint:
-            self.sampler.set_state(checkpoint["sampler_rng"])
+        states = checkpoint.get("sampler_rng")
+        if states is None:
+            return
+        if isinstance(states, torch.Tensor):  # a single state: one process
+            states = [states]
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if len(states) != world:
+            raise ValueError(f"the checkpoint holds sampler states of {len(states)} processes, this run has "
+                             f"{world}: resume with as many devices as the run that saved it")
+        self.sampler.set_state(states[self.global_rank])
+
+
+def _all_ranks(obj) -> list:
+    """[obj of rank 0, rank 1, ...] under torch.distributed, else [obj]."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 class GRPOModule(PolicyModule):
@@ -288,6 +313,8 @@ class GRPOModule(PolicyModule):
         for name in ("temperature", "clip_eps", "num_updates"):
             _positive(name, locals()[name])
         _positive("beta", beta, allow_zero=True)
+        if clip_eps_high is not None:
+            _positive("clip_eps_high", clip_eps_high)
         if reward not in REWARDS:
             raise ValueError(f"model.reward={reward!r}: expected one of {REWARDS}")
         self.save_hyperparameters()
