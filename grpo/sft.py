@@ -20,7 +20,7 @@ import torch
 
 from data.traces import Trace
 from grpo.models import DEFAULT_LORA_TARGETS, SMOLLM2
-from grpo.module import PolicyModule
+from grpo.policy import PolicyModule
 from grpo.prompts import OBS_CLOSE, OBS_OPEN, build_prompt
 
 IGNORE = -100  # label of tokens without loss

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from data.types import LOOKUP, QAExample
-from grpo.module import GRPOModule, cosine_with_warmup
+from grpo.module import GRPOModule
+from grpo.policy import cosine_with_warmup
 
 
 def test_cosine_with_warmup_by_hand():

@@ -1,0 +1,231 @@
+"""`PolicyModule`: what the GRPO and SFT LightningModules share.
+
+The policy network (LoRA adapters or every weight) and its tokenizer, AdamW with a cosine
+schedule after a linear warm-up, agentic rollouts (`grpo.rollout`) and their evaluation on
+held-out questions, and checkpoints that hold the trainable weights only plus every rank's
+rollout RNG. The algorithm itself is in `grpo.module.GRPOModule.training_step`.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from data.types import QAExample
+from grpo.models import (DEFAULT_LORA_TARGETS, SMOLLM2, add_lora, check_4bit, check_model_name, frozen_copy,
+                         load_model_and_tokenizer)
+from grpo.prompts import build_prompt
+from grpo.rewards import exact_match, f1_score, parse_completion
+from grpo.rollout import Rollout, rollout
+
+
+def eval_metrics(rows: list[dict]) -> dict[str, float]:
+    """Means of the per-question evaluation rows, overall and per kind (memory / lookup).
+
+    eval/em, eval/f1        answer quality (HotpotQA EM / F1)
+    eval/well_formed        share of completions that are well-formed and end in an answer
+    eval/calls_per_sample   executed tool calls per question
+    eval/search_rate        share of questions with at least one call
+    eval/tokens_per_sample  sampled tokens per question
+    """
+    def means(rs):
+        n = len(rs)
+        return {"em": sum(r["em"] for r in rs) / n, "f1": sum(r["f1"] for r in rs) / n,
+                "well_formed": sum(r["well_formed"] for r in rs) / n,
+                "calls_per_sample": sum(r["calls"] for r in rs) / n,
+                "search_rate": sum(r["calls"] > 0 for r in rs) / n,
+                "tokens_per_sample": sum(r["tokens"] for r in rs) / n}
+    out = {f"eval/{k}": v for k, v in means(rows).items()}
+    for kind in sorted({r["kind"] for r in rows}):
+        out |= {f"eval/{kind}/{k}": v for k, v in means([r for r in rows if r["kind"] == kind]).items()}
+    return out
+
+
+def cosine_with_warmup(step: int, total_steps: int, warmup_ratio: float) -> float:
+    """LR multiplier: linear warm-up over warmup_ratio·total steps, then cosine decay to 0."""
+    warmup = max(1, int(warmup_ratio * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def gather_eval_rows(rows: list[dict]) -> list[dict]:
+    """Under DDP, the evaluation rows of every rank, each question once; else `rows` unchanged.
+
+    Lightning's DistributedSampler pads the validation set with repeated questions so that every
+    rank gets as many; keeping the first row of each (id, question) counts every question once.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return rows
+    per_rank: list[list[dict]] = [[] for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather_object(per_rank, rows)
+    seen, unique = set(), []
+    for row in (row for rank_rows in per_rank for row in rank_rows):
+        if (row["id"], row["question"]) not in seen:
+            seen.add((row["id"], row["question"]))
+            unique.append(row)
+    return unique
+
+
+def check_positive(name: str, value, allow_zero: bool = False) -> None:
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"model.{name}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
+
+
+class PolicyModule(L.LightningModule):
+    """What GRPO and SFT share: the policy (LoRA or full) and tokenizer, the optimizer and schedule,
+    agentic rollouts and their evaluation, and checkpoints of the trainable weights only.
+
+    Subclasses document every argument and call `save_hyperparameters()`.
+    """
+
+    def __init__(self, model_name: str = SMOLLM2, dtype: str = "float32", load_in_4bit: bool = False,
+                 lora: bool = True, lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
+                 lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS, init_adapter: str | None = None,
+                 lr: float = 2e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
+                 max_grad_norm: float = 1.0, max_new_tokens: int = 256, max_tool_calls: int = 5,
+                 max_obs_tokens: int = 160, top_p: float = 1.0, eval_temperature: float = 0.0,
+                 eval_max_new_tokens: int | None = None, seed: int = 0):
+        super().__init__()
+        check_model_name(model_name)
+        for name in ("max_new_tokens", "max_obs_tokens", "top_p"):
+            check_positive(name, locals()[name])
+        check_positive("max_tool_calls", max_tool_calls, allow_zero=True)
+        check_positive("eval_temperature", eval_temperature, allow_zero=True)
+        if top_p > 1:
+            raise ValueError(f"model.top_p={top_p}: must be in (0, 1]")
+        check_4bit(load_in_4bit)
+        if lora:
+            check_positive("lora_r", lora_r)
+            check_positive("lora_alpha", lora_alpha)
+        check_positive("lr", lr)
+        check_positive("weight_decay", weight_decay, allow_zero=True)
+        check_positive("max_grad_norm", max_grad_norm, allow_zero=True)
+        if eval_max_new_tokens is not None:
+            check_positive("eval_max_new_tokens", eval_max_new_tokens)
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"model.lora_dropout={lora_dropout!r}: must be in [0, 1)")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"model.warmup_ratio={warmup_ratio!r}: must be in [0, 1)")
+        self.policy = None  # built in configure_model, after every option has been checked
+        self.ref_model = None
+        self.tokenizer = None
+        self.strict_loading = False  # checkpoints hold the trainable weights only
+        self.automatic_optimization = False
+        self.sampler = torch.Generator().manual_seed(seed)  # the rollout's RNG, saved in checkpoints
+        self.env = None  # the search tool; taken from the datamodule in setup()
+        self._eval_rows: list[dict] = []
+        self.last_eval: dict[str, float] = {}  # metrics of the latest evaluation (read by callbacks)
+        self.last_eval_rows: list[dict] = []
+
+    def setup(self, stage: str) -> None:
+        # every rank samples its own random stream (a checkpoint restores each rank's own state)
+        self.sampler.manual_seed(self.hparams.seed + 1_000_003 * self.global_rank)
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.env is None and dm is not None and hasattr(dm, "search_env"):
+            self.env = dm.search_env()
+        if self.env is None:
+            raise ValueError(f"{type(self).__name__} needs a search env: use QADataModule or set module.env")
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        model, self.tokenizer = load_model_and_tokenizer(hp.model_name, hp.dtype, hp.load_in_4bit, seed=hp.seed)
+        if hp.lora:
+            model = add_lora(model, hp.lora_r, hp.lora_alpha, hp.lora_dropout, tuple(hp.lora_targets),
+                             hp.init_adapter)
+        elif getattr(hp, "beta", 0) > 0:
+            self.ref_model = frozen_copy(model)  # full fine-tuning: π_ref is a frozen copy
+        self.policy = model
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: cosine_with_warmup(step, total, self.hparams.warmup_ratio))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    def optimize(self, loss: torch.Tensor) -> None:
+        """One optimizer step on `loss` (manual optimization)."""
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.hparams.max_grad_norm:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+
+    def rollout(self, batch: list[QAExample], temperature: float, group_size: int,
+                max_new_tokens: int | None = None) -> Rollout:
+        prompts = [build_prompt(self.tokenizer, ex.question) for ex in batch]
+        was_training = self.policy.training
+        self.policy.eval()
+        # bf16 autocast makes CPU decoding ~4x slower here (small matmuls): decode in the weights' dtype
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda" and torch.is_autocast_enabled()):
+            ro = rollout(self.policy, self.tokenizer, prompts, self.env, group_size,
+                         max_new_tokens or self.hparams.max_new_tokens, temperature, self.hparams.top_p,
+                         self.hparams.max_tool_calls, self.hparams.max_obs_tokens, generator=self.sampler)
+        self.policy.train(was_training)
+        return ro
+
+    # ---- evaluation: agentic rollouts on held-out questions
+    def validation_step(self, batch: list[QAExample], batch_idx: int) -> None:
+        """Rollouts at `eval_temperature` (0: greedy): accuracy, format, tokens and tool use."""
+        ro = self.rollout(batch, temperature=self.hparams.eval_temperature, group_size=1,
+                          max_new_tokens=self.hparams.eval_max_new_tokens or self.hparams.max_new_tokens)
+        for i, ex in enumerate(batch):
+            parsed = parse_completion(ro.texts[i])
+            self._eval_rows.append({
+                "kind": ex.kind, "em": exact_match(parsed.answer or "", ex.answers),
+                "f1": f1_score(parsed.answer or "", ex.answers),
+                "well_formed": float(parsed.well_formed and parsed.answer is not None),
+                "calls": float(ro.num_calls[i]), "tokens": float(ro.completion_mask[i].sum()),
+                "id": ex.id, "question": ex.question, "text": ro.texts[i]})
+
+    test_step = validation_step
+
+    def on_validation_epoch_end(self) -> None:
+        rows, self._eval_rows = gather_eval_rows(self._eval_rows), []  # every rank: the whole validation set
+        if not rows:
+            return
+        metrics = eval_metrics(rows)
+        self.last_eval, self.last_eval_rows = metrics, rows
+        self.log_dict(metrics, sync_dist=True)  # already equal on every rank: the mean over ranks keeps them
+        if not self.trainer.sanity_checking:
+            self.print(f"[eval step {self.global_step}] " + "  ".join(
+                f"{k.removeprefix('eval/')}={v:.3f}" for k, v in metrics.items() if "/" not in k[5:]))
+
+    on_test_epoch_end = on_validation_epoch_end
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # a batch is a list of QAExample records: text, no tensors
+
+    # ---- checkpoints hold the trainable weights and the sampler's RNG, nothing frozen
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["sampler_rng"] = _all_ranks(self.sampler.get_state())  # [state of rank 0, rank 1, ...]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("sampler_rng")
+        if states is None:
+            return
+        if isinstance(states, torch.Tensor):  # a single state: one process
+            states = [states]
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if len(states) != world:
+            raise ValueError(f"the checkpoint holds sampler states of {len(states)} processes, this run has "
+                             f"{world}: resume with as many devices as the run that saved it")
+        self.sampler.set_state(states[self.global_rank])
+
+
+def _all_ranks(obj) -> list:
+    """[obj of rank 0, rank 1, ...] under torch.distributed, else [obj]."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
