@@ -296,5 +296,20 @@ def summary(task: OfflineTask) -> str:
     return "\n".join(lines)
 
 
+def memory_listing(task: OfflineTask, width: int = 100) -> str:
+    """Which memory candidates the base model really answers (greedy, closed book), per type."""
+    import textwrap
+
+    memory = [ex for split in (task.train, task.validation, task.test) for ex in split if ex.kind == MEMORY]
+    lines = []
+    for type_ in MEMORY_TYPES:
+        names = sorted(ex.hops[0] for ex in memory if ex.type == type_)  # the country's title
+        lines.append(textwrap.fill(f"{type_} known ({len(names)}): " + ", ".join(names), width,
+                                   subsequent_indent="    "))
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(summary(build_offline_task()))
+    task = build_offline_task()
+    print(summary(task))
+    print(memory_listing(task))
