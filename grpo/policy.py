@@ -28,14 +28,23 @@ def eval_metrics(rows: list[dict]) -> dict[str, float]:
     eval/calls_per_sample   executed tool calls per question
     eval/search_rate        share of questions with at least one call
     eval/tokens_per_sample  sampled tokens per question
+    eval/productivity       correct answers / executed tool calls (OTC's tool productivity)
+    eval/cost_of_pass       sampled tokens / correct answers (tokens spent per correct answer)
+    (the last two are left out when their denominator is 0)
     """
     def means(rs):
         n = len(rs)
-        return {"em": sum(r["em"] for r in rs) / n, "f1": sum(r["f1"] for r in rs) / n,
-                "well_formed": sum(r["well_formed"] for r in rs) / n,
-                "calls_per_sample": sum(r["calls"] for r in rs) / n,
-                "search_rate": sum(r["calls"] > 0 for r in rs) / n,
-                "tokens_per_sample": sum(r["tokens"] for r in rs) / n}
+        m = {"em": sum(r["em"] for r in rs) / n, "f1": sum(r["f1"] for r in rs) / n,
+             "well_formed": sum(r["well_formed"] for r in rs) / n,
+             "calls_per_sample": sum(r["calls"] for r in rs) / n,
+             "search_rate": sum(r["calls"] > 0 for r in rs) / n,
+             "tokens_per_sample": sum(r["tokens"] for r in rs) / n}
+        correct, calls = sum(r["em"] for r in rs), sum(r["calls"] for r in rs)
+        if calls:
+            m["productivity"] = correct / calls
+        if correct:
+            m["cost_of_pass"] = sum(r["tokens"] for r in rs) / correct
+        return m
     out = {f"eval/{k}": v for k, v in means(rows).items()}
     for kind in sorted({r["kind"] for r in rows}):
         out |= {f"eval/{kind}/{k}": v for k, v in means([r for r in rows if r["kind"] == kind]).items()}

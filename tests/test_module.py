@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from data.types import LOOKUP, QAExample
 from grpo.module import GRPOModule
-from grpo.policy import cosine_with_warmup
+from grpo.policy import cosine_with_warmup, eval_metrics
 
 
 def test_cosine_with_warmup_by_hand():
@@ -77,3 +77,18 @@ def test_grpo_learns_an_easy_reward():
     trainer.fit(module, DataLoader(questions * 100, batch_size=4, collate_fn=lambda b: b))
     before, after = sum(record.rewards[:5]) / 5, sum(record.rewards[-5:]) / 5
     assert after > before + 0.3, f"mean reward did not rise: first 5 steps {before:.3f}, last 5 {after:.3f}"
+
+
+def test_eval_metrics_by_hand():
+    """3 questions: memory right without a call (10 tokens), lookup right with 2 calls (30),
+    lookup wrong with 1 call (20)."""
+    rows = [dict(kind="memory", em=1.0, f1=1.0, well_formed=1.0, calls=0.0, tokens=10.0),
+            dict(kind="lookup", em=1.0, f1=1.0, well_formed=1.0, calls=2.0, tokens=30.0),
+            dict(kind="lookup", em=0.0, f1=0.5, well_formed=0.0, calls=1.0, tokens=20.0)]
+    m = eval_metrics(rows)
+    assert m["eval/em"] == pytest.approx(2 / 3) and m["eval/f1"] == pytest.approx(2.5 / 3)
+    assert m["eval/search_rate"] == pytest.approx(2 / 3) and m["eval/calls_per_sample"] == pytest.approx(1.0)
+    assert m["eval/productivity"] == pytest.approx(2 / 3)      # 2 correct / 3 calls
+    assert m["eval/cost_of_pass"] == pytest.approx(60 / 2)     # 60 tokens / 2 correct
+    assert m["eval/lookup/em"] == pytest.approx(0.5) and m["eval/memory/search_rate"] == 0.0
+    assert "eval/memory/productivity" not in m                  # no call: undefined, not 0
