@@ -168,7 +168,10 @@ class EvalReport(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = getattr(pl_module, "last_eval", None)
-        if trainer.sanity_checking or not metrics or metrics is self._seen:
+        # only evaluations during `fit` add points: a `validate` run's global_step is 0 whatever
+        # checkpoint it loaded (its metrics are printed and logged, and the checkpoint's own row
+        # was written when it was evaluated during training)
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not metrics or metrics is self._seen:
             return
         self._seen = metrics
         point = point_from_eval(trainer.global_step, metrics)

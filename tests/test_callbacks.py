@@ -159,3 +159,17 @@ def test_tiny_fit_logs_tool_metrics_transcripts_and_report(tmp_path):
     state = torch.load(ckpt, weights_only=False)["callbacks"]["EvalReport"]  # what a resumed run starts from
     assert [p["step"] for p in state["points"]] == [1, 2]
     assert not list(report_dir.glob(".*")), "temporary files left behind"
+
+
+def test_validate_run_adds_no_report_row(tmp_path):
+    """`validate` after `fit`: the report keeps the rows of the training run (no misleading step-0 row)."""
+    args = ["-c", "configs/tiny.yaml", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path)]
+    main(["fit", *args])
+    (report,) = tmp_path.rglob("report.md")
+    before = report.read_text()
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    main(["validate", *args, "--ckpt_path", str(ckpt)])
+    rows = [line for line in report.read_text().splitlines() if line.startswith("| step ")]
+    assert len(list(tmp_path.rglob("report.md"))) == 1, "validate wrote a report of its own"
+    assert report.read_text() == before and [r.split()[2] for r in rows] == ["2"]
