@@ -160,17 +160,21 @@ class RowState:
         self.incomplete = 0
         self.errors = 0
         self.queries: list[str] = []
+        self.pending: tuple[list[int], list[int]] | None = None  # (ids, flags) held back for a batched tool turn
 
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_tokens: int,
             temperature: float = 1.0, top_p: float = 1.0, max_tool_calls: int = 5,
             max_obs_tokens: int = 160, generator: torch.Generator | None = None,
-            use_cache: bool = True, tool_timeout: float | None = TOOL_TIMEOUT_S) -> Rollout:
+            use_cache: bool = True, tool_timeout: float | None = TOOL_TIMEOUT_S,
+            max_tool_wait: int = 8) -> Rollout:
     """Sample `group_size` completions for each prompt, executing tool calls as they close.
 
     `use_cache=False` re-feeds the whole sequence at every step: the slow, obviously correct
-    reference the tests compare the cached loop against. `tool_timeout`: seconds before a tool
+    reference the tests compare the cached loop against. `max_tool_wait`: a row whose call has
+    been answered waits up to this many steps (sampling nothing) so that the tool turns of
+    several rows share one forward of observation tokens (0: feed each at once). `tool_timeout`: seconds before a tool
     call is abandoned (see `run_tool`). A tool's output is cut to OBS_CHARS_PER_TOKEN x
     max_obs_tokens characters before it is tokenized, then to max_obs_tokens tokens.
     """
@@ -200,13 +204,14 @@ def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_
                        position_ids=position_ids_from_mask(seq_mask), logits_to_keep=1).logits[:, -1]
 
     rows = [RowState() for _ in range(N)]
+    waited = 0  # steps the oldest held-back tool turn has waited
     while True:
         # 2. sample one token for every live row, then run the tool where a call closed
         next_tokens = sample_next(logits, temperature, top_p, generator).tolist()  # N ints
         chunks: list[list[int]] = [[] for _ in range(N)]
         flags: list[list[int]] = [[] for _ in range(N)]
         for i, row in enumerate(rows):
-            if row.done:
+            if row.done or row.pending is not None:
                 continue
             tok = next_tokens[i]
             chunks[i].append(tok)
@@ -223,8 +228,18 @@ def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_
                 chunks[i] += obs_open + obs_ids + obs_close
                 flags[i] += [0] * (len(obs_open) + len(obs_ids) + len(obs_close))
                 row.segment = []
+                if row.n_generated < max_new_tokens and max_tool_wait > 0:
+                    row.pending, chunks[i], flags[i] = (chunks[i], flags[i]), [], []  # hold back, see below
             if not row.done and row.n_generated >= max_new_tokens:
                 row.done = row.truncated = True
+        # held-back tool turns go in together: when no row samples any more, or after max_tool_wait steps
+        holding = [r for r in rows if r.pending is not None]
+        waited = waited + 1 if holding else 0
+        if holding and (waited > max_tool_wait or all(r.done or r.pending is not None for r in rows)):
+            for i, row in enumerate(rows):
+                if row.pending is not None:
+                    (chunks[i], flags[i]), row.pending = row.pending, None
+            waited = 0
 
         # 3. append this step's tokens (right-aligned, holes masked) to every row
         L = max(len(c) for c in chunks)

@@ -159,7 +159,7 @@ def test_each_token_fed_once():
                "<thought><call>q</call><call>rs</call><answer></answer>",
                f"<thought>abcdefgh{EOS}",
                "<thought>abcdefghijklmnop"]
-    r, model, _ = run(scripts, prompts, group_size=3, max_new_tokens=10)
+    r, model, _ = run(scripts, prompts, group_size=3, max_new_tokens=10, max_tool_wait=0)  # no batched turns
     assert r.num_generated.tolist() == [10] * 6 and r.num_calls.tolist() == [1, 1, 0, 2, 0, 0]  # the set-up
     prompt_ids = [TOK.encode(p) for p in prompts]
     prefill, decode = model.calls[0], model.calls[1:]
@@ -171,6 +171,18 @@ def test_each_token_fed_once():
         full = prompt_ids[i // 3] + completion(r, i)
         assert [t for t, _ in row] == full[:-1]
         assert [p for _, p in row] == list(range(len(full) - 1))  # positions skip the holes
+
+
+def test_tool_turns_of_several_rows_share_one_forward():
+    """Rows whose calls close at different steps wait (sampling nothing) and their observations go
+    in together; the completions are the same as when each is fed at once."""
+    scripts = ["<call>a</call><answer>x</answer>", "<thought>bbbb</thought><call>c</call><answer>y</answer>"]
+    at_once, model0, _ = run(scripts, ["Q"], group_size=2, max_tool_wait=0)
+    batched, model8, _ = run(scripts, ["Q"], group_size=2, max_tool_wait=8)
+    assert at_once.texts == batched.texts and torch.equal(at_once.completion_mask, batched.completion_mask)
+    turns = lambda m: [c for c in m.calls[1:] if c.ids.shape[1] > 1]  # decode steps that fed observations
+    assert len(turns(model0)) == 2 and len(turns(model8)) == 1
+    assert (turns(model8)[0].mask.sum(1) > 1).all(), "both rows' observations in the one forward"
 
 
 def test_rows_that_stop_early_are_not_fed_again():
@@ -284,8 +296,13 @@ def test_packed_logits_match_each_sequence_alone(tiny_rollouts):
     for i in range(len(r.input_ids)):
         sampled_at = r.completion_mask[i].nonzero().squeeze(-1)                      # (num_generated,)
         assert len(sampled_at) == r.num_generated[i]
-        for step, c in enumerate(sampled_at.tolist()):
-            torch.testing.assert_close(steps[step][i], packed[i, P + c - 1], atol=1e-5, rtol=1e-4)
+        t = 0  # a row waiting for a batched tool turn samples nothing: match its steps in order
+        for c in sampled_at.tolist():
+            want = packed[i, P + c - 1]
+            while t < len(steps) and not torch.allclose(steps[t][i], want, atol=1e-5, rtol=1e-4):
+                t += 1
+            assert t < len(steps), f"row {i}: token {c} was not sampled from its packed logits"
+            t += 1
 
 # --------------------------------------------------------------------------------------- sample_next
 
