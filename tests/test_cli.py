@@ -32,8 +32,9 @@ def test_every_config_parses_and_instantiates(config):
     assert cli.model.hparams and cli.datamodule is not None
 
 
-def test_dot_override_reaches_the_module():
-    cli = main(["-c", "configs/tiny.yaml", "--model.init_args.beta", "0.1"], run=False)
+@pytest.mark.parametrize("flag", ["--model.beta", "--model.init_args.beta"])
+def test_dot_override_reaches_the_module(flag):
+    cli = main(["-c", "configs/tiny.yaml", flag, "0.1"], run=False)
     assert cli.model.hparams.beta == 0.1
 
 
