@@ -148,7 +148,7 @@ class PolicyModule(L.LightningModule):
                              hp.init_adapter)
         elif getattr(hp, "beta", 0) > 0:
             self.ref_model = frozen_copy(model)  # full fine-tuning: π_ref is a frozen copy
-        self.policy = model
+        self.policy = model.train()  # HF loads in eval mode; LoRA dropout (if any) should act in training
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
