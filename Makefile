@@ -30,6 +30,8 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/search_latency.py
 	$(PY) benchmarks/model_load.py
+	$(PY) benchmarks/check_4bit_cpu.py
+	$(PY) benchmarks/rollout_speed.py
 
 clean-venv:
 	rm -rf $(VENV)
