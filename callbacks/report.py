@@ -20,16 +20,14 @@ policy that searches on every question: `baseline_tokens` when given (measure it
 always-search run), else the cheapest evaluated point whose search rate is >= 0.99, else unknown.
 Token reduction = 1 - tokens / baseline_tokens.
 
-Note that `last_eval` holds the metrics of the evaluating process; under DDP each rank scores
-its own share of the validation set.
+Under DDP, `last_eval` covers the whole validation set: the module gathers every rank's rows.
 """
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -38,6 +36,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from callbacks.metrics import logger_step
+from data.files import atomic_write
 
 ALWAYS_SEARCH_RATE = 0.99  # a point searching on at least this share of questions stands for "always search"
 _STEP_IN_NAME = re.compile(r"step=(\d+)")
@@ -121,19 +120,6 @@ def pareto_figure(points: Sequence[dict], frontier: Sequence[bool], baseline: fl
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig
-
-
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """`write(tmp_path)` into a temporary file next to `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from data.files import atomic_write
 from data.offline_task import DEFAULT_MEMORY_FILE, memory_candidates
 from grpo.models import SMOLLM2, load_model_and_tokenizer
 from grpo.prompts import build_prompt
@@ -81,9 +81,8 @@ def main():
     results = measure(args.model, samples=args.samples)
     payload = {"model": args.model, "method": "closed-book, greedy decides; gold contained in reply",
                "results": results}
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, args.out)  # never a half-written file
+    text = json.dumps(payload, indent=1, ensure_ascii=False) + "\n"
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))  # never half-written
     print(report(results))
     print(f"written: {args.out}")
 

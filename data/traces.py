@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import warnings
 from collections import Counter
@@ -39,6 +38,7 @@ from pathlib import Path
 from itertools import islice
 from typing import Iterator, Sequence
 
+from data.files import atomic_write
 from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import build_offline_task
 from data.types import MEMORY, QAExample
@@ -238,15 +238,10 @@ REQUIRED_FIELDS = ("id", "question", "answers", "kind", "style", "segments")
 
 def write_traces(traces: Sequence[Trace], path: str | Path) -> None:
     """One JSON object per line; "text" is for people (`read_traces` checks it against the segments)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for t in traces:
-            row = {"id": t.id, "style": t.style, "kind": t.kind, "type": t.type, "question": t.question,
-                   "answers": list(t.answers), "text": t.text, "segments": [list(s) for s in t.segments]}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    rows = [{"id": t.id, "style": t.style, "kind": t.kind, "type": t.type, "question": t.question,
+             "answers": list(t.answers), "text": t.text, "segments": [list(s) for s in t.segments]} for t in traces]
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _from_dict(row, where: str) -> Trace:

@@ -60,6 +60,15 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_ratio: float) -> floa
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _all_ranks(obj) -> list:
+    """[obj of rank 0, rank 1, ...] under torch.distributed, else [obj]."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def gather_eval_rows(rows: list[dict]) -> list[dict]:
     """Under DDP, the evaluation rows of every rank, each question once; else `rows` unchanged.
 
@@ -68,10 +77,8 @@ def gather_eval_rows(rows: list[dict]) -> list[dict]:
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return rows
-    per_rank: list[list[dict]] = [[] for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather_object(per_rank, rows)
     seen, unique = set(), []
-    for row in (row for rank_rows in per_rank for row in rank_rows):
+    for row in (row for rank_rows in _all_ranks(rows) for row in rank_rows):
         if (row["id"], row["question"]) not in seen:
             seen.add((row["id"], row["question"]))
             unique.append(row)
@@ -229,12 +236,3 @@ class PolicyModule(L.LightningModule):
             raise ValueError(f"the checkpoint holds sampler states of {len(states)} processes, this run has "
                              f"{world}: resume with as many devices as the run that saved it")
         self.sampler.set_state(states[self.global_rank])
-
-
-def _all_ranks(obj) -> list:
-    """[obj of rank 0, rank 1, ...] under torch.distributed, else [obj]."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [obj]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
