@@ -43,7 +43,8 @@ class QADataModule(L.LightningDataModule):
             search_top_k: hits per search.
             search_max_chars: cap on one observation's length, in characters.
             traces: SFT traces (.jsonl). When set, training batches are traces (the cold start) instead
-                of questions; a missing file is generated from the offline task's training split.
+                of questions; a missing file is generated from the task's training split (offline:
+                `data.traces.offline_traces`; hotpotqa: multihop traces of `train_path`).
             num_traces: how many traces to generate when `traces` does not exist yet.
         """
         super().__init__()
@@ -97,13 +98,14 @@ class QADataModule(L.LightningDataModule):
                              f"{n_train} training items of task {hp.task!r}")
 
     def _load_traces(self, path: Path):
-        from data.traces import offline_traces, read_traces, write_traces
+        from data.traces import hotpotqa_traces, offline_traces, read_traces, write_traces
 
-        if not path.exists():
-            if self.hparams.task != "offline":
-                raise FileNotFoundError(f"data.traces={str(path)!r}: no such file (generate it with python -m data.traces)")
+        hp = self.hparams
+        if not path.exists():  # made once, from the task's own training split
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_traces(offline_traces(n=self.hparams.num_traces, seed=self.hparams.seed), path)
+            traces = (offline_traces(n=hp.num_traces, seed=hp.seed) if hp.task == "offline"
+                      else hotpotqa_traces(hp.train_path, n=hp.num_traces, seed=hp.seed))
+            write_traces(traces, path)
         traces = read_traces(path)
         if not traces:
             raise ValueError(f"data.traces={str(path)!r}: the file holds no trace")

@@ -26,6 +26,9 @@ Where we depart from the GRPO paper, and why
       disabled), not the raw base model; with LoRA it costs no memory.
     * Sampling is in the weights' dtype even under bf16 autocast: on CPU, small-batch bf16
       decoding is several times slower than fp32.
+    * π_old is the distribution the rollout sampled from, recorded at each decode step
+      (`Rollout.sample_logp`), not a recomputation: no extra pass, and at μ = 1 the ratio then
+      carries the sampler/learner numerical gap (fp32 decode vs bf16 loss), which the clip bounds.
     * Under DDP the token-level loss is rescaled by the global token count (`ddp_token_scale`),
       so that the gradient average equals the single-process loss.
 """

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from grpo.models import SMOLLM2, add_lora, load_model_and_tokenizer
-from grpo.prompts import OBS_CLOSE, OBS_OPEN, build_prompt
+from grpo.prompts import OBS_CLOSE, OBS_OPEN, build_prompt, encode_observation
 from grpo.rewards import parse_completion
 from grpo.rollout import (ANSWER_CLOSE, CALL_CLOSE, CALL_OPEN, CALL_QUERY, TAIL_TOKENS, RowState, tool_turn,
                           sample_next)
@@ -54,6 +54,8 @@ class Limits:
     stuck_min_unique: float = field(default=0.3, metadata={"help": "stuck when fewer than this share of the window is distinct"})
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature; 0 is greedy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold (temperature > 0 only)"})
+    show_budget: bool = field(default=False, metadata={"help": "end each observation with the searches left, "
+                                                               "as in training with model.show_budget"})
 
     def __post_init__(self):
         def bad(name, rule):
@@ -108,7 +110,6 @@ def answer(model, tokenizer, env, question: str, generator: torch.Generator | No
     window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     max_context = int(lim.context_fraction * window) if window else None
     encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-    obs_open, obs_close = encode(OBS_OPEN), encode(OBS_CLOSE)
 
     prompt = encode(build_prompt(tokenizer, question))
     completion: list[int] = []                   # sampled and observation ids, in order
@@ -137,8 +138,10 @@ def answer(model, tokenizer, env, question: str, generator: torch.Generator | No
         elif ANSWER_CLOSE.search(tail):
             stop = "answer"
         elif CALL_CLOSE.search(tail):
+            executed_before = row.calls
             obs = tool_turn(row, tokenizer.decode(row.segment), env, lim.max_tool_calls)
-            new += obs_open + encode(obs)[:lim.max_obs_tokens] + obs_close
+            calls_left = lim.max_tool_calls - row.calls if lim.show_budget and row.calls > executed_before else None
+            new += encode_observation(tokenizer, obs, lim.max_obs_tokens, calls_left)
             row.segment = []
         completion += new
         # 4. safety checks

@@ -5,7 +5,7 @@
     1. rollout      G completions per question; `<call>` runs the search tool mid-generation
     2. reward       value-of-information (or OTC) reward of every completion
     3. advantages   Â_i = (r_i - mean_group) / (std_group + ε)
-    4. log-probs    π_old (only when μ > 1) and π_ref (only when β > 0), without gradient
+    4. log-probs    π_old: recorded by the rollout as it sampled; π_ref (only when β > 0), no gradient
     5. update       μ steps on the clipped surrogate + β·KL(k3), completion tokens only
 
 The maths lives in `grpo.losses` and `grpo.rewards` (pure, tested functions); sampling in
@@ -52,7 +52,7 @@ class GRPOModule(PolicyModule):
                  clip_eps_high: float | None = None, token_level: bool = True, num_updates: int = 1,
                  lr: float = 2e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
                  max_grad_norm: float = 1.0, eval_temperature: float = 0.0, eval_max_new_tokens: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, show_budget: bool = False, eval_top_p: float = 1.0):
         """
         Args:
             model_name: "smollm2-135m-instruct" (default, offline), "tiny" (random, tests), a HF folder or hub id.
@@ -69,7 +69,8 @@ class GRPOModule(PolicyModule):
             max_tool_calls: executed calls per completion; past it the env answers with a budget notice.
             max_obs_tokens: an observation is cut to this many tokens.
             temperature: sampling temperature (the loss uses the same one).
-            top_p: nucleus sampling threshold.
+            top_p: nucleus threshold of training rollouts: must be 1, since the loss scores the full softmax
+                and a truncated sampler would be scored as another distribution (use eval_top_p).
             reward: "voi" (value-of-information table) or "otc" (OTC-GRPO tool-efficiency reward).
             voi_weights: weights of the VOI table (None: the defaults).
             otc_weights: weights of the OTC reward (None: the defaults).
@@ -86,13 +87,21 @@ class GRPOModule(PolicyModule):
             eval_temperature: temperature of evaluation rollouts (0: greedy).
             eval_max_new_tokens: token budget of evaluation rollouts (None: max_new_tokens).
             seed: seed of the tiny model's weights and of the rollout sampler.
+            show_budget: end each observation with the searches left ("[2 searches left]"), the Budget
+                Tracker of "Budget-Aware Tool-Use Enables Effective Agent Scaling"; train the cold start
+                with the same setting.
+            eval_top_p: nucleus threshold of evaluation rollouts (eval_temperature > 0).
         """
         super().__init__(
             model_name=model_name, dtype=dtype, load_in_4bit=load_in_4bit, lora=lora, lora_r=lora_r,
             lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, init_adapter=init_adapter,
             lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm,
             max_new_tokens=max_new_tokens, max_tool_calls=max_tool_calls, max_obs_tokens=max_obs_tokens, top_p=top_p,
-            eval_temperature=eval_temperature, eval_max_new_tokens=eval_max_new_tokens, seed=seed)
+            eval_temperature=eval_temperature, eval_max_new_tokens=eval_max_new_tokens, seed=seed,
+            show_budget=show_budget, eval_top_p=eval_top_p)
+        if top_p != 1.0:
+            raise ValueError(f"model.top_p={top_p}: GRPO training must sample the distribution its loss scores (the "
+                             f"full softmax at model.temperature); use model.eval_top_p for evaluation rollouts")
         if group_size < 2:
             raise ValueError(f"model.group_size={group_size}: GRPO needs at least 2 completions per group")
         for name in ("temperature", "clip_eps", "num_updates"):
@@ -117,16 +126,16 @@ class GRPOModule(PolicyModule):
         rewards, parts = self.compute_rewards(ro, batch)                                    # (N,), {k: (N,)}
         # 3. group-relative advantages
         advantages, zero_std = group_advantages(rewards, G, hp.scale_by_std)                # (N,), (B,)
-        # 4. log-probs of π_old (μ > 1 only) and π_ref (β > 0 only), no gradient
-        old_logp, ref_logp = self.frozen_logprobs(ro)                                       # (N, C) or None
+        # 4. log-probs: π_old is what the rollout sampled from; π_ref (β > 0 only), no gradient
+        old_logp = ro.sample_logp                                                           # (N, C)
+        ref_logp = self.reference_logprobs(ro)                                              # (N, C) or None
         # 5. μ policy updates: clipped surrogate + β·KL on the sampled tokens only
         token_scale = self.token_scale(ro.completion_mask)                                  # (), 1 on one process
         for _ in range(hp.num_updates):
             logp = completion_logprobs(self.policy, ro, hp.temperature)                     # (N, C)
             out = grpo_loss(logp, old_logp, ref_logp, advantages, ro.completion_mask, hp.clip_eps,
                             hp.clip_eps_high, hp.beta, hp.token_level)
-            self.optimize(out.loss * token_scale)
-        self.lr_schedulers().step()
+            self.optimize(out.loss * token_scale)                                           # + one LR step
         # 6. log
         self.log_step(ro, rewards, parts, zero_std, out, t_rollout, time.perf_counter() - t0, len(batch),
                       token_scale)
@@ -145,7 +154,8 @@ class GRPOModule(PolicyModule):
             parts = []
             for b, ex in enumerate(batch):
                 s = slice(b * G, (b + 1) * G)
-                parts += otc_group_rewards(ro.texts[s], ex.answers, ro.num_calls[s].tolist(), self.otc_weights)
+                attempted = (ro.num_calls[s] + ro.num_calls_no_obs[s]).tolist()  # refused and unclosed calls cost too
+                parts += otc_group_rewards(ro.texts[s], ex.answers, attempted, self.otc_weights)
         check_finite_rewards(parts, [f"{batch[n // G].id}#{n % G}" for n in range(len(parts))])
         components = {k: torch.tensor([p[k] for p in parts], dtype=torch.float32) for k in parts[0]}
         return components.pop("total").to(self.device), components
@@ -167,14 +177,25 @@ class GRPOModule(PolicyModule):
         return ddp_token_scale(local_tokens, global_tokens, world_size)
 
     @torch.no_grad()
-    def frozen_logprobs(self, ro: Rollout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def reference_logprobs(self, ro: Rollout) -> torch.Tensor | None:
+        """log π_ref of the completion tokens (N, C), or None when β = 0 (no KL term, no pass).
+
+        π_ref is the frozen copy (full fine-tuning) or the policy with its LoRA adapters disabled:
+        the SFT policy when GRPO starts from a cold-start adapter, never the policy being trained.
+        """
+        if self.hparams.beta == 0:
+            return None
+        with reference_policy(self.policy, self.ref_model) as ref:
+            return completion_logprobs(ref, ro, self.hparams.temperature)
+
+    def setup(self, stage: str) -> None:
         hp = self.hparams
-        old_logp = completion_logprobs(self.policy, ro, hp.temperature) if hp.num_updates > 1 else None
-        ref_logp = None
-        if hp.beta > 0:
-            with reference_policy(self.policy, self.ref_model) as ref:
-                ref_logp = completion_logprobs(ref, ro, hp.temperature)
-        return old_logp, ref_logp
+        if stage == "fit" and hp.model_name == SMOLLM2 and hp.init_adapter is None:
+            raise ValueError(f"model.model_name={SMOLLM2!r} with model.init_adapter=None: the raw model writes no "
+                             f"<answer>/<call> tags (0/96), so every group would score the same and nothing "
+                             f"would be learned; run a cold start first (configs/sft_smollm2.yaml, or "
+                             f"configs/sft_hotpotqa.yaml) and set model.init_adapter to its adapter folder")
+        super().setup(stage)
 
     def log_step(self, ro, rewards, parts, zero_std, out, t_rollout, t_step, batch_size, token_scale=1.0) -> None:
         """Every metric is the mean over ranks (sync_dist): the global mean for per-sample means, as
@@ -184,7 +205,7 @@ class GRPOModule(PolicyModule):
         metrics = {
             "loss/policy": out.policy_loss * token_scale, "loss/kl": out.kl * token_scale,
             "loss/total": out.loss.detach() * token_scale,
-            "loss/clip_frac": out.clip_frac,
+            "loss/clip_frac": out.clip_frac, "loss/ratio_mean": out.ratio_mean,
             "reward/mean": rewards.mean(), "reward/std": rewards.std(),
             "reward/frac_zero_std": zero_std.float().mean(),
             **{f"reward/{k}": v.mean() for k, v in parts.items()},

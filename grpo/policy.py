@@ -8,6 +8,7 @@ rollout RNG. The algorithm itself is in `grpo.module.GRPOModule.training_step`.
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning as L
 import torch
@@ -60,6 +61,31 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_ratio: float) -> floa
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def schedule_length(num_updates: int, batches: int | float, max_steps: int, max_epochs: int | None,
+                    batches_per_epoch: int | float) -> int:
+    """Optimizer steps in the whole run: the length of the LR schedule.
+
+    Under manual optimization Lightning counts optimizer steps in `global_step` and stops when it
+    reaches `trainer.max_steps`; a GRPO batch makes μ = num_updates of them. So `max_steps` counts
+    optimizer updates (μ per rollout batch) and the run makes
+        min(max_steps, μ · batches_per_epoch · max_epochs)
+    steps. `batches` is Lightning's `estimated_stepping_batches`, which counts batches, not steps;
+    it is exact when μ = 1. A max_steps that μ does not divide would stop inside a batch's μ
+    updates (Lightning checks between batches): refused, naming both options.
+    """
+    if num_updates == 1:
+        return max(1, int(batches))
+    if max_steps != -1 and max_steps % num_updates:
+        raise ValueError(f"trainer.max_steps={max_steps} is not a multiple of model.num_updates={num_updates}: "
+                         f"max_steps counts optimizer updates, {num_updates} per rollout batch")
+    limits = [max_steps] if max_steps != -1 else []
+    if max_epochs not in (None, -1) and math.isfinite(batches_per_epoch):
+        limits.append(num_updates * int(batches_per_epoch) * max_epochs)
+    if not limits:
+        raise ValueError("set trainer.max_steps or trainer.max_epochs: the LR schedule needs the run's length")
+    return max(1, min(limits))
+
+
 def _all_ranks(obj) -> list:
     """[obj of rank 0, rank 1, ...] under torch.distributed, else [obj]."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -103,15 +129,17 @@ class PolicyModule(L.LightningModule):
                  lr: float = 2e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
                  max_grad_norm: float = 1.0, max_new_tokens: int = 256, max_tool_calls: int = 5,
                  max_obs_tokens: int = 160, top_p: float = 1.0, eval_temperature: float = 0.0,
-                 eval_max_new_tokens: int | None = None, seed: int = 0):
+                 eval_max_new_tokens: int | None = None, seed: int = 0, show_budget: bool = False,
+                 eval_top_p: float | None = None):
         super().__init__()
         check_model_name(model_name)
         for name in ("max_new_tokens", "max_obs_tokens", "top_p"):
             check_positive(name, locals()[name])
         check_positive("max_tool_calls", max_tool_calls, allow_zero=True)
         check_positive("eval_temperature", eval_temperature, allow_zero=True)
-        if top_p > 1:
-            raise ValueError(f"model.top_p={top_p}: must be in (0, 1]")
+        for name, value in (("top_p", top_p), ("eval_top_p", eval_top_p)):
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"model.{name}={value}: must be in (0, 1]")
         check_4bit(load_in_4bit)
         if lora:
             check_positive("lora_r", lora_r)
@@ -130,15 +158,39 @@ class PolicyModule(L.LightningModule):
         self.tokenizer = None
         self.strict_loading = False  # checkpoints hold the trainable weights only
         self.automatic_optimization = False
-        self.sampler = torch.Generator().manual_seed(seed)  # the rollout's RNG, saved in checkpoints
+        self._sampler: torch.Generator | None = None  # the rollout's RNG (see `sampler`), saved in checkpoints
+        self._sampler_state: tuple[str, torch.Tensor] | None = None  # (device type, state) from a checkpoint
         self.env = None  # the search tool; taken from the datamodule in setup()
         self._eval_rows: list[dict] = []
         self.last_eval: dict[str, float] = {}  # metrics of the latest evaluation (read by callbacks)
         self.last_eval_rows: list[dict] = []
 
+    @property
+    def sampler(self) -> torch.Generator:
+        """The rollout's RNG, on the module's device: `torch.multinomial` needs its generator on the
+        device of the probabilities (a CPU generator with CUDA logits raises). Made on first use after
+        the module moved: from this rank's state in the loaded checkpoint, else seeded with
+        seed + 1,000,003·rank, so that every rank samples its own stream."""
+        if self._sampler is None or self._sampler.device != self.device:
+            self._sampler = torch.Generator(self.device)
+            saved = self._sampler_state
+            if saved is not None and saved[0] == self.device.type:
+                self._sampler.set_state(saved[1])
+            else:
+                if saved is not None:
+                    warnings.warn(f"the checkpoint's rollout RNG was saved on {saved[0]!r}, this run samples on "
+                                  f"{self.device.type!r}: the sampling stream restarts from the seed")
+                self._sampler.manual_seed(self.hparams.seed + 1_000_003 * self.global_rank)
+            self._sampler_state = None
+        return self._sampler
+
+    @property
+    def updates_per_batch(self) -> int:
+        """Optimizer steps per training batch: μ for GRPO, 1 for SFT."""
+        return getattr(self.hparams, "num_updates", 1)
+
     def setup(self, stage: str) -> None:
-        # every rank samples its own random stream (a checkpoint restores each rank's own state)
-        self.sampler.manual_seed(self.hparams.seed + 1_000_003 * self.global_rank)
+        self._sampler = None  # every run starts its rank's stream from the seed (or the checkpoint's state)
         dm = getattr(self.trainer, "datamodule", None)
         if self.env is None and dm is not None and hasattr(dm, "search_env"):
             self.env = dm.search_env()
@@ -160,38 +212,48 @@ class PolicyModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        t = self.trainer
+        total = schedule_length(self.updates_per_batch, t.estimated_stepping_batches, t.max_steps, t.max_epochs,
+                                t.num_training_batches)  # estimated_stepping_batches sets up the data first
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: cosine_with_warmup(step, total, self.hparams.warmup_ratio))
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
     def optimize(self, loss: torch.Tensor) -> None:
-        """One optimizer step on `loss` (manual optimization)."""
+        """One optimizer step on `loss` (manual optimization), then one step of the LR schedule.
+
+        The schedule steps with every optimizer step, so it spans the run's `schedule_length` updates
+        whatever μ is, and the LR of update k is lr · cosine_with_warmup(k, total, warmup_ratio).
+        """
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.hparams.max_grad_norm:
             self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
         opt.step()
+        self.lr_schedulers().step()
 
     def rollout(self, batch: list[QAExample], temperature: float, group_size: int,
-                max_new_tokens: int | None = None) -> Rollout:
+                max_new_tokens: int | None = None, top_p: float = 1.0) -> Rollout:
         prompts = [build_prompt(self.tokenizer, ex.question) for ex in batch]
         was_training = self.policy.training
         self.policy.eval()
         # bf16 autocast makes CPU decoding ~4x slower here (small matmuls): decode in the weights' dtype
         with torch.autocast(self.device.type, enabled=self.device.type == "cuda" and torch.is_autocast_enabled()):
             ro = rollout(self.policy, self.tokenizer, prompts, self.env, group_size,
-                         max_new_tokens or self.hparams.max_new_tokens, temperature, self.hparams.top_p,
-                         self.hparams.max_tool_calls, self.hparams.max_obs_tokens, generator=self.sampler)
+                         max_new_tokens or self.hparams.max_new_tokens, temperature, top_p,
+                         self.hparams.max_tool_calls, self.hparams.max_obs_tokens, generator=self.sampler,
+                         show_budget=self.hparams.get("show_budget", False))
         self.policy.train(was_training)
         return ro
 
     # ---- evaluation: agentic rollouts on held-out questions
     def validation_step(self, batch: list[QAExample], batch_idx: int) -> None:
         """Rollouts at `eval_temperature` (0: greedy): accuracy, format, tokens and tool use."""
-        ro = self.rollout(batch, temperature=self.hparams.eval_temperature, group_size=1,
-                          max_new_tokens=self.hparams.eval_max_new_tokens or self.hparams.max_new_tokens)
+        hp = self.hparams
+        ro = self.rollout(batch, temperature=hp.eval_temperature, group_size=1,
+                          max_new_tokens=hp.eval_max_new_tokens or hp.max_new_tokens,
+                          top_p=hp.top_p if hp.get("eval_top_p") is None else hp.eval_top_p)
         for i, ex in enumerate(batch):
             parsed = parse_completion(ro.texts[i])
             self._eval_rows.append({
@@ -224,6 +286,7 @@ class PolicyModule(L.LightningModule):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["sampler_rng"] = _all_ranks(self.sampler.get_state())  # [state of rank 0, rank 1, ...]
+        checkpoint["sampler_device"] = self.device.type
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         states = checkpoint.get("sampler_rng")
@@ -235,4 +298,6 @@ class PolicyModule(L.LightningModule):
         if len(states) != world:
             raise ValueError(f"the checkpoint holds sampler states of {len(states)} processes, this run has "
                              f"{world}: resume with as many devices as the run that saved it")
-        self.sampler.set_state(states[self.global_rank])
+        # applied when the sampler is next made on the module's device (it may not be there yet)
+        self._sampler_state = (checkpoint.get("sampler_device", "cpu"), states[self.global_rank])
+        self._sampler = None

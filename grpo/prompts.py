@@ -35,3 +35,24 @@ def build_prompt(tokenizer, question: str, system: str = SYSTEM_PROMPT) -> str:
 def observation_text(result: str) -> str:
     """What the environment appends after a `</call>`: its result wrapped in <obs> tags."""
     return f"{OBS_OPEN}{result}{OBS_CLOSE}"
+
+
+def budget_note(calls_left: int) -> str:
+    """The Budget Tracker's line (Liu et al. 2025, "Budget-Aware Tool-Use Enables Effective Agent
+    Scaling"): how many searches remain, appended inside an observation when `show_budget` is on."""
+    return f" [{calls_left} search{'' if calls_left == 1 else 'es'} left]"
+
+
+def encode_observation(tokenizer, result: str, max_obs_tokens: int, calls_left: int | None = None) -> list[int]:
+    """The ids forced after a `</call>`: `<obs>` + result (cut to max_obs_tokens) [+ budget note] + `</obs>`.
+
+    The one encoding of an observation, shared by SFT traces, training rollouts and inference, so a
+    model is trained on exactly what it will be fed. Each piece is encoded on its own (the sampled
+    ids before it are never re-tokenized); the budget note comes after the cut, so it is never lost.
+    calls_left=None: no budget note.
+    """
+    encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    ids = encode(OBS_OPEN) + encode(result)[:max_obs_tokens]
+    if calls_left is not None:
+        ids += encode(budget_note(calls_left))
+    return ids + encode(OBS_CLOSE)

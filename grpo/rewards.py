@@ -156,9 +156,11 @@ def parse_completion(text: str) -> Parsed:
       3. every </call> is followed by an <obs> block, and every <obs> follows a </call>;
       4. exactly one <answer>...</answer>, its text not blank, and nothing but whitespace after
          it. Free text between blocks is allowed.
-    A call refused by the environment (over the tool budget, no <obs> inserted) therefore makes
-    the completion malformed. Observations must not contain tag-like text (the environment is
-    expected to escape it), otherwise it is read as nesting.
+    The rollout answers a call refused over the tool budget with a budget observation
+    (`<obs>Tool budget exhausted: answer now.</obs>`), so a refused call leaves the completion
+    well-formed; the rewards charge it through the rollout's `num_calls_no_obs` instead. A `<call>`
+    never closed makes it malformed (rule 2). Observations must not contain tag-like text (the
+    environment escapes it), otherwise it is read as nesting.
     """
     text = _strip_end_markers(text)
     tags = [(m.group(1) is not None, m.group(2).lower(), m.start(), m.end()) for m in _TAG.finditer(text)]
@@ -206,7 +208,7 @@ class VOIWeights:
     per_call: float = -0.05
     """Per executed tool call: the price of information."""
     per_call_no_obs: float = -0.2
-    """Per call that got no observation: refused over the tool budget, or never closed."""
+    """Per call that was not run: refused over the tool budget (it got the budget observation), or never closed."""
     direct_bonus: float = 0.1
     """Correct answer without any tool call, executed or attempted."""
 
@@ -225,7 +227,7 @@ def voi_reward(text: str, golds: Sequence[str], num_calls: int, num_calls_no_obs
       correct        = w.correct if EM(answer, golds) == 1 else w.wrong   (no answer -> wrong)
       format         = w.well_formed if well-formed else w.malformed      (see parse_completion)
       tool_cost      = w.per_call * num_calls
-      no_obs_penalty = w.per_call_no_obs * num_calls_no_obs
+      no_obs_penalty = w.per_call_no_obs * num_calls_no_obs          (refused or unclosed calls)
       direct_bonus   = w.direct_bonus if correct and num_calls == num_calls_no_obs == 0 else 0
     num_calls / num_calls_no_obs come from the rollout (the environment counts them).
     With the default weights: correct and direct 1.2; correct with 2 calls 1.0; wrong -0.4;
@@ -266,15 +268,17 @@ class OTCWeights:
     """Weights of the OTC-GRPO reward; the format term is ours (as in VOIWeights), not the paper's."""
     alpha: float = 1.0
     """Scale of the tool-integrated correctness term (the paper's alpha)."""
-    c: float = 1.0
-    """Smoothing constant of the n = 0 branch, cos(m*pi/(2m + c)); larger c = slower decay."""
+    c: float = 6.0
+    """Smoothing constant of the n = 0 branch, cos(m*pi/(2m + c)); larger c = slower decay. 6 is the
+    public reference implementation's default: one call where none was needed keeps cos(pi/8) = 0.92
+    of the reward (c = 1 would keep cos(pi/3) = 0.5)."""
     well_formed: float = 0.1
     """Format term for a well-formed completion, as in VOIWeights."""
     malformed: float = -0.5
     """Format term for a malformed completion, as in VOIWeights."""
 
 
-def otc_tool_factor(m: int, n: int, c: float = 1.0) -> float:
+def otc_tool_factor(m: int, n: int, c: float = 6.0) -> float:
     """OTC-GRPO tool reward r_tool(m, n) in [0, 1], m = calls of this sample, n = optimal calls.
 
         r_tool = 1                          if f(m, n) = n = 0
@@ -284,8 +288,8 @@ def otc_tool_factor(m: int, n: int, c: float = 1.0) -> float:
 
     So r_tool = 1 exactly at m = n and falls towards 0 as m grows (f -> 2n, sin(pi) = 0);
     for m < n it is also < 1. Source: arXiv 2504.14870 §3 (OTC-GRPO), checked against a public
-    verl-based implementation of it (`map_to_2n` / `oct_*_penalty`); the paper's text could only be
-    read in summaries here, and its value of c is not verified (our default c = 1 is a choice).
+    verl-based implementation of it (`map_to_2n` / `oct_*_penalty`), whose default c = 6 is ours too
+    (`OTCWeights.c`).
     """
     if m < 0 or n < 0 or c <= 0:
         raise ValueError(f"otc_tool_factor needs m >= 0, n >= 0, c > 0; got m={m}, n={n}, c={c}")
@@ -307,6 +311,8 @@ def otc_group_rewards(texts: Sequence[str], golds: Sequence[str], num_calls: Seq
         total_i   = correct_i + format_i
         correct_i = alpha * r_tool(m_i, n) * EM_i      (paper: r^tool = alpha * r_tool * r_phi)
         n         = min{ m_j : sample j correct }      (the group's estimate of optimal calls)
+    m_i counts every call sample i ATTEMPTED: executed, refused over the budget and never closed
+    (the module passes num_calls + num_calls_no_obs), so calls past the budget are not free.
     tool_factor_i = r_tool(m_i, n) is returned for logging; it is not added to the total.
     Wrong samples get tool_factor 1 (their correctness term is 0 whatever it is), as the public
     implementation does. When no sample is correct, n is undefined: every tool_factor is 1 and the

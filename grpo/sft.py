@@ -21,24 +21,30 @@ import torch
 from data.traces import Trace
 from grpo.models import DEFAULT_LORA_TARGETS, SMOLLM2
 from grpo.policy import PolicyModule
-from grpo.prompts import OBS_CLOSE, OBS_OPEN, build_prompt
+from grpo.prompts import build_prompt, encode_observation
 
 IGNORE = -100  # label of tokens without loss
 
 
-def tokenize_trace(tokenizer, trace: Trace, max_obs_tokens: int = 160) -> tuple[list[int], list[int]]:
-    """(ids, labels) of prompt + assistant turn; labels are IGNORE on prompt and observations."""
+def tokenize_trace(tokenizer, trace: Trace, max_obs_tokens: int = 160,
+                   max_tool_calls: int | None = None) -> tuple[list[int], list[int]]:
+    """(ids, labels) of prompt + assistant turn; labels are IGNORE on prompt and observations.
+
+    max_tool_calls: when set (model.show_budget), the k-th observation ends with the budget note
+    of max_tool_calls - k searches left, as the rollout writes it.
+    """
     ids = tokenizer.encode(build_prompt(tokenizer, trace.question), add_special_tokens=False)
     labels = [IGNORE] * len(ids)
-    obs_open = tokenizer.encode(OBS_OPEN, add_special_tokens=False)
-    obs_close = tokenizer.encode(OBS_CLOSE, add_special_tokens=False)
+    calls = 0
     for role, text in trace.segments:
         if role == "model":
             piece = tokenizer.encode(text, add_special_tokens=False)
             ids += piece
             labels += piece
         elif role == "obs":
-            piece = obs_open + tokenizer.encode(text, add_special_tokens=False)[:max_obs_tokens] + obs_close
+            calls += 1
+            calls_left = None if max_tool_calls is None else max_tool_calls - calls
+            piece = encode_observation(tokenizer, text, max_obs_tokens, calls_left)
             ids += piece
             labels += [IGNORE] * len(piece)
         else:
@@ -76,7 +82,8 @@ class SFTModule(PolicyModule):
                  lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS, lr: float = 2e-4, weight_decay: float = 0.0,
                  warmup_ratio: float = 0.1, max_grad_norm: float = 1.0, max_new_tokens: int = 160,
                  max_tool_calls: int = 5, max_obs_tokens: int = 160, top_p: float = 1.0,
-                 eval_temperature: float = 1.0, eval_max_new_tokens: int | None = None, seed: int = 0):
+                 eval_temperature: float = 1.0, eval_max_new_tokens: int | None = None, seed: int = 0,
+                 show_budget: bool = False):
         """
         Args:
             model_name: "smollm2-135m-instruct" (default, offline), "tiny" (random, tests), a HF folder or hub id.
@@ -98,13 +105,15 @@ class SFTModule(PolicyModule):
             eval_temperature: temperature of evaluation rollouts (1: sampled, as the GRPO phase will).
             eval_max_new_tokens: token budget of evaluation rollouts (None: max_new_tokens).
             seed: seed of the tiny model's weights and of the evaluation sampler.
+            show_budget: end each observation with the searches left, as GRPO's model.show_budget does.
         """
         super().__init__(
             model_name=model_name, dtype=dtype, load_in_4bit=load_in_4bit, lora=lora, lora_r=lora_r,
             lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, init_adapter=None,
             lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm,
             max_new_tokens=max_new_tokens, max_tool_calls=max_tool_calls, max_obs_tokens=max_obs_tokens, top_p=top_p,
-            eval_temperature=eval_temperature, eval_max_new_tokens=eval_max_new_tokens, seed=seed)
+            eval_temperature=eval_temperature, eval_max_new_tokens=eval_max_new_tokens, seed=seed,
+            show_budget=show_budget)
         self.save_hyperparameters()
         self.hparams.init_adapter = None
 
@@ -112,15 +121,16 @@ class SFTModule(PolicyModule):
         if not batch or not isinstance(batch[0], Trace):
             raise ValueError("SFTModule trains on traces: set data.traces (a .jsonl path; made if missing)")
         # 1. tokenize exactly as the rollout will see it; labels only on the model's own tokens
-        enc = collate_sft([tokenize_trace(self.tokenizer, t, self.hparams.max_obs_tokens) for t in batch],
+        hp = self.hparams
+        budget = hp.max_tool_calls if hp.show_budget else None  # observations as the rollout writes them
+        enc = collate_sft([tokenize_trace(self.tokenizer, t, hp.max_obs_tokens, budget) for t in batch],
                           self.tokenizer.pad_token_id)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         # 2. next-token cross-entropy on those tokens
         logits = self.policy(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits  # (B, T, V)
         loss = sft_loss(logits, enc["labels"])
-        # 3. update
+        # 3. update (and one step of the LR schedule)
         self.optimize(loss)
-        self.lr_schedulers().step()
         n_tokens = (enc["labels"] != IGNORE).sum()
         self.log_dict({"sft/loss": loss.detach(), "sft/tokens_per_batch": n_tokens.float()}, batch_size=len(batch))
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(batch))

@@ -29,7 +29,8 @@ def fake_rollout(texts=TEXTS, calls=CALLS, incomplete=INCOMPLETE, tokens=TOKENS,
     mask = (torch.arange(C)[None, :] < torch.tensor(tokens)[:, None]).long()            # (N, C)
     t = lambda xs: torch.tensor(xs)  # noqa: E731
     return Rollout(input_ids=torch.zeros(N, 3 + C, dtype=torch.long), attention_mask=torch.ones(N, 3 + C),
-                   completion_mask=mask, prompt_length=3, group_ids=torch.arange(N) // G, num_calls=t(calls),
+                   completion_mask=mask, sample_logp=torch.zeros(N, C), prompt_length=3,
+                   group_ids=torch.arange(N) // G, num_calls=t(calls),
                    num_calls_no_obs=t(incomplete), incomplete_calls=t(incomplete), tool_errors=t([0] * N),
                    num_generated=t(tokens), truncated=t([False] * N), texts=list(texts), queries=[[]] * N)
 

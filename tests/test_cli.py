@@ -63,3 +63,18 @@ def test_tiny_fit_runs_and_logs(tmp_path):
     import torch
     state = torch.load(ckpts[0], weights_only=False)["state_dict"]
     assert state and all("lora_" in k for k in state), "checkpoint must hold the trainable (LoRA) weights only"
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if "GRPOModule" in c.read_text()], ids=lambda p: p.name)
+def test_grpo_configs_on_smollm2_start_from_a_cold_start(config):
+    """SmolLM2 writes no tags on its own: every GRPO config on it names an init_adapter, and a config
+    makes that adapter (an SFT config exporting to the same folder)."""
+    import yaml
+
+    args = yaml.safe_load(config.read_text())["model"]["init_args"]
+    if args.get("model_name") != "smollm2-135m-instruct":
+        return
+    adapter = args.get("init_adapter")
+    assert adapter, f"{config.name}: GRPO on SmolLM2 without model.init_adapter"
+    makers = [c.name for c in CONFIGS if "SFTModule" in c.read_text() and f"dirpath: {adapter}" in c.read_text()]
+    assert makers, f"{config.name}: no SFT config exports {adapter}"

@@ -316,3 +316,16 @@ def test_summary_counts_every_split():
     for name, split in (("train", task.train), ("validation", task.validation), ("test", task.test)):
         line = next(line for line in text.splitlines() if line.startswith(name + " "))
         assert int(line.split()[1]) == len(split)
+
+
+def test_hotpotqa_cold_start_traces_are_made_from_the_training_file(tmp_path):
+    """task=hotpotqa with a missing traces file: multihop traces of the training file are written."""
+    from data.datamodule import QADataModule
+
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    dm = QADataModule(task="hotpotqa", train_path=str(train), batch_size=1, traces=str(tmp_path / "t.jsonl"),
+                      num_traces=2)
+    dm.setup()
+    assert (tmp_path / "t.jsonl").exists() and dm.train_traces
+    assert {t.style for t in dm.train_traces} == {"multihop"}
+    assert {t.question for t in dm.train_traces} <= {r["question"] for r in ROWS}

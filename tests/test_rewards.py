@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from grpo.prompts import BUDGET_OBSERVATION
 from grpo.rewards import (OTCWeights, VOIWeights, check_finite_rewards, exact_match, f1_score,
                           normalize_answer, otc_group_rewards, otc_optimal_calls, otc_tool_factor,
                           parse_completion, voi_reward, voi_reward_bounds)
@@ -142,10 +143,10 @@ def _voi(text, calls, no_obs, golds=("53 million",)):
     # unclosed call then a correct answer: 1.0 - 0.5 + 0 - 0.2, no direct bonus (a call was
     # attempted) = 0.3
     ("<call>Kenya<answer>53 million</answer>", 0, 1, dict(direct_bonus=0.0, total=0.3)),
-    # over budget (max 2): 2 executed + 1 refused, no <obs> after the refused call (malformed):
-    # 1.0 - 0.5 - 2*0.05 - 0.2 = 0.2
-    (TWO_CALLS.replace("<answer>", "<call>more</call><answer>"), 2, 1,
-     dict(correct=1.0, format=-0.5, tool_cost=-0.1, no_obs_penalty=-0.2, total=0.2)),
+    # over budget (max 2): 2 executed + 1 refused, which the rollout answers with the budget
+    # observation, so the text stays well-formed: 1.0 + 0.1 - 2*0.05 - 0.2 = 0.8
+    (TWO_CALLS.replace("<answer>", f"<call>more</call><obs>{BUDGET_OBSERVATION}</obs><answer>"), 2, 1,
+     dict(correct=1.0, format=0.1, tool_cost=-0.1, no_obs_penalty=-0.2, direct_bonus=0.0, total=0.8)),
 ])
 def test_voi_table(text, calls, no_obs, expected):
     r = _voi(text, calls, no_obs)
@@ -192,11 +193,11 @@ def test_otc_group_rewards_n_zero():
     texts = ["<answer>53 million</answer>", TWO_CALLS, KENYA.replace("53", "12"), "53 million"]
     out = otc_group_rewards(texts, ["53 million"], [0, 2, 1, 0])
     assert otc_optimal_calls([True, True, False, False], [0, 2, 1, 0]) == 0
-    # n = 0: correct direct 1*1 + 0.1; correct with 2 calls cos(2pi/5) + 0.1; wrong 0 + 0.1;
-    # no answer 0 - 0.5
-    totals = [1.1, math.cos(2 * math.pi / 5) + 0.1, 0.1, -0.5]
+    # n = 0, default c = 6: correct direct 1*1 + 0.1; correct with 2 calls cos(2pi/(4+6)) + 0.1;
+    # wrong 0 + 0.1; no answer 0 - 0.5
+    totals = [1.1, math.cos(math.pi / 5) + 0.1, 0.1, -0.5]
     assert [r["total"] for r in out] == pytest.approx(totals)
-    assert [r["tool_factor"] for r in out] == pytest.approx([1.0, math.cos(2 * math.pi / 5), 1.0, 1.0])
+    assert [r["tool_factor"] for r in out] == pytest.approx([1.0, math.cos(math.pi / 5), 1.0, 1.0])
 
 
 def test_otc_group_rewards_n_one_and_alpha():

@@ -327,3 +327,93 @@ def test_sample_next_distribution(temperature, top_p, expected):
     draws = sample_next(logits, temperature, top_p, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=3).float() / len(draws)
     assert torch.allclose(freq, torch.tensor(expected), atol=0.015)
+
+# --------------------------------------------------------------------------------------- π_old
+
+
+@pytest.fixture(scope="module")
+def tempered_rollout():
+    """A seeded rollout at T = 0.7 (B=2 prompts of different lengths, G=3, tool turns): the sampled ids,
+    what the rollout recorded as π_old, and the logits of every decode step."""
+    model, tokenizer = load_model_and_tokenizer("tiny", seed=3)
+    biased = ToolBiased(model.eval(), {"<call>": 3.0, "</call>": 3.5, "<answer>": 1.5, "</answer>": 2.0})
+    r = rollout(biased, tokenizer, ["What is the capital of France?", "Hi"], lambda q: f"result for {q}",
+                group_size=3, max_new_tokens=40, temperature=0.7, generator=torch.Generator().manual_seed(2))
+    return r, biased, list(biased.step_logits)
+
+
+def test_scored_logprobs_are_the_sampling_distribution(tempered_rollout):
+    """The loss's log π(o_t) (`completion_logprobs`, one packed forward) equals, token for token, the
+    log-softmax at temperature T of the very decode step that sampled o_t (`sample_logp`, π_old).
+
+    Catches: scoring token t with the logits of t+1 (or t-1), scoring without the temperature, the
+    prefill logits or cache tiled in the wrong order (rows of a group sampled from another prompt),
+    observation or padding positions counted as sampled."""
+    from grpo.logprobs import completion_logprobs
+
+    r, biased, _ = tempered_rollout
+    assert (r.completion_mask == 0).any(1).sum() >= 2, "tool turns expected in the set-up"
+    assert len(set(r.attention_mask.sum(1).tolist())) > 1
+    with torch.no_grad():
+        scored = completion_logprobs(biased, r, temperature=0.7)                   # (N, C)
+    m = r.completion_mask.bool()
+    assert int(m.sum()) == int(r.num_generated.sum())
+    torch.testing.assert_close(scored[m], r.sample_logp[m], atol=1e-4, rtol=1e-4)
+    assert (r.sample_logp[~m] == 0).all()
+    assert (r.sample_logp[m] < 0).all() and (r.sample_logp[m] > -30).all()
+    with torch.no_grad():  # the wrong temperature is told apart
+        at_t1 = completion_logprobs(biased, r, temperature=1.0)
+    assert (at_t1[m] - r.sample_logp[m]).abs().max() > 1e-2
+
+
+def test_sample_logp_is_the_step_log_softmax(tempered_rollout):
+    """Independently of the loss code: each recorded π_old is log softmax(step logits / T)[token] of a
+    decode step of its row (the prefill's B rows tiled with repeat_interleave: row n is prompt n // G)."""
+    r, _, step_logits = tempered_rollout
+    G = 3
+    steps = [step_logits[0].repeat_interleave(G, dim=0)] + step_logits[1:]        # each (N, V)
+    for i in range(len(r.input_ids)):
+        t = 0
+        for c in r.completion_mask[i].nonzero().squeeze(-1).tolist():
+            tok = r.completion_ids[i, c]
+            want = float(r.sample_logp[i, c])
+            while t < len(steps) and abs(float(torch.log_softmax(steps[t][i].float() / 0.7, -1)[tok]) - want) > 1e-4:
+                t += 1
+            assert t < len(steps), f"row {i}: π_old of token {c} is no decode step's log-softmax"
+            t += 1
+
+
+def test_budget_note_is_the_same_in_rollout_and_sft():
+    """With show_budget, executed calls end their observation with the searches left; a refused call
+    gets the budget notice alone; SFT tokenizes the same completion to the same ids."""
+    from data.traces import Trace
+    from grpo.prompts import budget_note
+    from grpo.sft import tokenize_trace
+
+    script = "<call>q1</call><call>q2</call><call>q3</call><answer>a</answer>"
+    r, _, env = run([script], ["Q"], group_size=1, max_tool_calls=2, show_budget=True)
+    ids, mask = pieces(("<call>q1</call>", 1), obs(ENV_TEXT + " [1 search left]"), ("<call>q2</call>", 1),
+                       obs(ENV_TEXT + " [0 searches left]"), ("<call>q3</call>", 1), obs(BUDGET_OBSERVATION),
+                       ("<answer>a</answer>", 1))
+    assert completion(r, 0) == ids and r.completion_mask[0].tolist() == mask
+    assert budget_note(1) == " [1 search left]" and env.queries == ["q1", "q2"]
+    trace = Trace(id="search/x", question="Q", answers=("a",), kind="lookup", style="search",
+                  segments=(("model", "<call>q1</call>"), ("obs", ENV_TEXT), ("model", "<call>q2</call>"),
+                            ("obs", ENV_TEXT), ("model", "<answer>a</answer>")))
+    sft_ids, _ = tokenize_trace(TOK, trace, max_tool_calls=2)
+    expected = pieces(("<call>q1</call>", 1), obs(ENV_TEXT + " [1 search left]"), ("<call>q2</call>", 1),
+                      obs(ENV_TEXT + " [0 searches left]"), ("<answer>a</answer>", 1))[0]
+    assert sft_ids[-len(expected) - 1:-1] == expected and sft_ids[-1] == TOK.eos_token_id
+    off = run([script], ["Q"], group_size=1, max_tool_calls=2)[0]  # the option is off by default
+    assert "searches left" not in off.texts[0] and "search left" not in off.texts[0]
+
+
+def test_refused_call_is_well_formed_and_charged():
+    """Over the budget the env answers with the budget observation: the text parses as well-formed,
+    and the refused call is charged through num_calls_no_obs (VOI: 1.0 + 0.1 - 0.05 - 0.2 = 0.85)."""
+    from grpo.rewards import parse_completion, voi_reward
+
+    r, _, _ = run(["<call>q1</call><call>q2</call><answer>a</answer>"], ["Q"], group_size=1, max_tool_calls=1)
+    assert parse_completion(r.texts[0]).well_formed
+    total = voi_reward(r.texts[0], ["a"], int(r.num_calls[0]), int(r.num_calls_no_obs[0]))["total"]
+    assert total == pytest.approx(0.85)
