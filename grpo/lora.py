@@ -78,7 +78,8 @@ def lora_rank(deltas: dict[str, LoraDelta], which: str) -> int:
     """The one rank r of an adapter (ValueError if its modules differ, e.g. with a rank_pattern)."""
     ranks = {d.A.shape[0] for d in deltas.values()}
     if len(ranks) != 1:
-        raise ValueError(f"{which} adapter has ranks {sorted(ranks)}: stacking needs one rank per adapter")
+        raise ValueError(f"{which} adapter has ranks {sorted(ranks)}: stacking it with another adapter into "
+                         "one LoRA (stack_lora) needs a single rank (no rank_pattern)")
     return ranks.pop()
 
 

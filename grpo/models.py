@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from grpo.lora import check_lora_config, lora_deltas
+from grpo.lora import check_lora_config, lora_deltas, lora_rank
 from grpo.tokenizer import ByteTokenizer
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -185,6 +185,7 @@ def merge_adapter(model: nn.Module, adapter: str) -> nn.Module:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     peft_model = PeftModel.from_pretrained(model, adapter)
     init_lora = lora_deltas(peft_model)
+    lora_rank(init_lora, f"init_adapter={adapter!r}:")  # fail now, not at the first export (grpo.lora.stack_lora)
     model = peft_model.merge_and_unload()
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)

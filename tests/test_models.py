@@ -157,6 +157,9 @@ def test_init_adapter_must_be_plain_lora(tmp_path):
     dora = saved(LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), "dora")
     with pytest.raises(ValueError, match="use_dora=True"):
         add_lora(load_model_and_tokenizer("tiny")[0], init_adapter=dora)
+    patterned = saved(LoraConfig(r=2, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 4}), "ranks")
+    with pytest.raises(ValueError, match=r"ranks \[2, 4\]"):
+        load_model_and_tokenizer("tiny", init_adapter=patterned)
     plain = saved(LoraConfig(r=2, target_modules=["q_proj"]), "plain")
     with pytest.raises(ValueError, match="already has an init adapter"):
         add_lora(load_model_and_tokenizer("tiny", init_adapter=plain)[0], init_adapter=plain)
