@@ -1,5 +1,8 @@
-"""Export LoRA adapters in PEFT format (loadable with `PeftModel.from_pretrained`): at the end of
-`fit` (`ExportAdapter`) and beside every checkpoint (`AdapterCheckpoint`)."""
+"""Export the policy as a LoRA adapter in PEFT format (loadable with `PeftModel.from_pretrained` on
+the raw base model): at the end of `fit` (`ExportAdapter`) and beside every checkpoint
+(`AdapterCheckpoint`). When training started from an init adapter (the SFT cold start, merged into
+the base), the export is both adapters stacked into one (`grpo.lora.export_lora`), so that it is
+the trained policy and not only its GRPO update."""
 from __future__ import annotations
 
 import os
@@ -12,14 +15,16 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from grpo.lora import export_lora
+
 
 def save_adapter(policy, target: Path) -> Path:
-    """Write the adapter to `target` atomically: a temporary folder, then a rename."""
+    """Write the policy's adapter (`export_lora`) to `target` atomically: a temporary folder, then a rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        policy.save_pretrained(tmp)
+        export_lora(policy, tmp)
         old = target.with_name(f".{target.name}.old")
         if target.exists():
             os.replace(target, old)

@@ -200,9 +200,9 @@ def _load_lightning_checkpoint(path: Path, model_name: str | None):
     if model_name is not None and model_name != name:
         raise ValueError(f"--model {model_name!r}: the checkpoint was trained on {name!r}")
     model, tokenizer = load_model_and_tokenizer(name, hp.get("dtype", "float32"), hp.get("load_in_4bit", False),
-                                                seed=hp.get("seed", 0))
+                                                seed=hp.get("seed", 0), init_adapter=hp.get("init_adapter"))
     if hp.get("lora", True):
-        model = add_lora(model, hp["lora_r"], hp["lora_alpha"], 0.0, tuple(hp["lora_targets"]), hp.get("init_adapter"))
+        model = add_lora(model, hp["lora_r"], hp["lora_alpha"], 0.0, tuple(hp["lora_targets"]))
     state = ckpt["state_dict"]
     foreign = [k for k in state if not k.startswith("policy.")]
     weights = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}

@@ -8,6 +8,11 @@ Model names
                              tokenizer of `grpo.tokenizer`: built in memory, no files (tests).
     anything else            a local HF folder or a hub id (needs internet for the hub).
 
+An `init_adapter` (the SFT cold start, a PEFT LoRA folder) is merged into the base weights as the
+model loads (`merge_adapter`), before LoRA or full fine-tuning is set up: the trained weights and
+the reference policy both start from the SFT policy. Its (A, B, scale) stay on the model as
+`model.init_lora`, so that an export can write the trained policy as one adapter (`grpo.lora`).
+
 The reference policy of the KL term is the same network with its LoRA adapters disabled
 (`reference_policy`), so it costs no memory; with full fine-tuning a frozen copy is kept.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -24,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from grpo.lora import check_lora_config, lora_deltas, lora_rank
 from grpo.tokenizer import ByteTokenizer
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -136,9 +143,8 @@ def check_4bit(load_in_4bit: bool) -> None:
                       "but it is not faster than fp32; it only saves memory")
 
 
-def load_model_and_tokenizer(name: str = SMOLLM2, dtype: str = "float32", load_in_4bit: bool = False,
-                             seed: int = 0):
-    """(model, tokenizer) for a model name (see the module docstring). No hub access for the defaults."""
+def _load(name: str, dtype: str, load_in_4bit: bool, seed: int):
+    """(model, tokenizer) of `load_model_and_tokenizer`, before any adapter is merged."""
     check_model_name(name)
     check_4bit(load_in_4bit)
     if dtype not in DTYPES:
@@ -161,20 +167,55 @@ def load_model_and_tokenizer(name: str = SMOLLM2, dtype: str = "float32", load_i
     return model, tokenizer
 
 
+def merge_adapter(model: nn.Module, adapter: str) -> nn.Module:
+    """Merge a PEFT LoRA folder into the base weights: W ← W + s·BA for every Linear it adapts.
+
+    Its update is kept as `model.init_lora` ({module name: LoraDelta}, CPU): the merged weights
+    alone no longer tell it apart from the base, and an export needs it (`grpo.lora.export_lora`).
+    Weights that were trainable stay trainable (PEFT freezes them while the adapter is attached).
+    """
+    from peft import PeftModel
+
+    config_file = Path(adapter) / "adapter_config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"init_adapter={adapter!r}: no adapter_config.json there")
+    if getattr(model, "init_lora", None) is not None:
+        raise ValueError(f"init_adapter={adapter!r}: the model already has an init adapter merged")
+    check_lora_config(json.loads(config_file.read_text()), f"init_adapter={adapter!r}")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    peft_model = PeftModel.from_pretrained(model, adapter)
+    init_lora = lora_deltas(peft_model)
+    lora_rank(init_lora, f"init_adapter={adapter!r}:")  # fail now, not at the first export (grpo.lora.stack_lora)
+    model = peft_model.merge_and_unload()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+    model.init_lora = init_lora
+    return model
+
+
+def load_model_and_tokenizer(name: str = SMOLLM2, dtype: str = "float32", load_in_4bit: bool = False,
+                             seed: int = 0, init_adapter: str | None = None):
+    """(model, tokenizer) for a model name (see the module docstring), with `init_adapter` (a PEFT LoRA
+    folder) merged into its weights if given. No hub access for the defaults."""
+    model, tokenizer = _load(name, dtype, load_in_4bit, seed)
+    if init_adapter is not None:
+        model = merge_adapter(model, init_adapter)
+    return model, tokenizer
+
+
 def add_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.0,
              target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS, init_adapter: str | None = None) -> nn.Module:
     """Wrap `model` with fresh LoRA adapters (peft); only they are trainable.
 
     `init_adapter` (a PEFT folder, e.g. the SFT cold-start adapter) is first merged into the
-    base weights, so that disabling the fresh adapters gives back the SFT policy: the KL term
-    then anchors GRPO to the SFT policy, not to the raw base model (trl #3194).
+    base weights (`merge_adapter`, as `load_model_and_tokenizer(init_adapter=...)` does), so that
+    disabling the fresh adapters gives back the SFT policy: the KL term then anchors GRPO to the
+    SFT policy, not to the raw base model (trl #3194).
     """
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     if init_adapter is not None:
-        if not (Path(init_adapter) / "adapter_config.json").exists():
-            raise FileNotFoundError(f"init_adapter={init_adapter!r}: no adapter_config.json there")
-        model = PeftModel.from_pretrained(model, init_adapter).merge_and_unload()
+        model = merge_adapter(model, init_adapter)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)

@@ -201,10 +201,11 @@ class PolicyModule(L.LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        model, self.tokenizer = load_model_and_tokenizer(hp.model_name, hp.dtype, hp.load_in_4bit, seed=hp.seed)
+        # the SFT init adapter is merged first: LoRA or full fine-tuning, π_ref is the SFT policy (trl #3194)
+        model, self.tokenizer = load_model_and_tokenizer(hp.model_name, hp.dtype, hp.load_in_4bit, seed=hp.seed,
+                                                         init_adapter=hp.init_adapter)
         if hp.lora:
-            model = add_lora(model, hp.lora_r, hp.lora_alpha, hp.lora_dropout, tuple(hp.lora_targets),
-                             hp.init_adapter)
+            model = add_lora(model, hp.lora_r, hp.lora_alpha, hp.lora_dropout, tuple(hp.lora_targets))
         elif getattr(hp, "beta", 0) > 0:
             self.ref_model = frozen_copy(model)  # full fine-tuning: π_ref is a frozen copy
         self.policy = model.train()  # HF loads in eval mode; LoRA dropout (if any) should act in training

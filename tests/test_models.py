@@ -125,6 +125,45 @@ def test_init_adapter_becomes_the_reference(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         add_lora(load_model_and_tokenizer("tiny")[0], init_adapter=str(tmp_path / "nowhere"))
 
+def test_full_finetuning_starts_from_init_adapter(tmp_path):
+    """lora=False with an SFT init adapter: the trained weights and the frozen π_ref both start as the
+    SFT policy (base + adapter merged), not as the raw base model."""
+    from grpo.module import GRPOModule
+
+    sft = add_lora(load_model_and_tokenizer("tiny")[0], r=4)
+    randomize_lora_b(sft, seed=1)
+    sft_logits = logits(sft.eval())
+    sft.save_pretrained(tmp_path / "sft")
+    module = GRPOModule(model_name="tiny", lora=False, init_adapter=str(tmp_path / "sft"), beta=0.04)
+    module.configure_model()
+    assert not torch.allclose(sft_logits, logits(load_model_and_tokenizer("tiny")[0]), atol=1e-3)
+    torch.testing.assert_close(logits(module.policy.eval()), sft_logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits(module.ref_model), sft_logits, atol=1e-5, rtol=1e-4)
+    assert all(p.requires_grad for p in module.policy.parameters())  # full fine-tuning: every weight trains
+
+
+def test_init_adapter_must_be_plain_lora(tmp_path):
+    """An init adapter that is not a low-rank update ΔW = s·BA (another PEFT method, DoRA) is refused,
+    naming the option, before anything is merged."""
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    def saved(config, name):
+        get_peft_model(load_model_and_tokenizer("tiny")[0], config).save_pretrained(tmp_path / name)
+        return str(tmp_path / name)
+
+    ia3 = saved(IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]), "ia3")
+    with pytest.raises(ValueError, match="peft_type='IA3'"):
+        load_model_and_tokenizer("tiny", init_adapter=ia3)
+    dora = saved(LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), "dora")
+    with pytest.raises(ValueError, match="use_dora=True"):
+        add_lora(load_model_and_tokenizer("tiny")[0], init_adapter=dora)
+    patterned = saved(LoraConfig(r=2, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 4}), "ranks")
+    with pytest.raises(ValueError, match=r"ranks \[2, 4\]"):
+        load_model_and_tokenizer("tiny", init_adapter=patterned)
+    plain = saved(LoraConfig(r=2, target_modules=["q_proj"]), "plain")
+    with pytest.raises(ValueError, match="already has an init adapter"):
+        add_lora(load_model_and_tokenizer("tiny", init_adapter=plain)[0], init_adapter=plain)
+
 # --------------------------------------------------------------------------------------- early errors
 
 

@@ -1,0 +1,157 @@
+"""LoRA adapters as plain tensors: read them off a PEFT model, stack two into one, write one as a
+PEFT folder that `PeftModel.from_pretrained(base, folder)` loads.
+
+Why: GRPO from the SFT cold start merges the SFT adapter into the base weights and trains fresh
+adapters on top (`grpo.models.merge_adapter`, then `add_lora`), so each adapted Linear of the
+trained policy is
+
+    W' = W + s₁·B₁A₁ + s₂·B₂A₂        (1: SFT adapter, 2: GRPO adapter; s = lora_alpha / r)
+
+and the GRPO adapter alone, applied to the raw base W, is not the policy. `stack_lora` writes the
+sum as one LoRA of rank r₁ + r₂ at scale 1 (LoRA, Hu et al. 2021, eq. 3: ΔW = s·BA):
+
+    s₁·B₁A₁ + s₂·B₂A₂ = [√s₁·B₁ | √s₂·B₂] · [√s₁·A₁ ; √s₂·A₂]
+
+Only plain LoRA on Linear layers is such a low-rank update; anything else (another PEFT method,
+DoRA, a trained bias, modules saved whole) is refused with the option named (`check_lora_config`).
+
+Shapes: r rank, d_in / d_out the in / out features of the adapted Linear.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# options that make an adapter more than ΔW = s·BA on Linear layers, with their plain values
+NOT_PLAIN_LORA = ("use_dora", "lora_bias", "modules_to_save", "fan_in_fan_out", "trainable_token_indices",
+                  "layer_replication", "target_parameters")
+
+
+@dataclass(frozen=True)
+class LoraDelta:
+    """The LoRA update of one Linear: ΔW = scale · B @ A."""
+    A: torch.Tensor   # (r, d_in)
+    B: torch.Tensor   # (d_out, r)
+    scale: float      # lora_alpha / r (lora_alpha / √r with rsLoRA)
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.B.float() @ self.A.float())  # (d_out, d_in)
+
+
+def check_lora_config(config: dict, where: str) -> None:
+    """ValueError unless `config` (an adapter_config.json as a dict) is plain LoRA: ΔW = s·BA per Linear."""
+    peft_type = str(getattr(config.get("peft_type"), "value", config.get("peft_type")))
+    if peft_type != "LORA":
+        raise ValueError(f"{where}: peft_type={peft_type!r}; only LoRA adapters (peft_type 'LORA') can be "
+                         "merged and exported as one adapter")
+    bad = {k: config[k] for k in NOT_PLAIN_LORA if config.get(k)}
+    if config.get("bias", "none") != "none":
+        bad["bias"] = config["bias"]
+    if bad:
+        raise ValueError(f"{where}: {', '.join(f'{k}={v!r}' for k, v in bad.items())}; only plain LoRA "
+                         "(a low-rank update ΔW = s·BA of Linear layers) can be merged and exported as one adapter")
+
+
+def lora_deltas(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, LoraDelta]:
+    """{module name in the base model: its LoraDelta} of one adapter of a PEFT model, on the CPU."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, m in peft_model.get_base_model().named_modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        if adapter_name in m.lora_embedding_A:
+            raise ValueError(f"{name}: a LoRA adapter on an embedding; only Linear layers can be exported")
+        if adapter_name in m.lora_A:
+            out[name] = LoraDelta(A=m.lora_A[adapter_name].weight.detach().cpu(),   # (r, d_in)
+                                  B=m.lora_B[adapter_name].weight.detach().cpu(),   # (d_out, r)
+                                  scale=float(m.scaling[adapter_name]))
+    return out
+
+
+def lora_rank(deltas: dict[str, LoraDelta], which: str) -> int:
+    """The one rank r of an adapter (ValueError if its modules differ, e.g. with a rank_pattern)."""
+    ranks = {d.A.shape[0] for d in deltas.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"{which} adapter has ranks {sorted(ranks)}: stacking it with another adapter into "
+                         "one LoRA (stack_lora) needs a single rank (no rank_pattern)")
+    return ranks.pop()
+
+
+def _scaled_blocks(d: LoraDelta | None, r: int, d_in: int, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(√s·A, √s·B) in fp32, or zeros of rank r for a module the adapter does not adapt."""
+    if d is None:
+        return torch.zeros(r, d_in), torch.zeros(d_out, r)                        # (r, d_in), (d_out, r)
+    root = math.sqrt(d.scale)
+    return root * d.A.float(), root * d.B.float()                                 # (r, d_in), (d_out, r)
+
+
+def stack_lora(first: dict[str, LoraDelta], second: dict[str, LoraDelta]) -> dict[str, LoraDelta]:
+    """One LoRA whose update is the sum of two, rank r₁ + r₂, scale 1 (fp32):
+
+        s₁·B₁A₁ + s₂·B₂A₂ = [√s₁·B₁ | √s₂·B₂] · [√s₁·A₁ ; √s₂·A₂]
+
+    It adapts the union of the two adapters' modules; a module that only one of them adapts gets
+    zeros in the other's block.
+    """
+    r1, r2 = lora_rank(first, "the first"), lora_rank(second, "the second")
+    out = {}
+    for name in [*first, *(n for n in second if n not in first)]:
+        a, b = first.get(name), second.get(name)
+        d_out, d_in = (a or b).B.shape[0], (a or b).A.shape[1]
+        if a is not None and b is not None and (b.B.shape[0], b.A.shape[1]) != (d_out, d_in):
+            raise ValueError(f"{name}: the adapters disagree on its shape: (d_out, d_in) = {(d_out, d_in)} "
+                             f"vs {(b.B.shape[0], b.A.shape[1])}")
+        (A1, B1), (A2, B2) = _scaled_blocks(a, r1, d_in, d_out), _scaled_blocks(b, r2, d_in, d_out)
+        out[name] = LoraDelta(A=torch.cat([A1, A2], dim=0),                       # (r1 + r2, d_in)
+                              B=torch.cat([B1, B2], dim=1),                       # (d_out, r1 + r2)
+                              scale=1.0)
+    return out
+
+
+def write_adapter(deltas: dict[str, LoraDelta], folder: Path, dtype: torch.dtype,
+                  base_model_name_or_path: str | None = None, lora_dropout: float = 0.0) -> None:
+    """Write `deltas` as a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).
+
+    Written with lora_alpha = r, so that PEFT's scale α/r is 1: each delta's own scale is folded
+    into its B (B ← s·B). target_modules are the full module names, so PEFT adapts exactly these.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    r = lora_rank(deltas, "the exported")
+    config = LoraConfig(r=r, lora_alpha=r, lora_dropout=lora_dropout, target_modules=list(deltas),
+                        task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path, inference_mode=True)
+    state = {}
+    for name, d in deltas.items():
+        state[f"base_model.model.{name}.lora_A.weight"] = d.A.to(dtype).contiguous()            # (r, d_in)
+        state[f"base_model.model.{name}.lora_B.weight"] = (d.scale * d.B).to(dtype).contiguous()  # (d_out, r)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    save_file(state, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+
+
+def export_lora(policy: nn.Module, folder: Path) -> None:
+    """Write the policy (a PEFT model) as one PEFT LoRA folder that is the policy on the raw base.
+
+    With an init adapter merged into the base (`model.init_lora`, set by `grpo.models.merge_adapter`)
+    the folder holds `stack_lora(init adapter, policy's adapter)`, in the dtype of the policy's adapter
+    weights (PEFT keeps adapters in fp32 on a bf16 base); without one, it is PEFT's own `save_pretrained`.
+    Exact in fp32; on a bf16 base the policy's merged weights were rounded to bf16, which the folder
+    cannot carry, so it matches the policy up to that rounding.
+    """
+    init = getattr(policy.get_base_model(), "init_lora", None)
+    if init is None:
+        policy.save_pretrained(folder)
+        return
+    config = policy.peft_config[policy.active_adapter]
+    check_lora_config(config.to_dict(), "the policy's adapter")
+    fresh = lora_deltas(policy, policy.active_adapter)
+    dtype = next(iter(fresh.values())).A.dtype
+    write_adapter(stack_lora(init, fresh), folder, dtype, config.base_model_name_or_path, config.lora_dropout)
