@@ -20,10 +20,16 @@ policy that searches on every question: `baseline_tokens` when given (measure it
 always-search run), else the cheapest evaluated point whose search rate is >= 0.99, else unknown.
 Token reduction = 1 - tokens / baseline_tokens.
 
+A `validate` or `test` run (any checkpoint, any question file: `data.val_path`) writes instead
+
+    eval.json   the metrics (overall and per kind) and one row per question (answer text, EM, calls...)
+    eval.md     the metrics as a table, one row for all questions and one per kind
+
 Under DDP, `last_eval` covers the whole validation set: the module gathers every rank's rows.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -67,6 +73,23 @@ def always_search_baseline(points: Sequence[dict], baseline_tokens: float | None
         return float(baseline_tokens)
     costs = [p["tokens"] for p in points if (p.get("search_rate") or 0.0) >= ALWAYS_SEARCH_RATE]
     return min(costs, default=None)
+
+
+EVAL_COLUMNS = (("em", "EM"), ("f1", "F1"), ("well_formed", "well-formed"), ("calls_per_sample", "calls / q"),
+                ("search_rate", "search rate"), ("tokens_per_sample", "tokens / q"),
+                ("productivity", "productivity"), ("cost_of_pass", "cost of pass"))
+
+
+def eval_markdown(metrics: dict[str, float], num_questions: dict[str, int]) -> str:
+    """`eval_metrics` output as a table: one row for all questions, one per kind present."""
+    head = "| questions | n | " + " | ".join(title for _, title in EVAL_COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(EVAL_COLUMNS) + 2)]
+    for group, n in num_questions.items():
+        prefix = "eval/" if group == "all" else f"eval/{group}/"
+        lines.append(f"| {group} | {n} | " + " | ".join(_num(metrics.get(prefix + key)) for key, _ in EVAL_COLUMNS)
+                     + " |")
+    return "\n".join(lines) + ("\n\nproductivity = correct answers / executed calls; cost of pass = sampled "
+                                "tokens / correct answers; n/a where the denominator is 0.\n")
 
 
 def _num(x: float | None, fmt: str = ".3f") -> str:
@@ -157,12 +180,30 @@ class EvalReport(L.Callback):
         # only evaluations during `fit` add points: a `validate` run's global_step is 0 whatever
         # checkpoint it loaded (its metrics are printed and logged, and the checkpoint's own row
         # was written when it was evaluated during training)
+        if trainer.state.fn in ("validate", "test") and metrics and metrics is not self._seen:
+            self._seen = metrics
+            self.write_eval(trainer, pl_module)
+            return
         if trainer.sanity_checking or trainer.state.fn != "fit" or not metrics or metrics is self._seen:
             return
         self._seen = metrics
         point = point_from_eval(trainer.global_step, metrics)
         self.points = [p for p in self.points if p["step"] != point["step"]] + [point]  # one point per step
         self.write(trainer, pl_module, log_figure=True)
+
+    on_test_end = on_validation_end
+
+    def write_eval(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """eval.json and eval.md of a validate/test run (see the module docstring)."""
+        out = self.report_dir(trainer)
+        if not trainer.is_global_zero:
+            return
+        rows = list(getattr(pl_module, "last_eval_rows", []))
+        counts = {"all": len(rows)} | {k: sum(r["kind"] == k for r in rows) for k in sorted({r["kind"] for r in rows})}
+        record = {"metrics": pl_module.last_eval, "num_questions": counts, "rows": rows}
+        atomic_write(out / "eval.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, ensure_ascii=False)))
+        atomic_write(out / "eval.md", lambda tmp: Path(tmp).write_text(eval_markdown(pl_module.last_eval, counts)))
+        pl_module.print(f"[eval] {out / 'eval.md'}  {out / 'eval.json'}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.points:

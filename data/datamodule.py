@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from data.loader import ResumableBatches
 from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import build_offline_task
+from data.questions import read_questions
 from data.types import QAExample
 from envs.search import MockSearchEnv
 
@@ -37,7 +38,9 @@ class QADataModule(L.LightningDataModule):
             seed: seed of the offline task's splits and of the training order.
             train_path: HotpotQA training source: a local .json/.jsonl file or a hub name
                 (e.g. "hotpotqa/hotpot_qa"); required for task="hotpotqa".
-            val_path: HotpotQA validation source (file or hub name, split "validation").
+            val_path: the questions of validation and test: HotpotQA: a file or hub name (split
+                "validation"); offline: a question file (.jsonl, see `data.questions`) replacing the
+                task's own validation and test splits, e.g. a balanced test set.
             train_limit: use only the first n training questions (None: all).
             val_limit: evaluate on the first n validation questions (None: all).
             search_top_k: hits per search.
@@ -55,6 +58,8 @@ class QADataModule(L.LightningDataModule):
         for name, value in (("train_limit", train_limit), ("val_limit", val_limit)):
             if value is not None and value < 1:
                 raise ValueError(f"data.{name}={value}: must be >= 1 or null")
+        if task == "offline" and val_path is not None and not Path(val_path).is_file():
+            raise FileNotFoundError(f"data.val_path={val_path!r}: no such question file")
         if task == "hotpotqa":
             if train_path is None:
                 raise ValueError("data.train_path is required for task='hotpotqa' (a .jsonl file or a hub name)")
@@ -77,6 +82,8 @@ class QADataModule(L.LightningDataModule):
         if hp.task == "offline":
             task = build_offline_task(seed=hp.seed)
             self.train_set, self.val_set, self.test_set = task.train, task.validation, task.test
+            if hp.val_path:
+                self.val_set = self.test_set = read_questions(hp.val_path)
             self.documents = task.documents
         else:
             self.train_set = load_hotpotqa(hp.train_path, "train")
