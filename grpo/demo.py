@@ -38,6 +38,7 @@ def main() -> None:
     print("\nOutputs:")
     print(f"  report       {report / 'report.md'}")
     print(f"  Pareto plot  {report / 'pareto.png'}")
+    print(f"  evaluation   {report / 'eval.md'} (the validated checkpoint, overall and per kind)")
     print("  adapters     outputs/demo/sft_adapter, outputs/demo/checkpoints/*.adapter")
     print("  TensorBoard  .venv/bin/tensorboard --logdir runs/demo")
     print("  inference    .venv/bin/python -m grpo.infer --checkpoint outputs/demo/checkpoints/last.ckpt "

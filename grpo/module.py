@@ -21,7 +21,7 @@ import torch
 from data.types import QAExample
 from grpo.logprobs import completion_logprobs
 from grpo.losses import group_advantages, grpo_loss
-from grpo.models import DEFAULT_LORA_TARGETS, SMOLLM2, reference_policy
+from grpo.models import SMOLLM2, reference_policy
 from grpo.policy import PolicyModule, check_positive
 from grpo.rewards import OTCWeights, VOIWeights, check_finite_rewards, otc_group_rewards, voi_reward
 from grpo.rollout import Rollout
@@ -42,33 +42,17 @@ def ddp_token_scale(local_tokens: torch.Tensor, global_tokens: torch.Tensor, wor
 
 
 class GRPOModule(PolicyModule):
-    def __init__(self, model_name: str = SMOLLM2, dtype: str = "float32", load_in_4bit: bool = False,
-                 lora: bool = True, lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
-                 lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS, init_adapter: str | None = None,
-                 group_size: int = 8, max_new_tokens: int = 256, max_tool_calls: int = 5,
-                 max_obs_tokens: int = 160, temperature: float = 1.0, top_p: float = 1.0,
-                 reward: str = "voi", voi_weights: VOIWeights | None = None, otc_weights: OTCWeights | None = None,
+    """GRPO with in-loop tool calls. The options shared with SFT (model, LoRA, optimizer, sampling
+    budgets, evaluation) are `PolicyModule`'s; these are GRPO's own."""
+
+    def __init__(self, group_size: int = 8, temperature: float = 1.0, top_p: float = 1.0, reward: str = "voi",
+                 voi_weights: VOIWeights | None = None, otc_weights: OTCWeights | None = None,
                  scale_by_std: bool = True, beta: float = 0.04, clip_eps: float = 0.2,
-                 clip_eps_high: float | None = None, token_level: bool = True, num_updates: int = 1,
-                 lr: float = 2e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
-                 max_grad_norm: float = 1.0, eval_temperature: float = 0.0, eval_max_new_tokens: int | None = None,
-                 seed: int = 0, show_budget: bool = False, eval_top_p: float = 1.0):
+                 clip_eps_high: float | None = None, token_level: bool = True, num_updates: int = 1, **kwargs):
         """
         Args:
-            model_name: "smollm2-135m-instruct" (default, offline), "tiny" (random, tests), a HF folder or hub id.
-            dtype: weights' dtype: float32 | bfloat16 | float16. (bf16 decoding is slower on this CPU.)
-            load_in_4bit: NF4 weights through bitsandbytes (meant for CUDA; allowed on CPU with a warning).
-            lora: train LoRA adapters (True) or every weight (False, with a frozen copy as π_ref).
-            lora_r: LoRA rank r.
-            lora_alpha: LoRA scale α (the update is scaled by α/r).
-            lora_dropout: dropout on the LoRA input.
-            lora_targets: module names that get adapters.
-            init_adapter: a PEFT adapter folder (the SFT cold start) merged in first; π_ref is then the SFT policy.
             group_size: G, completions sampled per question.
-            max_new_tokens: budget of sampled tokens per completion (observations not counted).
-            max_tool_calls: executed calls per completion; past it the env answers with a budget notice.
-            max_obs_tokens: an observation is cut to this many tokens.
-            temperature: sampling temperature (the loss uses the same one).
+            temperature: sampling temperature of training rollouts (the loss scores the same one).
             top_p: nucleus threshold of training rollouts: must be 1, since the loss scores the full softmax
                 and a truncated sampler would be scored as another distribution (use eval_top_p).
             reward: "voi" (value-of-information table) or "otc" (OTC-GRPO tool-efficiency reward).
@@ -79,26 +63,9 @@ class GRPOModule(PolicyModule):
             clip_eps: ε of the clipped surrogate.
             clip_eps_high: upper ε (DAPO clip-higher); None means ε.
             token_level: average the loss over all completion tokens of the batch (True) or per sequence first.
-            num_updates: μ, policy updates per rollout batch.
-            lr: peak learning rate (AdamW), reached after warm-up, then cosine decay.
-            weight_decay: AdamW weight decay.
-            warmup_ratio: share of the steps spent warming up.
-            max_grad_norm: gradient clipping by global norm (0: off).
-            eval_temperature: temperature of evaluation rollouts (0: greedy).
-            eval_max_new_tokens: token budget of evaluation rollouts (None: max_new_tokens).
-            seed: seed of the tiny model's weights and of the rollout sampler.
-            show_budget: end each observation with the searches left ("[2 searches left]"), the Budget
-                Tracker of "Budget-Aware Tool-Use Enables Effective Agent Scaling"; train the cold start
-                with the same setting.
-            eval_top_p: nucleus threshold of evaluation rollouts (eval_temperature > 0).
+            num_updates: μ, policy updates per rollout batch (each is one optimizer step: trainer.max_steps
+                counts them).
         """
-        super().__init__(
-            model_name=model_name, dtype=dtype, load_in_4bit=load_in_4bit, lora=lora, lora_r=lora_r,
-            lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, init_adapter=init_adapter,
-            lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm,
-            max_new_tokens=max_new_tokens, max_tool_calls=max_tool_calls, max_obs_tokens=max_obs_tokens, top_p=top_p,
-            eval_temperature=eval_temperature, eval_max_new_tokens=eval_max_new_tokens, seed=seed,
-            show_budget=show_budget, eval_top_p=eval_top_p)
         if top_p != 1.0:
             raise ValueError(f"model.top_p={top_p}: GRPO training must sample the distribution its loss scores (the "
                              f"full softmax at model.temperature); use model.eval_top_p for evaluation rollouts")
@@ -111,7 +78,7 @@ class GRPOModule(PolicyModule):
             check_positive("clip_eps_high", clip_eps_high)
         if reward not in REWARDS:
             raise ValueError(f"model.reward={reward!r}: expected one of {REWARDS}")
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         self.voi_weights = voi_weights or VOIWeights()
         self.otc_weights = otc_weights or OTCWeights()
 

@@ -120,7 +120,9 @@ class PolicyModule(L.LightningModule):
     """What GRPO and SFT share: the policy (LoRA or full) and tokenizer, the optimizer and schedule,
     agentic rollouts and their evaluation, and checkpoints of the trainable weights only.
 
-    Subclasses document every argument and call `save_hyperparameters()`.
+    The options both share are declared here, once; a subclass declares only its own and passes the
+    rest through `**kwargs` (LightningCLI follows `super().__init__(**kwargs)` and shows and checks
+    them all). Every option ends up in `self.hparams`.
     """
 
     def __init__(self, model_name: str = SMOLLM2, dtype: str = "float32", load_in_4bit: bool = False,
@@ -128,18 +130,44 @@ class PolicyModule(L.LightningModule):
                  lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS, init_adapter: str | None = None,
                  lr: float = 2e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
                  max_grad_norm: float = 1.0, max_new_tokens: int = 256, max_tool_calls: int = 5,
-                 max_obs_tokens: int = 160, top_p: float = 1.0, eval_temperature: float = 0.0,
+                 max_obs_tokens: int = 160, eval_temperature: float = 0.0,
                  eval_max_new_tokens: int | None = None, seed: int = 0, show_budget: bool = False,
-                 eval_top_p: float | None = None):
+                 eval_top_p: float = 1.0):
+        """
+        Args:
+            model_name: "smollm2-135m-instruct" (default, offline), "tiny" (random, tests), a HF folder or hub id.
+            dtype: weights' dtype: float32 | bfloat16 | float16.
+            load_in_4bit: NF4 weights through bitsandbytes (meant for CUDA; allowed on CPU with a warning).
+            lora: train LoRA adapters (True) or every weight (False; GRPO then keeps a frozen copy as π_ref).
+            lora_r: LoRA rank r.
+            lora_alpha: LoRA scale α (the update is scaled by α/r).
+            lora_dropout: dropout on the LoRA input.
+            lora_targets: module names that get adapters.
+            init_adapter: a PEFT LoRA folder (the SFT cold start) merged into the weights first; the trained
+                policy and π_ref then start from it, and exported adapters include it.
+            lr: peak learning rate (AdamW), reached after warm-up, then cosine decay to 0.
+            weight_decay: AdamW weight decay.
+            warmup_ratio: share of the optimizer steps spent warming up.
+            max_grad_norm: gradient clipping by global norm (0: off).
+            max_new_tokens: budget of sampled tokens per completion (observations not counted).
+            max_tool_calls: executed calls per completion; past it the env answers with a budget notice.
+            max_obs_tokens: an observation is cut to this many tokens (in SFT traces too).
+            eval_temperature: temperature of evaluation rollouts (0: greedy).
+            eval_max_new_tokens: token budget of evaluation rollouts (None: max_new_tokens).
+            seed: seed of the tiny model's weights and of the rollout sampler.
+            show_budget: end each observation with the searches left ("[2 searches left]"), the Budget
+                Tracker of "Budget-Aware Tool-Use Enables Effective Agent Scaling"; SFT traces, GRPO
+                rollouts and evaluation alike (train the cold start with the same setting).
+            eval_top_p: nucleus threshold of evaluation rollouts (eval_temperature > 0).
+        """
         super().__init__()
         check_model_name(model_name)
-        for name in ("max_new_tokens", "max_obs_tokens", "top_p"):
+        for name in ("max_new_tokens", "max_obs_tokens"):
             check_positive(name, locals()[name])
         check_positive("max_tool_calls", max_tool_calls, allow_zero=True)
         check_positive("eval_temperature", eval_temperature, allow_zero=True)
-        for name, value in (("top_p", top_p), ("eval_top_p", eval_top_p)):
-            if value is not None and not 0 < value <= 1:
-                raise ValueError(f"model.{name}={value}: must be in (0, 1]")
+        if not 0 < eval_top_p <= 1:
+            raise ValueError(f"model.eval_top_p={eval_top_p}: must be in (0, 1]")
         check_4bit(load_in_4bit)
         if lora:
             check_positive("lora_r", lora_r)
@@ -153,6 +181,7 @@ class PolicyModule(L.LightningModule):
             raise ValueError(f"model.lora_dropout={lora_dropout!r}: must be in [0, 1)")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"model.warmup_ratio={warmup_ratio!r}: must be in [0, 1)")
+        self.save_hyperparameters()  # this class's options and the subclass's own (Lightning collects both)
         self.policy = None  # built in configure_model, after every option has been checked
         self.ref_model = None
         self.tokenizer = None
@@ -254,7 +283,7 @@ class PolicyModule(L.LightningModule):
         hp = self.hparams
         ro = self.rollout(batch, temperature=hp.eval_temperature, group_size=1,
                           max_new_tokens=hp.eval_max_new_tokens or hp.max_new_tokens,
-                          top_p=hp.top_p if hp.get("eval_top_p") is None else hp.eval_top_p)
+                          top_p=hp.eval_top_p)
         for i, ex in enumerate(batch):
             parsed = parse_completion(ro.texts[i])
             self._eval_rows.append({

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from data.traces import Trace
-from grpo.models import DEFAULT_LORA_TARGETS, SMOLLM2
 from grpo.policy import PolicyModule
 from grpo.prompts import build_prompt, encode_observation
 
@@ -77,45 +76,9 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class SFTModule(PolicyModule):
-    def __init__(self, model_name: str = SMOLLM2, dtype: str = "float32", load_in_4bit: bool = False,
-                 lora: bool = True, lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
-                 lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS, lr: float = 2e-4, weight_decay: float = 0.0,
-                 warmup_ratio: float = 0.1, max_grad_norm: float = 1.0, max_new_tokens: int = 160,
-                 max_tool_calls: int = 5, max_obs_tokens: int = 160, top_p: float = 1.0,
-                 eval_temperature: float = 1.0, eval_max_new_tokens: int | None = None, seed: int = 0,
-                 show_budget: bool = False):
-        """
-        Args:
-            model_name: "smollm2-135m-instruct" (default, offline), "tiny" (random, tests), a HF folder or hub id.
-            dtype: weights' dtype: float32 | bfloat16 | float16.
-            load_in_4bit: NF4 weights through bitsandbytes (meant for CUDA; allowed on CPU with a warning).
-            lora: train LoRA adapters (True) or every weight (False).
-            lora_r: LoRA rank r.
-            lora_alpha: LoRA scale α.
-            lora_dropout: dropout on the LoRA input.
-            lora_targets: module names that get adapters.
-            lr: peak learning rate (AdamW), then cosine decay.
-            weight_decay: AdamW weight decay.
-            warmup_ratio: share of the steps spent warming up.
-            max_grad_norm: gradient clipping by global norm (0: off).
-            max_new_tokens: token budget of evaluation rollouts.
-            max_tool_calls: executed calls per evaluation rollout.
-            max_obs_tokens: an observation is cut to this many tokens (in training traces too).
-            top_p: nucleus threshold of evaluation sampling.
-            eval_temperature: temperature of evaluation rollouts (1: sampled, as the GRPO phase will).
-            eval_max_new_tokens: token budget of evaluation rollouts (None: max_new_tokens).
-            seed: seed of the tiny model's weights and of the evaluation sampler.
-            show_budget: end each observation with the searches left, as GRPO's model.show_budget does.
-        """
-        super().__init__(
-            model_name=model_name, dtype=dtype, load_in_4bit=load_in_4bit, lora=lora, lora_r=lora_r,
-            lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, init_adapter=None,
-            lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm,
-            max_new_tokens=max_new_tokens, max_tool_calls=max_tool_calls, max_obs_tokens=max_obs_tokens, top_p=top_p,
-            eval_temperature=eval_temperature, eval_max_new_tokens=eval_max_new_tokens, seed=seed,
-            show_budget=show_budget)
-        self.save_hyperparameters()
-        self.hparams.init_adapter = None
+    """The cold start: next-token cross-entropy on traces. Its options are all `PolicyModule`'s (the
+    sampling and evaluation ones apply to its evaluation rollouts; `init_adapter` continues an SFT
+    from an earlier adapter)."""
 
     def training_step(self, batch: list[Trace], batch_idx: int):
         if not batch or not isinstance(batch[0], Trace):

@@ -499,7 +499,7 @@ def test_batch_larger_than_the_training_split_fails_before_the_model_loads(tmp_p
 
 @pytest.mark.parametrize("option, value", [
     ("lr", 0.0), ("warmup_ratio", 1.0), ("clip_eps", 0.0), ("num_updates", 0), ("max_obs_tokens", 0),
-    ("max_tool_calls", -1), ("lora_r", 0), ("lora_alpha", 0), ("eval_temperature", -0.5), ("top_p", 0.0),
+    ("max_tool_calls", -1), ("lora_r", 0), ("lora_alpha", 0), ("eval_temperature", -0.5), ("eval_top_p", 0.0),
 ])
 def test_more_bad_options_fail_before_loading(option, value):
     """Options tests/test_module.py does not cover: a ValueError naming `model.<option>=<value>`."""
