@@ -314,3 +314,28 @@ def test_gradients_are_clipped_to_max_grad_norm():
     L.seed_everything(0)
     _fit(clipped, max_steps=2)
     assert min(raw.norms) > 1e-3 and max(clipped.norms) <= 1e-3 * (1 + 1e-4), (raw.norms, clipped.norms)
+
+
+class _OwnGradients(_RandomReward):
+    """Checks that every optimizer step sees exactly the gradient of its own loss (nothing left over
+    from the previous update: μ = 2 makes two updates per batch)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.errors = []
+
+    def optimize(self, loss):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self._expected = torch.autograd.grad(loss, params, retain_graph=True)
+        super().optimize(loss)
+
+    def on_before_optimizer_step(self, optimizer):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.errors.append(max(float((p.grad - g).abs().max()) for p, g in zip(params, self._expected)))
+
+
+def test_each_update_uses_only_its_own_gradient():
+    L.seed_everything(0)
+    m = _OwnGradients(model_name="tiny", group_size=4, max_new_tokens=8, num_updates=2, max_grad_norm=0.0, lr=1e-2)
+    _fit(m, max_steps=4)
+    assert len(m.errors) == 4 and max(m.errors) < 1e-6, m.errors
