@@ -339,3 +339,23 @@ def test_each_update_uses_only_its_own_gradient():
     m = _OwnGradients(model_name="tiny", group_size=4, max_new_tokens=8, num_updates=2, max_grad_norm=0.0, lr=1e-2)
     _fit(m, max_steps=4)
     assert len(m.errors) == 4 and max(m.errors) < 1e-6, m.errors
+
+
+def test_evaluation_rollouts_use_the_eval_settings(monkeypatch):
+    """validation_step samples with eval_temperature, eval_top_p and eval_max_new_tokens, one completion
+    per question, not with the training temperature; its rows score each question against its own gold."""
+    m = GRPOModule(model_name="tiny", temperature=0.9, eval_temperature=0.0, eval_top_p=0.5, max_new_tokens=10,
+                   eval_max_new_tokens=7)
+    seen = []
+
+    def fake_rollout(batch, temperature, group_size, max_new_tokens=None, top_p=1.0):
+        seen.append((temperature, group_size, max_new_tokens, top_p))
+        return _fake_rollout(["<answer>Paris</answer>", "<call>x</call><obs>o</obs><answer>Rome</answer>"],
+                             [0, 1], [0, 0], 1)
+
+    monkeypatch.setattr(m, "rollout", fake_rollout)
+    batch = [QAExample(id="fr", question="Capital of France?", answers=("Paris",), kind="memory"),
+             QAExample(id="es", question="Capital of Spain?", answers=("Madrid",), kind=LOOKUP)]
+    m.validation_step(batch, 0)
+    assert seen == [(0.0, 1, 7, 0.5)]
+    assert [(r["em"], r["calls"], r["kind"]) for r in m._eval_rows] == [(1.0, 0.0, "memory"), (0.0, 1.0, "lookup")]
