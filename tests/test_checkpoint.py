@@ -144,3 +144,21 @@ def test_checkpoint_adapter_with_init_adapter_is_the_policy(tmp_path):
     torch.testing.assert_close(logits(load_for_inference(str(tmp_path / "ckpt" / "step=2.ckpt"))[0]), want,
                                atol=1e-5, rtol=1e-5)
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4 + module.hparams.lora_r
+
+
+def test_reference_of_a_lora_run_from_a_cold_start_is_the_sft_policy(tmp_path):
+    """GRPO with LoRA on top of an SFT adapter: π_ref is base + SFT (merged), not the raw base and not the
+    trained policy (its fresh adapters moved here)."""
+    from peft import PeftModel
+
+    sft = make_sft_adapter(tmp_path / "sft")
+    m = GRPOModule(model_name="tiny", init_adapter=sft, lora_r=2, lora_alpha=4, beta=0.1)
+    m.configure_model()
+    randomize_lora_b(m.policy, seed=3, std=0.2)
+    from grpo.models import reference_policy
+    with torch.no_grad(), reference_policy(m.policy.eval(), m.ref_model) as ref_model:  # what the module scores
+        ref = ref_model(input_ids=IDS).logits.float()
+    sft_policy = PeftModel.from_pretrained(load_model_and_tokenizer("tiny")[0], sft).merge_and_unload()
+    torch.testing.assert_close(ref, logits(sft_policy), atol=1e-5, rtol=1e-5)
+    assert (ref - logits(load_model_and_tokenizer("tiny")[0])).abs().max() > 1e-2   # not the raw base
+    assert (ref - logits(m.policy)).abs().max() > 1e-2                              # not the policy
