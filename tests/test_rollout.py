@@ -456,3 +456,114 @@ def test_refused_call_is_well_formed_and_charged():
     assert parse_completion(r.texts[0]).well_formed
     total = voi_reward(r.texts[0], ["a"], int(r.num_calls[0]), int(r.num_calls_no_obs[0]))["total"]
     assert total == pytest.approx(0.85)
+
+# --------------------------------------------------------------------------------------- closing tags
+
+
+class PieceTokenizer:
+    """Tokens are the strings of `pieces` (BPE-like: a tag may be split, its '>' may sit in a bigger token)."""
+
+    pieces = ["<", "</", "call", "answer", ">", "></", ">.", "a", " ", "x", "c", "all", "</c", "\n"]
+
+    def __len__(self):
+        return len(self.pieces)
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+    def batch_decode(self, batch):
+        return [self.decode(ids) for ids in batch]
+
+    def ids(self, *pieces):
+        return [self.pieces.index(p) for p in pieces]
+
+
+def test_tag_closed_across_token_boundaries():
+    """A closing tag split over tokens is found at the token that ends it, also when its '>' is part of
+    a bigger token; the byte tokenizer's one-token tags too."""
+    from grpo.rollout import tag_closed
+
+    tok = PieceTokenizer()
+    cases = [(("</", "call", ">"), "call"), (("x", "</", "answer", ">."), "answer"),
+             (("a", "</c", "all", "></"), "call"), (("<", "call", ">"), None), (("x", ">"), None)]
+    for pieces, want in cases:
+        ids = tok.ids(*pieces)
+        assert tag_closed(tok, ids) == want, pieces
+        assert all(tag_closed(tok, ids[:k]) is None for k in range(1, len(ids))), pieces
+    for tag in ("call", "answer"):
+        assert tag_closed(TOK, TOK.encode(f"ab</{tag}>")) == tag and tag_closed(TOK, TOK.encode(f"ab<{tag}>")) is None
+
+
+def test_tag_closed_agrees_with_decoding_every_step():
+    """On random token streams, the first step at which `tag_closed` fires is the first step at which the
+    decoded tail (what the rollout used to decode at every step) holds a closing tag, and it is the same tag."""
+    import random
+
+    from grpo.rollout import ANSWER_CLOSE, CALL_CLOSE, TAIL_TOKENS, tag_closed
+
+    tok, rng = PieceTokenizer(), random.Random(0)
+    fired = 0
+    for _ in range(2000):
+        seq = [rng.randrange(len(tok)) for _ in range(12)]
+        want = got = None
+        for k in range(1, len(seq) + 1):
+            tail = tok.decode(seq[:k][-TAIL_TOKENS:])
+            want = want or ("answer" if ANSWER_CLOSE.search(tail) else "call" if CALL_CLOSE.search(tail) else None) \
+                and (k, "answer" if ANSWER_CLOSE.search(tail) else "call")
+            got = got or ((k, tag_closed(tok, seq[:k])) if tag_closed(tok, seq[:k]) else None)
+        assert want == got, [tok.pieces[i] for i in seq]
+        fired += want is not None
+    assert fired > 50  # the streams do close tags
+
+
+def test_growing_layer_matches_dynamic_layer():
+    """GrowingLayer (in-place writes into spare columns) returns what DynamicLayer (torch.cat) returns,
+    across reallocations and after its tensors are replaced (the rollout's cache surgery)."""
+    from transformers.cache_utils import DynamicLayer
+
+    from grpo.rollout import GrowingLayer
+
+    g = torch.Generator().manual_seed(0)
+    ref = DynamicLayer()
+    k0 = torch.randn(3, 2, 5, 4, generator=g)                                    # (R, h, T, d)
+    ref.update(k0, -k0)
+    grow = GrowingLayer.of(ref)
+    for step, L in enumerate([1, 1, 70, 1, 3, 1]):
+        if step == 3:  # rows leave: both get the same selection
+            ref.keys, ref.values = ref.keys[[0, 2]], ref.values[[0, 2]]
+            grow.keys, grow.values = grow.keys[[0, 2]], grow.values[[0, 2]]
+        k = torch.randn(len(ref.keys), 2, L, 4, generator=g)
+        want, got = ref.update(k, 2 * k), grow.update(k, 2 * k)
+        assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+        assert grow.get_seq_length() == ref.get_seq_length()
+
+
+def test_stop_checks_stop_rows_with_their_reason():
+    """A stop check is asked after each running row's step; its reason stops that row only."""
+    def long_thought(row):
+        return "too long" if len(row.segment) >= 8 else None
+
+    scripts = ["<thought>abcdefgh</thought><answer>a</answer>", "<thought>a</thought><answer>b</answer>"]
+    r, _, _ = run(scripts, ["Q"], group_size=2, stop_checks=[long_thought])
+    assert r.stop_reasons == ["too long", "answer"] and r.num_generated.tolist() == [8, 6]
+    assert r.truncated.tolist() == [False, False]
+
+
+@pytest.mark.parametrize("max_tool_wait", [0, 2])
+def test_cache_matches_no_cache_when_tool_turns_go_in_at_once(max_tool_wait):
+    """As test_cache_matches_no_cache_with_tool_turns, with each tool turn fed at once (rows split into
+    forwards by how many tokens they add) or after a short wait."""
+    model, tokenizer = load_model_and_tokenizer("tiny", seed=5)
+    out = {}
+    for use_cache in (True, False):
+        biased = ToolBiased(model.eval(), {"<call>": 3.0, "</call>": 3.5, "<answer>": 1.0, "</answer>": 2.0})
+        out[use_cache] = rollout(biased, tokenizer, ["Capital of Peru?", "Hi there"], lambda q: f"r {q}" * (len(q) % 4),
+                                 group_size=4, max_new_tokens=48, generator=torch.Generator().manual_seed(3),
+                                 use_cache=use_cache, max_tool_wait=max_tool_wait), biased.step_logits
+    (cached, steps_c), (reference, steps_r) = out[True], out[False]
+    assert cached.num_calls.sum() >= 3 and len(set(cached.num_generated.tolist())) > 2  # ragged set-up
+    assert torch.equal(cached.input_ids, reference.input_ids) and cached.texts == reference.texts
+    assert torch.equal(cached.completion_mask, reference.completion_mask)
+    assert len(steps_c) == len(steps_r)
+    for c, ref in zip(steps_c[1:], steps_r[1:]):
+        torch.testing.assert_close(c, ref, atol=1e-5, rtol=1e-4)                     # (rows, V)
