@@ -109,5 +109,15 @@ if __name__ == "__main__":
     for _ in range(args.repeats):
         for name, fn in impls:
             results[name] = measure(name, fn, model, tok, prompts, dm.search_env(), args)
+    with torch.no_grad():  # the model alone: one decode forward of 8 rows over 200 cached tokens
+        ids = torch.randint(0, 1000, (8, 200))
+        cache = model.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
+        times = []
+        for t in range(10):
+            t0 = time.perf_counter()
+            model.model(input_ids=ids[:, :1], attention_mask=torch.ones(8, 201 + t, dtype=torch.long),
+                        position_ids=torch.full((8, 1), 200 + t), cache=cache, use_cache=True, logits_to_keep=1)
+            times.append(time.perf_counter() - t0)
+    print(f"model alone, 8 rows x 200 cached tokens: {1000 * statistics.median(times):.1f} ms per decode forward")
     for name, _ in impls[:-1]:
         print(f"same completions {name}/new: {results[name].texts == results['new'].texts}")
