@@ -42,11 +42,11 @@ class ToolNudge(nn.Module):
         t0 = time.perf_counter()
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         logits = out.logits                                                          # (R, 1, V)
-        logits[:, -1, LT] += 3.0
+        logits[:, -1, LT] += 4.0
         logits[:, -1, CLOSE_LT] += 2.0
         last = input_ids[:, -1]                                                      # (R,)
         logits[last == LT, -1, CALL] += 30.0
-        logits[last == LT, -1, ANSWER] += 27.0
+        logits[last == LT, -1, ANSWER] += 26.0
         logits[last == CLOSE_LT, -1, CALL] += 30.0
         logits[last == CLOSE_LT, -1, ANSWER] += 30.0
         logits[(last == CALL) | (last == ANSWER), -1, GT] += 40.0
