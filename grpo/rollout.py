@@ -331,8 +331,12 @@ def _squeeze(t: Tensor, mask: Tensor, width: int) -> Tensor:
 
     t (R, h, W, d) or mask (R, W). Attention treats the cache as a set (the positions are in the
     keys already), so only which columns are real matters, and their order is kept anyway."""
-    own = int(mask.sum(1).max())
-    cols = torch.argsort(mask, dim=1, stable=True)[:, mask.shape[1] - own:]     # (R, own) holes first
+    W, lengths = mask.shape[1], mask.sum(1)                                    # lengths (R,)
+    own = int(lengths.max())
+    if torch.equal(mask.bool(), torch.arange(W, device=mask.device) >= W - lengths[:, None]):  # no hole inside
+        t = t[..., W - own:, :] if t.dim() == 4 else t[:, W - own:]           # a view, no copy
+        return F.pad(t, (0, 0, width - own, 0) if t.dim() == 4 else (width - own, 0)) if width > own else t
+    cols = torch.argsort(mask, dim=1, stable=True)[:, W - own:]                # (R, own) holes first
     if t.dim() == 2:
         return F.pad(t.gather(1, cols), (width - own, 0))                      # (R, width)
     t = torch.take_along_dim(t, cols[:, None, :, None], dim=2)                 # (R, h, own, d)
