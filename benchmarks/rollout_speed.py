@@ -73,7 +73,8 @@ def measure(name, rollout_fn, model, tok, prompts, env, args):
     decode = [(s, r) for s, r, L, _ in after_prefill if L == 1]
     fed = sum(r * L for _, r, L, _ in after_prefill)
     real = sum(n for *_, n in after_prefill)
-    print(f"{name:>12}: {dt:6.1f} s  forwards {len(model.log):3d}  decode forwards {len(decode):3d}, "
+    in_model = sum(s for s, *_ in model.log)
+    print(f"{name:>12}: {dt:6.1f} s ({in_model:5.1f} in the model)  forwards {len(model.log):3d}  decode forwards {len(decode):3d}, "
           f"median {1000 * statistics.median(s for s, _ in decode):6.1f} ms, "
           f"{statistics.mean(r for _, r in decode):4.1f} rows  | positions fed {fed:5d}, real {real / fed:5.1%}  "
           f"| calls {int(ro.num_calls.sum())}, sampled {int(ro.num_generated.sum())}, "
