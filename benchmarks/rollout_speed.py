@@ -1,40 +1,124 @@
-"""Rollout time of SmolLM2 (with the SFT adapter if it exists) on offline questions, G=8, B=2,
-with tool turns fed at once (max_tool_wait=0) or batched across rows (the default, 8).
+"""Rollout speed of SmolLM2 on offline-task questions (B=2, G=8): this checkout's `grpo.rollout`
+against an older checkout's, same model, prompts and seed, run one after the other in one process.
 
-    python benchmarks/rollout_speed.py [--adapter outputs/sft_smollm2_adapter]
+    git worktree add /tmp/rollout-old <commit>
+    python benchmarks/rollout_speed.py --old /tmp/rollout-old [...] [--dtype bfloat16] [--threads 1]
+
+Without an SFT adapter (`--adapter`) SmolLM2 writes no tags, so by default a nudge (`ToolNudge`)
+raises the logits of "<" and "</" and completes "<call>", "</call>", "<answer>", "</answer>" from
+the last token fed: rows call the search tool and stop at different steps, as in training. The
+nudge looks only at each row's own last input token, so it acts the same whatever the batch.
+
+Printed per implementation: wall time; forwards; decode forwards (one new token per row) and their
+median time; mean rows per decode forward; positions fed after the prefill and the share of them
+that are real tokens (the rest are masked padding).
 """
 import argparse
+import importlib.util
+import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from data.datamodule import QADataModule
 from grpo.models import add_lora, load_model_and_tokenizer
 from grpo.prompts import build_prompt
-from grpo.rollout import rollout
+
+LT, CLOSE_LT, CALL, ANSWER, GT = 44, 9617, 4350, 11247, 46  # SmolLM2 ids of "<", "</", "call", "answer", ">"
+
+
+class ToolNudge(nn.Module):
+    """SmolLM2 with tag logits nudged (see the module docstring); records every forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.log = model, []
+        self.config = model.config
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        t0 = time.perf_counter()
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = out.logits                                                          # (R, 1, V)
+        logits[:, -1, LT] += 4.0
+        logits[:, -1, CLOSE_LT] += 2.0
+        last = input_ids[:, -1]                                                      # (R,)
+        logits[last == LT, -1, CALL] += 30.0
+        logits[last == LT, -1, ANSWER] += 26.0
+        logits[last == CLOSE_LT, -1, CALL] += 30.0
+        logits[last == CLOSE_LT, -1, ANSWER] += 30.0
+        logits[(last == CALL) | (last == ANSWER), -1, GT] += 40.0
+        L = input_ids.shape[1]
+        self.log.append((time.perf_counter() - t0, input_ids.shape[0], L, int(attention_mask[:, -L:].sum())))
+        return out
+
+
+def load_rollout(checkout: Path):
+    spec = importlib.util.spec_from_file_location(f"rollout_{checkout.name}", checkout / "grpo" / "rollout.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.rollout
+
+
+def measure(name, rollout_fn, model, tok, prompts, env, args):
+    model.log = []
+    t0 = time.perf_counter()
+    ro = rollout_fn(model, tok, prompts, env, group_size=8, max_new_tokens=args.max_new_tokens,
+                    generator=torch.Generator().manual_seed(args.seed), max_tool_wait=args.max_tool_wait)
+    dt = time.perf_counter() - t0
+    after_prefill = model.log[1:]
+    decode = [(s, r) for s, r, L, _ in after_prefill if L == 1]
+    fed = sum(r * L for _, r, L, _ in after_prefill)
+    real = sum(n for *_, n in after_prefill)
+    in_model = sum(s for s, *_ in model.log)
+    print(f"{name:>12}: {dt:6.1f} s ({in_model:5.1f} in the model)  forwards {len(model.log):3d}  decode forwards {len(decode):3d}, "
+          f"median {1000 * statistics.median(s for s, _ in decode):6.1f} ms, "
+          f"{statistics.mean(r for _, r in decode):4.1f} rows  | positions fed {fed:5d}, real {real / fed:5.1%}  "
+          f"| calls {int(ro.num_calls.sum())}, sampled {int(ro.num_generated.sum())}, "
+          f"C {ro.completion_ids.shape[1]}", flush=True)
+    return ro
+
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--adapter", default="outputs/sft_smollm2_adapter")
+    ap.add_argument("--old", nargs="*", default=[], help="older checkouts (git worktrees) to compare with, oldest first")
+    ap.add_argument("--adapter", default="outputs/sft_smollm2_adapter", help="SFT adapter (if it exists: no nudge)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--max-tool-wait", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dm = QADataModule(task="offline", batch_size=2)
     dm.setup()
-    model, tok = load_model_and_tokenizer("smollm2-135m-instruct")
+    model, tok = load_model_and_tokenizer("smollm2-135m-instruct", dtype=args.dtype)
     if Path(args.adapter).exists():
         model = add_lora(model, init_adapter=args.adapter)
-    model.eval()
+    model = ToolNudge(model.eval())
     prompts = [build_prompt(tok, q.question) for q in dm.train_set[:2]]
-    for wait in (0, 8):
-        forwards = []
-        hook = model.register_forward_pre_hook(lambda m, a, k: forwards.append(k["input_ids"].shape), with_kwargs=True)
-        t0 = time.perf_counter()
-        ro = rollout(model, tok, prompts, dm.search_env(), group_size=8, max_new_tokens=args.max_new_tokens,
-                     generator=torch.Generator().manual_seed(0), max_tool_wait=wait)
-        dt = time.perf_counter() - t0
-        hook.remove()
-        turns = sum(1 for s in forwards[1:] if s[1] > 1)
-        print(f"max_tool_wait={wait}: {dt:.1f} s, {len(forwards)} forwards ({turns} with observations), "
-              f"calls {ro.num_calls.sum().item()}, sampled tokens {ro.num_generated.sum().item()}, "
-              f"completion length {ro.completion_ids.shape[1]}")
+    impls = [("new", load_rollout(Path(__file__).resolve().parents[1]))]
+    impls = [(Path(p).name, load_rollout(Path(p))) for p in args.old] + impls
+    print(f"SmolLM2 {args.dtype}, B=2, G=8, max_new_tokens={args.max_new_tokens}, max_tool_wait={args.max_tool_wait}, "
+          f"threads {torch.get_num_threads()}")
+    results = {}
+    for _ in range(args.repeats):
+        for name, fn in impls:
+            results[name] = measure(name, fn, model, tok, prompts, dm.search_env(), args)
+    with torch.no_grad():  # the model alone: one decode forward of 8 rows over 200 cached tokens
+        ids = torch.randint(0, 1000, (8, 200))
+        cache = model.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
+        times = []
+        for t in range(10):
+            t0 = time.perf_counter()
+            model.model(input_ids=ids[:, :1], attention_mask=torch.ones(8, 201 + t, dtype=torch.long),
+                        position_ids=torch.full((8, 1), 200 + t), cache=cache, use_cache=True, logits_to_keep=1)
+            times.append(time.perf_counter() - t0)
+    print(f"model alone, 8 rows x 200 cached tokens: {1000 * statistics.median(times):.1f} ms per decode forward")
+    for name, _ in impls[:-1]:
+        print(f"same completions {name}/new: {results[name].texts == results['new'].texts}")

@@ -3,11 +3,11 @@
     python -m grpo.infer --checkpoint runs/x/adapter --query "What is the population of Kenya?"
     python -m grpo.infer --checkpoint last.ckpt --file questions.jsonl --out answers.jsonl
 
-One sequence at a time, with a KV cache, through the same tool protocol as training
-(`grpo.rollout`: stop at `</answer>` or EOS; after `</call>` the env runs and `<obs>result</obs>`,
+One sequence at a time, through the very rollout loop of training (`grpo.rollout.rollout` with
+G = 1: KV cache, stop at `</answer>` or EOS; after `</call>` the env runs and `<obs>result</obs>`,
 encoded on its own, is fed to the model; past `max_tool_calls` the env answers with the budget
 notice). On top of that, safety checks that training does not need, because a user waits on
-the answer and nobody reads the reward:
+the answer and nobody reads the reward; they are the rollout's `stop_checks` (`SafetyChecks`):
 
     context   stop when prompt + completion reach `context_fraction` of the model's window
     stuck     stop when fewer than `stuck_min_unique` of the last `stuck_window` sampled
@@ -17,8 +17,7 @@ the answer and nobody reads the reward:
     recovery  an `<answer>` never closed still gives its text as the answer
               (`parse_completion`); a `<call>` still open at the end is not run (`unclosed_call`)
 
-Greedy by default (`--temperature 0`). This file is inference only; training samples with
-`grpo.rollout.rollout`.
+Greedy by default (`--temperature 0`).
 """
 from __future__ import annotations
 
@@ -34,10 +33,9 @@ from pathlib import Path
 import torch
 
 from grpo.models import SMOLLM2, add_lora, load_model_and_tokenizer
-from grpo.prompts import OBS_CLOSE, OBS_OPEN, build_prompt, encode_observation
+from grpo.prompts import OBS_CLOSE, OBS_OPEN, build_prompt
 from grpo.rewards import parse_completion
-from grpo.rollout import (ANSWER_CLOSE, CALL_CLOSE, CALL_OPEN, CALL_QUERY, TAIL_TOKENS, RowState, tool_turn,
-                          sample_next)
+from grpo.rollout import CALL_QUERY, RowState, rollout
 
 STOP_REASONS = ("answer", "eos", "budget", "context", "stuck")
 
@@ -86,15 +84,35 @@ class InferenceResult:
 
 # --------------------------------------------------------------------------- the loop
 
-def _safety_stop(row: RowState, recent: deque, context_tokens: int, max_context: int | None, lim: Limits) -> str | None:
-    """The safety check that fires after this step, if any: context, then stuck, then budget."""
-    if max_context is not None and context_tokens >= max_context:
-        return "context"
-    if len(recent) == lim.stuck_window and len(set(recent)) < lim.stuck_min_unique * lim.stuck_window:
-        return "stuck"
-    if row.n_generated >= lim.max_new_tokens or len(row.segment) >= lim.max_step_tokens:
-        return "budget"
-    return None
+class SafetyChecks:
+    """The stop checks `answer` hands to the rollout (`rollout(stop_checks=...)`), in this order:
+
+        context   prompt + completion reach `max_context` tokens
+        stuck     fewer than stuck_min_unique x stuck_window distinct ids among the last
+                  stuck_window sampled tokens
+        budget    max_step_tokens sampled since the last tool call (the total, max_new_tokens, is
+                  the rollout's own budget, checked after these)
+    """
+
+    def __init__(self, lim: Limits, max_context: int | None):
+        self.lim, self.max_context = lim, max_context
+        self.recent: deque[int] = deque(maxlen=lim.stuck_window)  # the last sampled ids (one row: G = 1)
+
+    def context(self, row: RowState) -> str | None:
+        full = self.max_context is not None and row.prompt_len + len(row.ids) >= self.max_context
+        return "context" if full else None
+
+    def stuck(self, row: RowState) -> str | None:
+        self.recent.append(row.last_sampled)
+        window, lim = self.recent, self.lim
+        return "stuck" if len(window) == lim.stuck_window and len(set(window)) < lim.stuck_min_unique * lim.stuck_window \
+            else None
+
+    def step_budget(self, row: RowState) -> str | None:
+        return "budget" if len(row.segment) >= self.lim.max_step_tokens else None
+
+    def __iter__(self):
+        return iter((self.context, self.stuck, self.step_budget))
 
 
 @torch.no_grad()
@@ -102,57 +120,26 @@ def answer(model, tokenizer, env, question: str, generator: torch.Generator | No
            **limits) -> InferenceResult:
     """Answer one question, running tool calls as they close; `limits` are the fields of `Limits`.
 
-    Each step feeds only the new tokens (the KV cache holds the rest): the sampled token, or
-    after `</call>` the sampled token followed by the encoded observation. Put the model in eval mode.
+    This is `grpo.rollout.rollout` with one prompt and G = 1 (the same decode loop, KV cache and
+    tool turns as training), with `SafetyChecks` as its stop checks. Put the model in eval mode.
     """
     lim = Limits(**limits)
-    device = next(model.parameters()).device
     window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     max_context = int(lim.context_fraction * window) if window else None
-    encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-
-    prompt = encode(build_prompt(tokenizer, question))
-    completion: list[int] = []                   # sampled and observation ids, in order
-    row = RowState()                                 # rollout's book-keeping: segment, calls, queries
-    recent: deque[int] = deque(maxlen=lim.stuck_window)
-    new, cache, T, stop = prompt, None, 0, None  # T: tokens already in the cache
-    if max_context is not None and len(prompt) >= max_context:
-        stop, new = "context", []
-    while stop is None:
-        # 1. forward only the new tokens; the cache holds the T earlier ones
-        ids = torch.tensor([new], device=device)                                          # (1, L)
-        out = model(input_ids=ids, attention_mask=torch.ones(1, T + len(new), dtype=torch.long, device=device),
-                    position_ids=torch.arange(T, T + len(new), device=device)[None],     # (1, L)
-                    cache=cache, use_cache=True, logits_to_keep=1)
-        cache, T = out.cache, T + len(new)
-        # 2. sample one token
-        tok = int(sample_next(out.logits[:, -1], lim.temperature, lim.top_p, generator)[0])  # logits (1, V)
-        new = [tok]
-        row.segment.append(tok)
-        row.n_generated += 1
-        recent.append(tok)
-        # 3. stop at EOS or </answer>; run the tool where a call closed (as grpo.rollout does)
-        tail = tokenizer.decode(row.segment[-TAIL_TOKENS:])
-        if tok == tokenizer.eos_token_id:
-            stop = "eos"
-        elif ANSWER_CLOSE.search(tail):
-            stop = "answer"
-        elif CALL_CLOSE.search(tail):
-            executed_before = row.calls
-            obs = tool_turn(row, tokenizer.decode(row.segment), env, lim.max_tool_calls)
-            calls_left = lim.max_tool_calls - row.calls if lim.show_budget and row.calls > executed_before else None
-            new += encode_observation(tokenizer, obs, lim.max_obs_tokens, calls_left)
-            row.segment = []
-        completion += new
-        # 4. safety checks
-        stop = stop or _safety_stop(row, recent, len(prompt) + len(completion), max_context, lim)
-
-    text = tokenizer.decode(completion)
+    prompt = build_prompt(tokenizer, question)
+    prompt_len = len(tokenizer.encode(prompt, add_special_tokens=False))
+    if max_context is not None and prompt_len >= max_context:  # not even run
+        return InferenceResult(answer=None, text="", calls=0, queries=[], tokens=0, stop_reason="context",
+                               unclosed_call=False, context_tokens=prompt_len)
+    ro = rollout(model, tokenizer, [prompt], env, group_size=1, max_new_tokens=lim.max_new_tokens,
+                 temperature=lim.temperature, top_p=lim.top_p, max_tool_calls=lim.max_tool_calls,
+                 max_obs_tokens=lim.max_obs_tokens, generator=generator, show_budget=lim.show_budget,
+                 stop_checks=list(SafetyChecks(lim, max_context)))
+    text = ro.texts[0]
     return InferenceResult(
-        answer=parse_completion(text).answer, text=text, calls=row.calls, queries=row.queries,
-        tokens=row.n_generated, stop_reason=stop,
-        unclosed_call=bool(CALL_OPEN.search(tokenizer.decode(row.segment))),
-        context_tokens=len(prompt) + len(completion))
+        answer=parse_completion(text).answer, text=text, calls=int(ro.num_calls[0]), queries=ro.queries[0],
+        tokens=int(ro.num_generated[0]), stop_reason=ro.stop_reasons[0], unclosed_call=bool(ro.incomplete_calls[0]),
+        context_tokens=int(ro.attention_mask[0].sum()))
 
 
 # --------------------------------------------------------------------------- display

@@ -23,29 +23,43 @@ ENV_TEXT = "Paris is the capital of France."
 # --------------------------------------------------------------------------------------- scripted model
 
 
+class FakeLayer:
+    """One layer of FakeCache: `keys` and `values` (R, 1, W, 4) hold, for every cached column,
+    (token, position, row, real): the rollout moves them like real keys and values (rows leave,
+    holes are squeezed out, groups are split off and put back), and the model checks them."""
+
+    def __init__(self, keys: torch.Tensor):
+        self.keys, self.values = keys, keys.clone()
+
+
 class FakeCache:
-    """What each row has been fed: (token, position) pairs; `columns` = mask width seen so far."""
+    def __init__(self, keys: torch.Tensor):
+        self.layers = [FakeLayer(keys)]
 
-    def __init__(self, prompt_lens: list[int]):
-        self.rows = [[] for _ in prompt_lens]
-        self.prompt_lens = list(prompt_lens)
-        self.columns = 0
-
-    def batch_repeat_interleave(self, g: int):  # in place, like transformers' Cache
-        self.rows = [list(r) for r in self.rows for _ in range(g)]
-        self.prompt_lens = [n for n in self.prompt_lens for _ in range(g)]
+    def batch_repeat_interleave(self, g: int):  # in place, like transformers' Cache; row b -> rows b*g .. b*g+g-1
+        layer = self.layers[0]
+        layer.keys = layer.keys.repeat_interleave(g, dim=0)
+        layer.keys[:, :, :, 2] = torch.arange(len(layer.keys))[:, None, None]
+        layer.values = layer.keys.clone()
 
 
 class ScriptedLM(nn.Module):
     """Mimics the HF causal-LM call of `rollout`. Row n's next token is scripts[n][k], where k counts
     the tokens it was fed after its prompt outside <obs>...</obs> (the ones it sampled); EOS once
-    the script is exhausted. The G rows of a group share the prefill, so they share scripts[b*G][0]."""
+    the script is exhausted. The G rows of a group share the prefill, so they share scripts[b*G][0].
+
+    What a row was fed is read back from the cache the rollout passes in, which must hold exactly
+    the (token, position) pairs fed to that row so far, in order (`fed[n]`): rows and columns moved
+    by the rollout's cache surgery must keep their row, their order, and no column may be lost or
+    made up. Every fed token must sit at its row's next position (holes do not count)."""
 
     def __init__(self, scripts: list[str], group_size: int):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(()))  # rollout reads the device from here
         self.scripts = [TOK.encode(s) for s in scripts]
-        self.G, self.cache, self.calls = group_size, None, []
+        self.G, self.calls = group_size, []
+        self.fed: dict[int, list[tuple[int, int]]] = {}  # row -> (token, position) pairs, in the order fed
+        self.prompt_lens: dict[int, int] = {}
         self.obs_open, self.obs_close = TOK.convert_tokens_to_ids("<obs>"), TOK.convert_tokens_to_ids("</obs>")
 
     def _num_sampled(self, fed: list[int]) -> int:
@@ -57,21 +71,41 @@ class ScriptedLM(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, cache=None, use_cache=False, logits_to_keep=0):
         assert use_cache and logits_to_keep == 1
-        self.calls.append(SimpleNamespace(ids=input_ids.clone(), mask=attention_mask[:, -input_ids.shape[1]:].clone(),
-                                          prefill=cache is None))
-        L = input_ids.shape[1]
-        cache = cache or FakeCache(attention_mask.sum(-1).tolist())
-        assert attention_mask.shape[1] == cache.columns + L, "mask must cover the cache and the new tokens"
-        cache.columns += L
-        for i in range(len(input_ids)):
-            cache.rows[i] += [(int(t), int(p)) for t, p, m in
-                              zip(input_ids[i], position_ids[i], attention_mask[i, -L:]) if m]
-        logits = torch.zeros(len(input_ids), 1, len(TOK))                           # (B or N, 1, V)
-        for i, row in enumerate(cache.rows):
-            script = self.scripts[i * self.G if self.calls[-1].prefill else i]
-            k = self._num_sampled([t for t, _ in row[cache.prompt_lens[i]:]])
+        R, L = input_ids.shape
+        prefill = cache is None
+        if prefill:  # one row per prompt; FakeCache.batch_repeat_interleave gives rows b*G+j their ids
+            cache = FakeCache(torch.zeros(R, 1, 0, 4, dtype=torch.long))
+            row_ids = list(range(R))
+        else:
+            keys = cache.layers[0].keys                                                  # (R, 1, W, 4)
+            assert torch.equal(keys, cache.layers[0].values), "keys and values must move together"
+            real = keys[:, 0, :, 3].bool()                                               # (R, W)
+            row_ids = [int(k[0, m, 2][0]) for k, m in zip(keys, real)]  # holes made by the rollout hold zeros
+            assert all((k[0, m, 2] == n).all() for k, m, n in zip(keys, real, row_ids)), "a cache row mixes two rows"
+        W = cache.layers[0].keys.shape[2]
+        assert attention_mask.shape == (R, W + L), "mask must cover the cache and the new tokens"
+        assert torch.equal(attention_mask[:, :W], cache.layers[0].keys[:, 0, :, 3]), "mask of the cached columns"
+        self.calls.append(SimpleNamespace(ids=input_ids.clone(), mask=attention_mask[:, -L:].clone(),
+                                          prefill=prefill, rows=list(row_ids)))
+        new = torch.stack([input_ids, position_ids, torch.tensor(row_ids)[:, None].expand(R, L),
+                           attention_mask[:, -L:]], dim=-1)[:, None]                      # (R, 1, L, 4)
+        layer = cache.layers[0]
+        layer.keys = torch.cat([layer.keys, new], dim=2)
+        layer.values = torch.cat([layer.values, new], dim=2)
+        logits = torch.zeros(R, 1, len(TOK))                                           # (R, 1, V)
+        for i, n in enumerate(row_ids):
+            fed = [(int(t), int(p)) for t, p, _, m in layer.keys[i, 0].tolist() if m]
+            new_fed = [(int(t), int(p)) for t, p, m in zip(input_ids[i], position_ids[i], attention_mask[i, -L:]) if m]
+            before = [] if prefill else self.fed[n]
+            assert fed == before + new_fed, f"row {n}: the cache lost, reordered or made up a column"
+            assert [p for _, p in new_fed] == list(range(len(before), len(fed))), "positions must skip holes"
+            for g in range(self.G if prefill else 1):
+                self.fed[n * self.G + g if prefill else n] = list(fed)
+                if prefill:
+                    self.prompt_lens[n * self.G + g] = len(fed)
+            script = self.scripts[n * self.G if prefill else n]
+            k = self._num_sampled([t for t, _ in fed[self.prompt_lens[n * self.G if prefill else n]:]])
             logits[i, -1, script[k] if k < len(script) else TOK.eos_token_id] = 1e4
-        self.cache = cache
         return SimpleNamespace(logits=logits, cache=cache)
 
 
@@ -149,9 +183,10 @@ def test_forced_observations_masks_and_stopping():
 
 
 def test_each_token_fed_once():
-    """Prompts are prefilled once per group (B rows, not N); afterwards each step feeds only the new
-    tokens, right-aligned with masked holes, at the row's next position: no token is fed again after a
-    tool turn. All rows sample 10 tokens, so only the last sampled token of each row is never fed."""
+    """Prompts are prefilled once per group (B rows, not N); afterwards each forward feeds only new
+    tokens at the row's next position, never padding: no token is fed again after a tool turn, a row
+    that adds an observation goes through a forward of rows adding as many tokens. All rows sample 10
+    tokens, so only the last sampled token of each row is never fed."""
     prompts = ["Which city?", "Why?"]
     scripts = ["<thought><call>ab</call><answer>xyz</answer>",
                "<thought>abc<call>d</call><answer>e</answer>",
@@ -163,33 +198,36 @@ def test_each_token_fed_once():
     assert r.num_generated.tolist() == [10] * 6 and r.num_calls.tolist() == [1, 1, 0, 2, 0, 0]  # the set-up
     prompt_ids = [TOK.encode(p) for p in prompts]
     prefill, decode = model.calls[0], model.calls[1:]
-    assert prefill.prefill and prefill.ids.shape[0] == 2 and all(not c.prefill and len(c.ids) == 6 for c in decode)
-    assert any(c.ids.shape[1] > 1 for c in decode)  # a ragged step (observation tokens) happened
+    assert prefill.prefill and prefill.ids.shape[0] == 2 and all(not c.prefill and len(c.ids) <= 6 for c in decode)
+    assert any(c.ids.shape[1] > 1 for c in decode)  # a tool turn happened
+    assert all(c.mask.all() for c in decode), "no padded position is ever fed (no row waits here)"
     fed = sum(int(c.mask.sum()) for c in model.calls)
     assert fed == sum(map(len, prompt_ids)) + int(r.attention_mask[:, r.prompt_length:].sum()) - 6
-    for i, row in enumerate(model.cache.rows):
+    for i in range(6):
         full = prompt_ids[i // 3] + completion(r, i)
-        assert [t for t, _ in row] == full[:-1]
-        assert [p for _, p in row] == list(range(len(full) - 1))  # positions skip the holes
+        assert [t for t, _ in model.fed[i]] == full[:-1]
+        assert [p for _, p in model.fed[i]] == list(range(len(full) - 1))  # positions skip the holes
 
 
-def test_tool_turns_of_several_rows_share_one_forward():
-    """Rows whose calls close at different steps wait (sampling nothing) and their observations go
-    in together; the completions are the same as when each is fed at once."""
-    scripts = ["<call>a</call><answer>x</answer>", "<thought>bbbb</thought><call>c</call><answer>y</answer>"]
-    at_once, model0, _ = run(scripts, ["Q"], group_size=2, max_tool_wait=0)
-    batched, model8, _ = run(scripts, ["Q"], group_size=2, max_tool_wait=8)
-    assert at_once.texts == batched.texts and torch.equal(at_once.completion_mask, batched.completion_mask)
-    turns = lambda m: [c for c in m.calls[1:] if c.ids.shape[1] > 1]  # decode steps that fed observations
-    assert len(turns(model0)) == 2 and len(turns(model8)) == 1
-    assert (turns(model8)[0].mask.sum(1) > 1).all(), "both rows' observations in the one forward"
+def test_finished_rows_leave_the_batch():
+    """A row that stopped is in no later forward; each forward holds each running row once."""
+    scripts = ["<answer>a</answer>", "<answer>bb</answer>", "<thought><call>c</call><answer>c</answer>",
+               f"<thought>{EOS}"]
+    r, model, _ = run(scripts, ["Q", "Why?"], group_size=2, max_tool_wait=0)
+    sampled = r.num_generated.tolist()
+    for c in model.calls[1:]:
+        assert len(set(c.rows)) == len(c.rows)
+    for n in range(4):  # row n is fed in its forwards 1 .. sampled[n] - 1 (the last sampled token never)
+        forwards = [c for c in model.calls[1:] if n in c.rows]
+        assert sum(c.ids.shape[1] for c in forwards) == len(completion(r, n)) - 1
+    assert len(model.calls[-1].rows) == 1 and model.calls[-1].rows == [2]  # the longest row, alone at the end
 
 
 def test_rows_that_stop_early_are_not_fed_again():
     """Ragged stops: each row was fed a prefix of its sequence, in order, missing at most its last token."""
     scripts = ["<thought><answer>a</answer>", "<thought><call>x</call><answer>bbbbbb</answer>"]
     r, model, _ = run(scripts, ["Q"], group_size=2)
-    for i, row in enumerate(model.cache.rows):
+    for i, row in model.fed.items():
         full = TOK.encode("Q") + completion(r, i)
         assert [t for t, _ in row] == full[:len(row)] and len(full) - len(row) in (0, 1)
         assert [p for _, p in row] == list(range(len(row)))
@@ -292,14 +330,14 @@ def test_packed_logits_match_each_sequence_alone(tiny_rollouts):
             real = r.attention_mask[i].bool()
             alone = biased(input_ids=r.input_ids[i][real][None]).logits[0]            # (T_i, V)
             torch.testing.assert_close(packed[i][real], alone, atol=1e-5, rtol=1e-4)
-    steps = [step_logits[0].repeat_interleave(G, dim=0)] + step_logits[1:]  # each (N, V)
+    steps = [step_logits[0].repeat_interleave(G, dim=0)] + step_logits[1:]  # each (rows of that forward, V)
     for i in range(len(r.input_ids)):
         sampled_at = r.completion_mask[i].nonzero().squeeze(-1)                      # (num_generated,)
         assert len(sampled_at) == r.num_generated[i]
-        t = 0  # a row waiting for a batched tool turn samples nothing: match its steps in order
+        t = 0  # forwards hold the running rows only, in any order: match a row of each, in order
         for c in sampled_at.tolist():
             want = packed[i, P + c - 1]
-            while t < len(steps) and not torch.allclose(steps[t][i], want, atol=1e-5, rtol=1e-4):
+            while t < len(steps) and not any(torch.allclose(row, want, atol=1e-5, rtol=1e-4) for row in steps[t]):
                 t += 1
             assert t < len(steps), f"row {i}: token {c} was not sampled from its packed logits"
             t += 1
@@ -368,16 +406,17 @@ def test_scored_logprobs_are_the_sampling_distribution(tempered_rollout):
 
 def test_sample_logp_is_the_step_log_softmax(tempered_rollout):
     """Independently of the loss code: each recorded π_old is log softmax(step logits / T)[token] of a
-    decode step of its row (the prefill's B rows tiled with repeat_interleave: row n is prompt n // G)."""
+    row of a forward, in the order of the forwards (the prefill's B rows tiled with repeat_interleave:
+    row n is prompt n // G; later forwards hold only the running rows)."""
     r, _, step_logits = tempered_rollout
     G = 3
-    steps = [step_logits[0].repeat_interleave(G, dim=0)] + step_logits[1:]        # each (N, V)
+    steps = [step_logits[0].repeat_interleave(G, dim=0)] + step_logits[1:]        # each (rows of that forward, V)
     for i in range(len(r.input_ids)):
         t = 0
         for c in r.completion_mask[i].nonzero().squeeze(-1).tolist():
             tok = r.completion_ids[i, c]
             want = float(r.sample_logp[i, c])
-            while t < len(steps) and abs(float(torch.log_softmax(steps[t][i].float() / 0.7, -1)[tok]) - want) > 1e-4:
+            while t < len(steps) and (torch.log_softmax(steps[t].float() / 0.7, -1)[:, tok] - want).abs().min() > 1e-4:
                 t += 1
             assert t < len(steps), f"row {i}: π_old of token {c} is no decode step's log-softmax"
             t += 1
@@ -417,3 +456,114 @@ def test_refused_call_is_well_formed_and_charged():
     assert parse_completion(r.texts[0]).well_formed
     total = voi_reward(r.texts[0], ["a"], int(r.num_calls[0]), int(r.num_calls_no_obs[0]))["total"]
     assert total == pytest.approx(0.85)
+
+# --------------------------------------------------------------------------------------- closing tags
+
+
+class PieceTokenizer:
+    """Tokens are the strings of `pieces` (BPE-like: a tag may be split, its '>' may sit in a bigger token)."""
+
+    pieces = ["<", "</", "call", "answer", ">", "></", ">.", "a", " ", "x", "c", "all", "</c", "\n"]
+
+    def __len__(self):
+        return len(self.pieces)
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+    def batch_decode(self, batch):
+        return [self.decode(ids) for ids in batch]
+
+    def ids(self, *pieces):
+        return [self.pieces.index(p) for p in pieces]
+
+
+def test_tag_closed_across_token_boundaries():
+    """A closing tag split over tokens is found at the token that ends it, also when its '>' is part of
+    a bigger token; the byte tokenizer's one-token tags too."""
+    from grpo.rollout import tag_closed
+
+    tok = PieceTokenizer()
+    cases = [(("</", "call", ">"), "call"), (("x", "</", "answer", ">."), "answer"),
+             (("a", "</c", "all", "></"), "call"), (("<", "call", ">"), None), (("x", ">"), None)]
+    for pieces, want in cases:
+        ids = tok.ids(*pieces)
+        assert tag_closed(tok, ids) == want, pieces
+        assert all(tag_closed(tok, ids[:k]) is None for k in range(1, len(ids))), pieces
+    for tag in ("call", "answer"):
+        assert tag_closed(TOK, TOK.encode(f"ab</{tag}>")) == tag and tag_closed(TOK, TOK.encode(f"ab<{tag}>")) is None
+
+
+def test_tag_closed_agrees_with_decoding_every_step():
+    """On random token streams, the first step at which `tag_closed` fires is the first step at which the
+    decoded tail (what the rollout used to decode at every step) holds a closing tag, and it is the same tag."""
+    import random
+
+    from grpo.rollout import ANSWER_CLOSE, CALL_CLOSE, TAIL_TOKENS, tag_closed
+
+    tok, rng = PieceTokenizer(), random.Random(0)
+    fired = 0
+    for _ in range(2000):
+        seq = [rng.randrange(len(tok)) for _ in range(12)]
+        want = got = None
+        for k in range(1, len(seq) + 1):
+            tail = tok.decode(seq[:k][-TAIL_TOKENS:])
+            want = want or ("answer" if ANSWER_CLOSE.search(tail) else "call" if CALL_CLOSE.search(tail) else None) \
+                and (k, "answer" if ANSWER_CLOSE.search(tail) else "call")
+            got = got or ((k, tag_closed(tok, seq[:k])) if tag_closed(tok, seq[:k]) else None)
+        assert want == got, [tok.pieces[i] for i in seq]
+        fired += want is not None
+    assert fired > 50  # the streams do close tags
+
+
+def test_growing_layer_matches_dynamic_layer():
+    """GrowingLayer (in-place writes into spare columns) returns what DynamicLayer (torch.cat) returns,
+    across reallocations and after its tensors are replaced (the rollout's cache surgery)."""
+    from transformers.cache_utils import DynamicLayer
+
+    from grpo.rollout import GrowingLayer
+
+    g = torch.Generator().manual_seed(0)
+    ref = DynamicLayer()
+    k0 = torch.randn(3, 2, 5, 4, generator=g)                                    # (R, h, T, d)
+    ref.update(k0, -k0)
+    grow = GrowingLayer.of(ref)
+    for step, L in enumerate([1, 1, 70, 1, 3, 1]):
+        if step == 3:  # rows leave: both get the same selection
+            ref.keys, ref.values = ref.keys[[0, 2]], ref.values[[0, 2]]
+            grow.keys, grow.values = grow.keys[[0, 2]], grow.values[[0, 2]]
+        k = torch.randn(len(ref.keys), 2, L, 4, generator=g)
+        want, got = ref.update(k, 2 * k), grow.update(k, 2 * k)
+        assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+        assert grow.get_seq_length() == ref.get_seq_length()
+
+
+def test_stop_checks_stop_rows_with_their_reason():
+    """A stop check is asked after each running row's step; its reason stops that row only."""
+    def long_thought(row):
+        return "too long" if len(row.segment) >= 8 else None
+
+    scripts = ["<thought>abcdefgh</thought><answer>a</answer>", "<thought>a</thought><answer>b</answer>"]
+    r, _, _ = run(scripts, ["Q"], group_size=2, stop_checks=[long_thought])
+    assert r.stop_reasons == ["too long", "answer"] and r.num_generated.tolist() == [8, 6]
+    assert r.truncated.tolist() == [False, False]
+
+
+@pytest.mark.parametrize("max_tool_wait", [0, 2])
+def test_cache_matches_no_cache_when_tool_turns_go_in_at_once(max_tool_wait):
+    """As test_cache_matches_no_cache_with_tool_turns, with each tool turn fed at once (rows split into
+    forwards by how many tokens they add) or after a short wait."""
+    model, tokenizer = load_model_and_tokenizer("tiny", seed=5)
+    out = {}
+    for use_cache in (True, False):
+        biased = ToolBiased(model.eval(), {"<call>": 3.0, "</call>": 3.5, "<answer>": 1.0, "</answer>": 2.0})
+        out[use_cache] = rollout(biased, tokenizer, ["Capital of Peru?", "Hi there"], lambda q: f"r {q}" * (len(q) % 4),
+                                 group_size=4, max_new_tokens=48, generator=torch.Generator().manual_seed(3),
+                                 use_cache=use_cache, max_tool_wait=max_tool_wait), biased.step_logits
+    (cached, steps_c), (reference, steps_r) = out[True], out[False]
+    assert cached.num_calls.sum() >= 3 and len(set(cached.num_generated.tolist())) > 2  # ragged set-up
+    assert torch.equal(cached.input_ids, reference.input_ids) and cached.texts == reference.texts
+    assert torch.equal(cached.completion_mask, reference.completion_mask)
+    assert len(steps_c) == len(steps_r)
+    for c, ref in zip(steps_c[1:], steps_r[1:]):
+        torch.testing.assert_close(c, ref, atol=1e-5, rtol=1e-4)                     # (rows, V)
