@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import re
 import statistics
 import sys
@@ -193,20 +194,25 @@ if __name__ == "__main__":
     ap.add_argument("--group-size", type=int, default=8, help="G, completions per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens sampled per completion (exactly)")
     ap.add_argument("--only", choices=("ours", "trl"), default=None, help="run one side only")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's). On a shared 2-core machine 1 thread is steadier: with 2, "
+                         "every op waits for a descheduled OpenMP worker while another process holds a core")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.only != "ours":
         require_trl()
     torch.manual_seed(0)
     examples, env = questions((1 + args.steps) * args.batch_size)
     print(f"B={args.batch_size} G={args.group_size} new tokens={args.max_new_tokens} dtype={args.dtype} "
-          f"threads={torch.get_num_threads()} steps={args.steps} (+1 warm-up)", flush=True)
+          f"threads={torch.get_num_threads()} steps={args.steps} (+1 warm-up) load average {os.getloadavg()[0]:.2f}", flush=True)
     results = {}
     for side, run in (("ours", lambda: run_ours(examples, env, args)), ("trl", lambda: run_trl(examples, args))):
         if args.only in (None, side):
             results[side] = run()
             med = {k: statistics.median(v) for k, v in results[side].items()}
             print(f"{side}: step median {med['step']:.2f} s (steps {', '.join(f'{t:.1f}' for t in results[side]['step'])}); "
-                  f"rollout median {med['rollout']:.2f} s", flush=True)
+                  f"{'rollout' if side == 'ours' else 'generate + score (incl. reference pass)'} median {med['rollout']:.2f} s", flush=True)
     if len(results) == 2:
         ours, trl = (statistics.median(results[s]["step"]) for s in ("ours", "trl"))
         print(f"TRL / ours = {trl:.2f} / {ours:.2f} s")
