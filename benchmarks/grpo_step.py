@@ -161,6 +161,8 @@ if __name__ == "__main__":
     ap.add_argument("--config", default=str(ROOT / "configs/grpo_smollm2.yaml"))
     ap.add_argument("--synthetic", action="store_true", help="also time the loss passes on an SFT-shaped rollout")
     ap.add_argument("--repeats", type=int, default=3, help="loss passes per implementation (median)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed loss passes per implementation first")
+    ap.add_argument("--skip-real", action="store_true", help="with --synthetic: time the loss passes on the synthetic rollout only")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--impl", choices=("both", "fast", "padded"), default="both")
     args = ap.parse_args()
@@ -228,7 +230,7 @@ if __name__ == "__main__":
     impls = {"fast": completion_logprobs, "padded": completion_logprobs_padded}
     if args.impl != "both":
         impls = {args.impl: impls[args.impl]}
-    rollouts = {"this rollout": ro}
+    rollouts = {} if args.synthetic and args.skip_real else {"this rollout": ro}
     if args.synthetic:
         rollouts["SFT-shaped (synthetic)"] = synthetic_rollout(ro, module.policy.config.vocab_size)
     results = {}
@@ -238,7 +240,8 @@ if __name__ == "__main__":
         print(f"\nloss passes on {label}: {useful} useful tokens (each prompt once, no padding), padded batch "
               f"{tuple(r.input_ids.shape)} = {computed} positions, {int(r.completion_mask.sum())} sampled", flush=True)
         for name, impl in impls.items():
-            loss_pass_times(module, r, impl, autocast, 1)  # warm-up
+            if args.warmup:
+                loss_pass_times(module, r, impl, autocast, args.warmup)  # warm-up
             t = loss_pass_times(module, r, impl, autocast, args.repeats)
             results[(label, name)] = t
             print(f"  [{name}] peak RSS so far {rss_mb():.0f} MB")
