@@ -184,6 +184,10 @@ if __name__ == "__main__":
     precision = cfg["trainer"].get("precision", "32-true")
     bf16 = "bf16" in str(precision)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
+    flags = set(open("/proc/cpuinfo").read().split()) if Path("/proc/cpuinfo").exists() else set()
+    if bf16 and not flags & {"amx_bf16", "avx512_bf16"}:
+        print("note: this CPU has neither AMX nor AVX512_BF16: bf16 GEMMs are emulated (~30 GFLOP/s per thread, "
+              "slower than fp32; benchmarks/matmul_dtype.py), so the 1,700 GFLOP/s bf16 floor is out of reach here")
     print(f"config {args.config}: precision {precision}, threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f} (2 cores)", flush=True)
 
