@@ -89,6 +89,9 @@ def run_ours(examples, env, args) -> dict[str, list[float]]:
     equal_work_patches()
 
     class Module(GRPOModule):
+        def check_cold_start(self):
+            pass  # speed, not learning: the raw model (no tags) is the same work for both sides
+
         def configure_model(self):
             super().configure_model()
             if not isinstance(self.tokenizer, _NoEOS):

@@ -113,6 +113,7 @@ def synthetic_rollout(ro, vocab: int, seed: int = 0):
             sampled[n, start:start + 100] = 0
     return Rollout(input_ids=torch.cat([ro.input_ids[:, :P], ids], 1),
                    attention_mask=torch.cat([ro.attention_mask[:, :P], real], 1), completion_mask=sampled,
+                   sample_logp=torch.zeros(N, C),
                    prompt_length=P, group_ids=ro.group_ids, num_calls=ro.num_calls, num_calls_no_obs=ro.num_calls_no_obs,
                    incomplete_calls=ro.incomplete_calls, tool_errors=ro.tool_errors,
                    num_generated=sampled.sum(1), truncated=ro.truncated, texts=ro.texts, queries=ro.queries)

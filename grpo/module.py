@@ -156,13 +156,18 @@ class GRPOModule(PolicyModule):
             return completion_logprobs(ref, ro, self.hparams.temperature)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.check_cold_start()
+        super().setup(stage)
+
+    def check_cold_start(self) -> None:
+        """Refuse to train a model known not to speak the tool format without a cold start."""
         hp = self.hparams
-        if stage == "fit" and hp.model_name == SMOLLM2 and hp.init_adapter is None:
+        if hp.model_name == SMOLLM2 and hp.init_adapter is None:
             raise ValueError(f"model.model_name={SMOLLM2!r} with model.init_adapter=None: the raw model writes no "
                              f"<answer>/<call> tags (0/96), so every group would score the same and nothing "
                              f"would be learned; run a cold start first (configs/sft_smollm2.yaml, or "
                              f"configs/sft_hotpotqa.yaml) and set model.init_adapter to its adapter folder")
-        super().setup(stage)
 
     def log_step(self, ro, rewards, parts, zero_std, out, t_rollout, t_step, batch_size, token_scale=1.0) -> None:
         """Every metric is the mean over ranks (sync_dist): the global mean for per-sample means, as

@@ -56,7 +56,8 @@ def _rollout(vocab: int, seed: int = 0) -> Rollout:
         if n in obs:
             completion_mask[n, obs[n][0]:obs[n][1]] = 0
     zeros = torch.zeros(N, dtype=torch.long)
-    return Rollout(input_ids=input_ids, attention_mask=attention, completion_mask=completion_mask, prompt_length=P,
+    return Rollout(input_ids=input_ids, attention_mask=attention, completion_mask=completion_mask,
+                   sample_logp=torch.zeros(completion_mask.shape), prompt_length=P,
                    group_ids=torch.arange(B).repeat_interleave(G), num_calls=zeros, num_calls_no_obs=zeros,
                    incomplete_calls=zeros, tool_errors=zeros, num_generated=completion_mask.sum(1),
                    truncated=zeros.bool(), texts=[""] * N, queries=[[] for _ in range(N)])
