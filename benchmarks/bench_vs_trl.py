@@ -70,6 +70,9 @@ class _NoEOS:
     def __getattr__(self, name):
         return getattr(self._tokenizer, name)
 
+    def __len__(self):  # dunder methods are not looked up through __getattr__
+        return len(self._tokenizer)
+
 
 def equal_work_patches() -> None:
     """Benchmark-only monkeypatch of `grpo.rollout`: `</answer>` and `</call>` never match, so every
