@@ -118,6 +118,7 @@ def format_table(results: dict[str, dict[str, float]], base: dict[str, float]) -
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapter", required=True, help="PEFT adapter folder ('none': the base model)")
+    ap.add_argument("--model", default=None, help="base model (default: smollm2-135m-instruct; 'tiny' for tests)")
     ap.add_argument("--split", default="heldout", help="test | validation | heldout (validation + test)")
     ap.add_argument("--memory-limit", type=int, default=None, help="at most this many memory questions")
     ap.add_argument("--lookup-limit", type=int, default=64, help="at most this many lookup questions")
@@ -133,7 +134,7 @@ def main(argv=None) -> None:
     task = build_offline_task(args.seed)
     questions = select_questions(task, args.split, args.memory_limit, args.lookup_limit)
     env = MockSearchEnv(task.documents)
-    model, tokenizer = load_for_inference(args.adapter)
+    model, tokenizer = load_for_inference(args.adapter, args.model)
     gen = torch.Generator().manual_seed(args.seed)
     rows_by_mode, t0 = {}, time.perf_counter()
     for mode in args.modes:
