@@ -32,9 +32,10 @@ Drawing: counts per style = n * mix by largest remainder (summing to n). Each st
 its eligible examples sorted by id and shuffled by a string-seeded RNG (no hash(): the same
 list in every process). A style short of examples gives what it has, warns, and the other
 styles with a positive share fill its remainder, largest share first. The result is shuffled.
-With `unknown_first`, the search pool puts the capital/continent questions the model does NOT
-know (kind LOOKUP) before the other one-hop lookups, so that the type of a question does not
-decide between answering and searching ("capital -> answer"); knowing does.
+With `unknown_share` > 0, that share of the search count comes first from the capital/continent
+questions the model does NOT know (kind LOOKUP), the rest from the other one-hop lookups, so
+that the type of a question does not decide between answering and searching ("capital ->
+answer"); knowing does.
 Run `python -m data.traces --out outputs/traces.jsonl [--hotpotqa PATH]`.
 """
 from __future__ import annotations
@@ -246,21 +247,26 @@ def unknown_memory(example: QAExample) -> bool:
 
 def draw_traces(examples: Sequence[QAExample], env, counts: dict[str, int], seed: int = 0,
                 verify_gold: bool = True, fill: bool = True, replies: Mapping[str, str] | None = None,
-                unknown_first: bool = False) -> tuple[list[Trace], TraceReport]:
+                unknown_share: float = 0.0) -> tuple[list[Trace], TraceReport]:
     """Up to counts[style] traces per style (see the module docstring) and what was skipped.
 
     fill: a short style's remainder is drawn from the other styles with a positive count.
     replies: the model's closed-book replies for recall thoughts (None: plain "I know this.").
-    unknown_first: the search pool starts with the capital/continent questions the model does not know.
+    unknown_share: this share of counts["search"] is drawn first from the capital/continent
+        questions the model does not know (0: the search pool is drawn uniformly).
     """
+    if not 0.0 <= unknown_share <= 1.0:
+        raise ValueError(f"unknown_share must be in [0, 1], got {unknown_share!r}")
     report = TraceReport()
     eligible = sorted((ex for ex in examples if style_of(ex)), key=lambda e: e.id)
     sources = {}
     for style in STYLES:
         pool = [ex for ex in eligible if style_of(ex) == style]
         random.Random(f"{seed}/{style}").shuffle(pool)
-        if unknown_first:
-            pool.sort(key=lambda ex: not unknown_memory(ex))  # stable: each part keeps its shuffled order
+        if style == "search" and unknown_share > 0:  # k unknown capitals/continents first, then the rest
+            k = round(unknown_share * counts.get("search", 0))
+            first = [ex for ex in pool if unknown_memory(ex)][:k]
+            pool = first + [ex for ex in pool if ex not in first]
         sources[style] = _valid_traces(pool, style, env, seed, verify_gold, report, replies)
     out = {style: list(islice(sources[style], counts.get(style, 0))) for style in STYLES}
     shortfall = sum(counts.values()) - sum(map(len, out.values()))
@@ -289,22 +295,22 @@ def direct_replies(direct_thought: str, memory_file: str | Path = DEFAULT_MEMORY
 
 def make_traces(examples: Sequence[QAExample], env, n: int = 500, mix: Sequence[float] = DEFAULT_MIX,
                 seed: int = 0, verify_gold: bool = True, direct_thought: str = "recall",
-                unknown_first: bool = False) -> list[Trace]:
+                unknown_share: float = 0.0) -> list[Trace]:
     """n traces, shares `mix` of (direct, search, multihop); same seed -> same list."""
     return draw_traces(examples, env, quotas(n, mix), seed, verify_gold, replies=direct_replies(direct_thought),
-                       unknown_first=unknown_first)[0]
+                       unknown_share=unknown_share)[0]
 
 
 def offline_traces(n: int = 500, mix: Sequence[float] = DEFAULT_MIX, seed: int = 0, split: str = "train",
                    task_seed: int | None = None, direct_thought: str = "recall",
-                   unknown_first: bool = False) -> list[Trace]:
+                   unknown_share: float = 0.0) -> list[Trace]:
     """Traces of one offline split. `task_seed` (default: `seed`) seeds the splits: it must equal the
     GRPO run's data.seed, so that SFT never sees a validation or test question."""
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split={split!r}: expected 'train', 'validation' or 'test'")
     task = build_offline_task(seed if task_seed is None else task_seed)
     return make_traces(getattr(task, split), MockSearchEnv(task.documents), n, mix, seed,
-                       direct_thought=direct_thought, unknown_first=unknown_first)
+                       direct_thought=direct_thought, unknown_share=unknown_share)
 
 
 def _draw_hotpotqa(path: str, n: int, seed: int) -> tuple[list[Trace], TraceReport]:
@@ -373,7 +379,7 @@ def read_traces(path: str | Path) -> list[Trace]:
 
 def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = None, hotpotqa: str | None = None,
                hotpotqa_share: float = 0.5, direct_thought: str = "recall",
-               unknown_first: bool = False) -> tuple[list[Trace], list[TraceReport]]:
+               unknown_share: float = 0.0) -> tuple[list[Trace], list[TraceReport]]:
     """Offline train traces; with `hotpotqa`, that file gives `hotpotqa_share` of the multihop count
     (fewer if it is short) and offline comparisons the rest. Each source keeps its own env: the
     one its GRPO run searches."""
@@ -385,7 +391,7 @@ def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = 
         reports.append(report)
     task = build_offline_task(seed if task_seed is None else task_seed)
     offline, report = draw_traces(task.train, MockSearchEnv(task.documents), counts, seed,
-                                  replies=direct_replies(direct_thought), unknown_first=unknown_first)
+                                  replies=direct_replies(direct_thought), unknown_share=unknown_share)
     traces = hp + offline
     random.Random(f"{seed}/mixed").shuffle(traces)
     return traces, reports + [report]
@@ -416,14 +422,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--hotpotqa-share", type=float, default=0.5, help="part of the multihop share from HotpotQA")
     parser.add_argument("--direct-thought", choices=DIRECT_THOUGHT_STYLES, default="recall",
                         help="recall: the direct thought states the fact in the model's own words; plain: 'I know this.'")
-    parser.add_argument("--unknown-first", action="store_true",
-                        help="search traces first for the capitals/continents the model does not know")
+    parser.add_argument("--unknown-share", type=float, default=0.0,
+                        help="share of the search traces on capitals/continents the model does not know")
     args = parser.parse_args(argv)
     if not 0 <= args.hotpotqa_share <= 1:
         parser.error(f"--hotpotqa-share must be in [0, 1], got {args.hotpotqa_share}")
     try:
         traces, reports = cli_traces(args.n, args.mix, args.seed, args.task_seed, args.hotpotqa, args.hotpotqa_share,
-                                     args.direct_thought, args.unknown_first)
+                                     args.direct_thought, args.unknown_share)
     except ValueError as err:
         parser.error(str(err))
     write_traces(traces, args.out)

@@ -240,20 +240,22 @@ def test_direct_thoughts_state_the_gold_in_the_models_own_words(task, env, by_id
         make_traces(task.train, env, n=10, direct_thought="loud")
 
 
-def test_unknown_first_searches_the_capitals_and_continents_the_model_does_not_know(task, env, by_id):
-    n_unknown = sum(unknown_memory(ex) for ex in task.train)
-    assert n_unknown > 50  # the measurement marks many capitals/continents as not known
-    traces = make_traces(task.train, env, n=500, mix=(0.3, 0.5, 0.2), seed=0, unknown_first=True)
+def test_unknown_share_searches_the_capitals_and_continents_the_model_does_not_know(task, env, by_id):
+    assert sum(unknown_memory(ex) for ex in task.train) > 50  # many capitals/continents are not known
+    traces = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4)
     searched = [t for t in traces if t.style == "search"]
     searched_unknown = [t for t in searched if unknown_memory(example_of(t, by_id))]
-    assert len(searched_unknown) == min(n_unknown, len(searched))  # every unknown one before any other lookup
+    assert len(searched) == 160 and len(searched_unknown) == 64  # 0.4 of the search count
     assert all(t.kind == LOOKUP for t in searched_unknown)
+    assert {t.type for t in searched} - {"capital", "continent"}  # the other lookups keep their traces
     # capitals/continents are both answered and searched: their type does not decide
     for type_ in ("capital", "continent"):
         styles = Counter(t.style for t in traces if t.type == type_)
         assert styles["direct"] > 0 and styles["search"] > 0
-    baseline = make_traces(task.train, env, n=500, mix=(0.3, 0.5, 0.2), seed=0)
+    baseline = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0)
     assert sum(unknown_memory(example_of(t, by_id)) for t in baseline if t.style == "search") < len(searched_unknown)
+    with pytest.raises(ValueError, match="unknown_share"):
+        make_traces(task.train, env, n=10, unknown_share=1.5)
 
 
 def test_text_property_matches_the_segments(traces):
