@@ -33,7 +33,7 @@ its eligible examples sorted by id and shuffled by a string-seeded RNG (no hash(
 list in every process). A style short of examples gives what it has, warns, and the other
 styles with a positive share fill its remainder, largest share first. The result is shuffled.
 With `unknown_share` > 0, that share of the search count comes first from the capital/continent
-questions the model does NOT know (kind LOOKUP), the rest from the other one-hop lookups, so
+questions the model does NOT know (kind LOOKUP), the rest from all remaining one-hop lookups, so
 that the type of a question does not decide between answering and searching ("capital ->
 answer"); knowing does.
 Run `python -m data.traces --out outputs/traces.jsonl [--hotpotqa PATH]`.
@@ -62,7 +62,8 @@ from grpo.rollout import run_tool
 
 STYLES = ("direct", "search", "multihop")
 ROLES = ("model", "obs")
-DEFAULT_MIX = (0.2, 0.6, 0.2)  # shares of direct, search, multihop
+DEFAULT_MIX = (0.3, 0.5, 0.2)  # shares of direct, search, multihop
+DEFAULT_UNKNOWN_SHARE = 0.4    # of the search traces: capitals/continents the model does not know
 DIRECT_THOUGHT_STYLES = ("recall", "plain")
 MAX_RECALL_WORDS = 25          # a longer own-words sentence falls back to the template
 
@@ -247,7 +248,7 @@ def unknown_memory(example: QAExample) -> bool:
 
 def draw_traces(examples: Sequence[QAExample], env, counts: dict[str, int], seed: int = 0,
                 verify_gold: bool = True, fill: bool = True, replies: Mapping[str, str] | None = None,
-                unknown_share: float = 0.0) -> tuple[list[Trace], TraceReport]:
+                unknown_share: float = DEFAULT_UNKNOWN_SHARE) -> tuple[list[Trace], TraceReport]:
     """Up to counts[style] traces per style (see the module docstring) and what was skipped.
 
     fill: a short style's remainder is drawn from the other styles with a positive count.
@@ -295,7 +296,7 @@ def direct_replies(direct_thought: str, memory_file: str | Path = DEFAULT_MEMORY
 
 def make_traces(examples: Sequence[QAExample], env, n: int = 500, mix: Sequence[float] = DEFAULT_MIX,
                 seed: int = 0, verify_gold: bool = True, direct_thought: str = "recall",
-                unknown_share: float = 0.0) -> list[Trace]:
+                unknown_share: float = DEFAULT_UNKNOWN_SHARE) -> list[Trace]:
     """n traces, shares `mix` of (direct, search, multihop); same seed -> same list."""
     return draw_traces(examples, env, quotas(n, mix), seed, verify_gold, replies=direct_replies(direct_thought),
                        unknown_share=unknown_share)[0]
@@ -303,7 +304,7 @@ def make_traces(examples: Sequence[QAExample], env, n: int = 500, mix: Sequence[
 
 def offline_traces(n: int = 500, mix: Sequence[float] = DEFAULT_MIX, seed: int = 0, split: str = "train",
                    task_seed: int | None = None, direct_thought: str = "recall",
-                   unknown_share: float = 0.0) -> list[Trace]:
+                   unknown_share: float = DEFAULT_UNKNOWN_SHARE) -> list[Trace]:
     """Traces of one offline split. `task_seed` (default: `seed`) seeds the splits: it must equal the
     GRPO run's data.seed, so that SFT never sees a validation or test question."""
     if split not in ("train", "validation", "test"):
@@ -379,7 +380,7 @@ def read_traces(path: str | Path) -> list[Trace]:
 
 def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = None, hotpotqa: str | None = None,
                hotpotqa_share: float = 0.5, direct_thought: str = "recall",
-               unknown_share: float = 0.0) -> tuple[list[Trace], list[TraceReport]]:
+               unknown_share: float = DEFAULT_UNKNOWN_SHARE) -> tuple[list[Trace], list[TraceReport]]:
     """Offline train traces; with `hotpotqa`, that file gives `hotpotqa_share` of the multihop count
     (fewer if it is short) and offline comparisons the rest. Each source keeps its own env: the
     one its GRPO run searches."""
@@ -422,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--hotpotqa-share", type=float, default=0.5, help="part of the multihop share from HotpotQA")
     parser.add_argument("--direct-thought", choices=DIRECT_THOUGHT_STYLES, default="recall",
                         help="recall: the direct thought states the fact in the model's own words; plain: 'I know this.'")
-    parser.add_argument("--unknown-share", type=float, default=0.0,
+    parser.add_argument("--unknown-share", type=float, default=DEFAULT_UNKNOWN_SHARE,
                         help="share of the search traces on capitals/continents the model does not know")
     args = parser.parse_args(argv)
     if not 0 <= args.hotpotqa_share <= 1:
