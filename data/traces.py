@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct never writes our tags zero-shot, so GRPO starts from a model fine-tuned
 on traces like these (observations are real env output, shortened here):
 
-    direct    <thought>I know this.</thought><answer>Nairobi</answer>
+    direct    <thought>The capital of Kenya is Nairobi.</thought><answer>Nairobi</answer>
     search    <thought>I need to look up Kenya.</thought><call>Kenya</call><obs>[Kenya] …</obs><answer>Shilling</answer>
     multihop  <thought>I need to look up Kenya and Peru.</thought><call>Kenya</call><obs>…</obs>
               <thought>Now I need Peru.</thought><call>Peru</call><obs>…</obs><answer>Kenya</answer>
@@ -11,6 +11,14 @@ on traces like these (observations are real env output, shortened here):
 A Trace is stored as segments, ("model", text) or ("obs", result), so the SFT tokenizer can
 encode them apart and mask observations as `grpo.rollout` does, whose result for a query is
 `run_tool(env, query)[0]`, wrapped in <obs></obs>. No EOS in the text (the tokenizer adds it).
+
+Direct thoughts (`direct_thought`): "recall" (default) states the fact in the base model's own
+words before the short answer: its closed-book greedy reply (`data/smollm2_memory.json`, written
+by `python -m data.measure_memory`) cut to the first sentence, and within it to the clause,
+that holds the gold; a template sentence ("The capital of Kenya is Nairobi.") when there is no
+usable reply. The model then recalls a fact the way it knows it ("The capital of Greece is
+Athens.") instead of being cut off from it by a bare `<answer>` (SFT on "I know this." traces
+made SmolLM2 answer Greece -> "Macedonia"). "plain" gives the old "I know this." thoughts.
 
 Styles: direct <- kind MEMORY; search <- kind LOOKUP with one hop (population, area, currency,
 border, bridge, unknown capitals/continents); multihop <- kind LOOKUP with >= 2 hops (offline
@@ -24,6 +32,10 @@ Drawing: counts per style = n * mix by largest remainder (summing to n). Each st
 its eligible examples sorted by id and shuffled by a string-seeded RNG (no hash(): the same
 list in every process). A style short of examples gives what it has, warns, and the other
 styles with a positive share fill its remainder, largest share first. The result is shuffled.
+With `unknown_share` > 0, that share of the search count comes first from the capital/continent
+questions the model does NOT know (kind LOOKUP), the rest from all remaining one-hop lookups, so
+that the type of a question does not decide between answering and searching ("capital ->
+answer"); knowing does.
 Run `python -m data.traces --out outputs/traces.jsonl [--hotpotqa PATH]`.
 """
 from __future__ import annotations
@@ -31,16 +43,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from itertools import islice
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from data.files import atomic_write
 from data.hotpotqa import hotpotqa_documents, load_hotpotqa
-from data.offline_task import build_offline_task
+from data.offline_task import DEFAULT_MEMORY_FILE, MEMORY_TYPES, build_offline_task
 from data.types import MEMORY, QAExample
 from envs.search import MockSearchEnv
 from grpo.prompts import observation_text
@@ -49,7 +62,10 @@ from grpo.rollout import run_tool
 
 STYLES = ("direct", "search", "multihop")
 ROLES = ("model", "obs")
-DEFAULT_MIX = (0.2, 0.6, 0.2)  # shares of direct, search, multihop
+DEFAULT_MIX = (0.3, 0.5, 0.2)  # shares of direct, search, multihop
+DEFAULT_UNKNOWN_SHARE = 0.4    # of the search traces: capitals/continents the model does not know
+DIRECT_THOUGHT_STYLES = ("recall", "plain")
+MAX_RECALL_WORDS = 25          # a longer own-words sentence falls back to the template
 
 # Thought templates, one picked per example with an RNG seeded by (seed, example id).
 DIRECT_THOUGHTS = ("I know this.", "I know this one.", "I know the answer.")
@@ -57,6 +73,7 @@ SEARCH_THOUGHTS = ("I need to look up {q}.", "I do not know this; I will search 
                    "I should search for {q}.")
 MULTIHOP_THOUGHTS = ("I need to look up {qs}.", "I need facts about {qs}; first {q}.")
 NEXT_HOP_THOUGHTS = ("Now I need {q}.", "Next I look up {q}.")
+RECALL_TEMPLATES = {"capital": "The capital of {c} is {a}.", "continent": "{c} is in {a}."}
 
 
 # --------------------------------------------------------------------------- the record
@@ -106,11 +123,65 @@ def gold_in(text: str, answers: Sequence[str]) -> bool:
     return any(f" {g} " in haystack for g in map(normalize_answer, answers) if g)
 
 
-def build_trace(example: QAExample, style: str, env, rng: random.Random) -> Trace:
-    """The trace of one example in one style; each observation is `run_tool(env, query)[0]`."""
+def own_words(reply: str, answers: Sequence[str], subject: str = "") -> str | None:
+    """The base model's reply cut to the first sentence, and in it the first clause, that states a gold.
+
+    "Chad is a continent located in the Eastern Africa region of the continent of Africa, which is
+    bordered by ..." -> "Chad is a continent located in the Eastern Africa region of the continent
+    of Africa." The gold must occur outside the first mention of `subject` (the country): "The
+    capital of Singapore is not a place." does not state the capital Singapore. None when no
+    sentence states a gold as whole words, or the cut one is too long or holds a tag.
+    """
+    def states(text: str) -> bool:
+        if subject:
+            text = re.sub(re.escape(subject), " ", text, count=1, flags=re.IGNORECASE)
+        return gold_in(text, answers)
+
+    for sentence in re.split(r"(?<=[.!?])\s+", reply.strip()):
+        if not states(sentence):
+            continue
+        words = sentence.split()
+        for end in range(1, len(words) + 1):  # the shortest prefix that states the gold...
+            if states(" ".join(words[:end])):
+                break
+        while end < len(words) and not re.search(r"[,;.!?]$", words[end - 1]):
+            end += 1  # ... carried on to the end of its clause
+        cut = re.sub(r"[,;:.!?]*$", "", " ".join(words[:end])) + "."
+        return cut if len(cut.split()) <= MAX_RECALL_WORDS and "<" not in cut and ">" not in cut else None
+    return None
+
+
+def recall_sentence(example: QAExample, replies: Mapping[str, str] | None = None) -> str:
+    """A sentence stating the example's first gold: the model's own reply (`own_words`) if usable,
+    else a template ("The capital of Kenya is Nairobi.", "Kenya is in Africa.", "The answer is X.")."""
+    if replies and example.id in replies:
+        subject = example.hops[0] if example.type in MEMORY_TYPES and example.hops else ""
+        if sentence := own_words(replies[example.id], example.answers[:1], subject):
+            return sentence
+    template = RECALL_TEMPLATES.get(example.type or "", "The answer is {a}.")
+    return template.format(c=example.hops[0] if example.hops else "", a=example.answers[0])
+
+
+def closed_book_replies(memory_file: str | Path = DEFAULT_MEMORY_FILE) -> dict[str, str]:
+    """question id -> the base model's closed-book greedy reply (empty if the file is absent)."""
+    path = Path(memory_file)
+    if not path.is_file():
+        return {}
+    results = json.loads(path.read_text(encoding="utf-8")).get("results", {})
+    return {qid: r["greedy_reply"] for qid, r in results.items() if isinstance(r.get("greedy_reply"), str)}
+
+
+def build_trace(example: QAExample, style: str, env, rng: random.Random,
+                replies: Mapping[str, str] | None = None) -> Trace:
+    """The trace of one example in one style; each observation is `run_tool(env, query)[0]`.
+
+    replies: None gives a direct trace the plain "I know this." thought; a mapping (even empty)
+    gives it the recall sentence (`recall_sentence`) built from the model's own replies.
+    """
     answer, queries = f"<answer>{example.answers[0]}</answer>", example.hops
     if style == "direct":
-        segments = [("model", f"<thought>{rng.choice(DIRECT_THOUGHTS)}</thought>{answer}")]
+        thought = rng.choice(DIRECT_THOUGHTS) if replies is None else recall_sentence(example, replies)
+        segments = [("model", f"<thought>{thought}</thought>{answer}")]
     else:
         first = SEARCH_THOUGHTS if style == "search" else MULTIHOP_THOUGHTS
         listed = queries[0] if len(queries) == 1 else ", ".join(queries[:-1]) + " and " + queries[-1]
@@ -152,10 +223,10 @@ def quotas(n: int, mix: Sequence[float]) -> dict[str, int]:
 
 
 def _valid_traces(pool: list[QAExample], style: str, env, seed: int, verify_gold: bool,
-                  report: TraceReport) -> Iterator[Trace]:
+                  report: TraceReport, replies: Mapping[str, str] | None = None) -> Iterator[Trace]:
     """The traces of `pool` in order, skipping (and counting) the ones that fail a check."""
     for ex in pool:
-        trace = build_trace(ex, style, env, random.Random(f"{seed}/{ex.id}"))
+        trace = build_trace(ex, style, env, random.Random(f"{seed}/{ex.id}"), replies)
         problem = check_trace(trace, ex.hops if style != "direct" else ())
         observed = " ".join(text for role, text in trace.segments if role == "obs")
         if not problem and style != "direct":
@@ -170,19 +241,34 @@ def _valid_traces(pool: list[QAExample], style: str, env, seed: int, verify_gold
             yield trace
 
 
+def unknown_memory(example: QAExample) -> bool:
+    """A capital/continent question the model was measured NOT to know (kind LOOKUP)."""
+    return example.kind != MEMORY and example.type in MEMORY_TYPES
+
+
 def draw_traces(examples: Sequence[QAExample], env, counts: dict[str, int], seed: int = 0,
-                verify_gold: bool = True, fill: bool = True) -> tuple[list[Trace], TraceReport]:
+                verify_gold: bool = True, fill: bool = True, replies: Mapping[str, str] | None = None,
+                unknown_share: float = DEFAULT_UNKNOWN_SHARE) -> tuple[list[Trace], TraceReport]:
     """Up to counts[style] traces per style (see the module docstring) and what was skipped.
 
     fill: a short style's remainder is drawn from the other styles with a positive count.
+    replies: the model's closed-book replies for recall thoughts (None: plain "I know this.").
+    unknown_share: this share of counts["search"] is drawn first from the capital/continent
+        questions the model does not know (0: the search pool is drawn uniformly).
     """
+    if not 0.0 <= unknown_share <= 1.0:
+        raise ValueError(f"unknown_share must be in [0, 1], got {unknown_share!r}")
     report = TraceReport()
     eligible = sorted((ex for ex in examples if style_of(ex)), key=lambda e: e.id)
     sources = {}
     for style in STYLES:
         pool = [ex for ex in eligible if style_of(ex) == style]
         random.Random(f"{seed}/{style}").shuffle(pool)
-        sources[style] = _valid_traces(pool, style, env, seed, verify_gold, report)
+        if style == "search" and unknown_share > 0:  # k unknown capitals/continents first, then the rest
+            k = round(unknown_share * counts.get("search", 0))
+            first = [ex for ex in pool if unknown_memory(ex)][:k]
+            pool = first + [ex for ex in pool if ex not in first]
+        sources[style] = _valid_traces(pool, style, env, seed, verify_gold, report, replies)
     out = {style: list(islice(sources[style], counts.get(style, 0))) for style in STYLES}
     shortfall = sum(counts.values()) - sum(map(len, out.values()))
     for style in STYLES:
@@ -201,20 +287,31 @@ def draw_traces(examples: Sequence[QAExample], env, counts: dict[str, int], seed
     return traces, report
 
 
+def direct_replies(direct_thought: str, memory_file: str | Path = DEFAULT_MEMORY_FILE) -> dict[str, str] | None:
+    """The `replies` argument of `draw_traces` for a direct-thought style ("recall" or "plain")."""
+    if direct_thought not in DIRECT_THOUGHT_STYLES:
+        raise ValueError(f"direct_thought={direct_thought!r}: expected one of {DIRECT_THOUGHT_STYLES}")
+    return closed_book_replies(memory_file) if direct_thought == "recall" else None
+
+
 def make_traces(examples: Sequence[QAExample], env, n: int = 500, mix: Sequence[float] = DEFAULT_MIX,
-                seed: int = 0, verify_gold: bool = True) -> list[Trace]:
+                seed: int = 0, verify_gold: bool = True, direct_thought: str = "recall",
+                unknown_share: float = DEFAULT_UNKNOWN_SHARE) -> list[Trace]:
     """n traces, shares `mix` of (direct, search, multihop); same seed -> same list."""
-    return draw_traces(examples, env, quotas(n, mix), seed, verify_gold)[0]
+    return draw_traces(examples, env, quotas(n, mix), seed, verify_gold, replies=direct_replies(direct_thought),
+                       unknown_share=unknown_share)[0]
 
 
 def offline_traces(n: int = 500, mix: Sequence[float] = DEFAULT_MIX, seed: int = 0, split: str = "train",
-                   task_seed: int | None = None) -> list[Trace]:
+                   task_seed: int | None = None, direct_thought: str = "recall",
+                   unknown_share: float = DEFAULT_UNKNOWN_SHARE) -> list[Trace]:
     """Traces of one offline split. `task_seed` (default: `seed`) seeds the splits: it must equal the
     GRPO run's data.seed, so that SFT never sees a validation or test question."""
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split={split!r}: expected 'train', 'validation' or 'test'")
     task = build_offline_task(seed if task_seed is None else task_seed)
-    return make_traces(getattr(task, split), MockSearchEnv(task.documents), n, mix, seed)
+    return make_traces(getattr(task, split), MockSearchEnv(task.documents), n, mix, seed,
+                       direct_thought=direct_thought, unknown_share=unknown_share)
 
 
 def _draw_hotpotqa(path: str, n: int, seed: int) -> tuple[list[Trace], TraceReport]:
@@ -282,7 +379,8 @@ def read_traces(path: str | Path) -> list[Trace]:
 # --------------------------------------------------------------------------- command line
 
 def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = None, hotpotqa: str | None = None,
-               hotpotqa_share: float = 0.5) -> tuple[list[Trace], list[TraceReport]]:
+               hotpotqa_share: float = 0.5, direct_thought: str = "recall",
+               unknown_share: float = DEFAULT_UNKNOWN_SHARE) -> tuple[list[Trace], list[TraceReport]]:
     """Offline train traces; with `hotpotqa`, that file gives `hotpotqa_share` of the multihop count
     (fewer if it is short) and offline comparisons the rest. Each source keeps its own env: the
     one its GRPO run searches."""
@@ -293,7 +391,8 @@ def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = 
         counts["multihop"] -= len(hp)
         reports.append(report)
     task = build_offline_task(seed if task_seed is None else task_seed)
-    offline, report = draw_traces(task.train, MockSearchEnv(task.documents), counts, seed)
+    offline, report = draw_traces(task.train, MockSearchEnv(task.documents), counts, seed,
+                                  replies=direct_replies(direct_thought), unknown_share=unknown_share)
     traces = hp + offline
     random.Random(f"{seed}/mixed").shuffle(traces)
     return traces, reports + [report]
@@ -322,11 +421,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--mix", type=float, nargs=3, default=DEFAULT_MIX, metavar=("DIRECT", "SEARCH", "MULTIHOP"))
     parser.add_argument("--hotpotqa", default=None, help="HotpotQA .json/.jsonl mixed into the multihop share")
     parser.add_argument("--hotpotqa-share", type=float, default=0.5, help="part of the multihop share from HotpotQA")
+    parser.add_argument("--direct-thought", choices=DIRECT_THOUGHT_STYLES, default="recall",
+                        help="recall: the direct thought states the fact in the model's own words; plain: 'I know this.'")
+    parser.add_argument("--unknown-share", type=float, default=DEFAULT_UNKNOWN_SHARE,
+                        help="share of the search traces on capitals/continents the model does not know")
     args = parser.parse_args(argv)
     if not 0 <= args.hotpotqa_share <= 1:
         parser.error(f"--hotpotqa-share must be in [0, 1], got {args.hotpotqa_share}")
     try:
-        traces, reports = cli_traces(args.n, args.mix, args.seed, args.task_seed, args.hotpotqa, args.hotpotqa_share)
+        traces, reports = cli_traces(args.n, args.mix, args.seed, args.task_seed, args.hotpotqa, args.hotpotqa_share,
+                                     args.direct_thought, args.unknown_share)
     except ValueError as err:
         parser.error(str(err))
     write_traces(traces, args.out)

@@ -12,14 +12,16 @@ import os
 import subprocess
 import sys
 import warnings
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from data.offline_task import build_offline_task
-from data.traces import (STYLES, Trace, draw_traces, hotpotqa_traces, main, make_traces, offline_traces,
-                         quotas, read_traces, write_traces)
+from data.traces import (STYLES, Trace, closed_book_replies, draw_traces, gold_in, hotpotqa_traces, main,
+                         make_traces, offline_traces, own_words, quotas, read_traces, recall_sentence, unknown_memory,
+                         write_traces)
 from data.types import LOOKUP, MEMORY
 from envs.base import Document
 from envs.search import MockSearchEnv
@@ -186,6 +188,76 @@ def test_direct_traces_only_from_memory_questions(task, env, traces, by_id):
     assert capital_searches and all(t.kind == LOOKUP for t in capital_searches)
 
 
+# --------------------------------------------------------------------------- recall thoughts, knowing vs type
+
+def thought_of(trace) -> str:
+    return trace.segments[0][1].split("<thought>")[1].split("</thought>")[0]
+
+
+def test_own_words_cuts_the_reply_to_the_clause_stating_the_gold():
+    reply = ("Chad is a continent located in the Eastern Africa region of the continent of Africa, which is "
+             "bordered by the Democratic Republic of the Congo. It is large.")
+    assert own_words(reply, ("Africa",), "Chad") == ("Chad is a continent located in the Eastern Africa region "
+                                                     "of the continent of Africa.")
+    assert own_words("It is big. The capital of Greece is Athens.", ("Athens",), "Greece") == \
+        "The capital of Greece is Athens."
+    # the gold inside the subject's own name does not count; a reply without the gold gives None
+    assert own_words("The capital of Singapore is not a place.", ("Singapore",), "Singapore") is None
+    assert own_words("The capital of Djibouti is Djibouti.", ("Djibouti",), "Djibouti") == \
+        "The capital of Djibouti is Djibouti."
+    assert own_words("The capital of Armenia is called Yerekav.", ("Yerevan",), "Armenia") is None
+
+
+def test_recall_sentence_falls_back_to_a_template(task):
+    capital = next(ex for ex in task.train if ex.type == "capital")
+    continent = next(ex for ex in task.train if ex.type == "continent")
+    assert recall_sentence(capital, {}) == f"The capital of {capital.hops[0]} is {capital.answers[0]}."
+    assert recall_sentence(continent, {continent.id: "No idea."}) == f"{continent.hops[0]} is in {continent.answers[0]}."
+    assert recall_sentence(capital, {capital.id: f"Well. The capital is {capital.answers[0]}, I think."}) == \
+        f"The capital is {capital.answers[0]}."
+
+
+def test_direct_thoughts_state_the_gold_in_the_models_own_words(task, env, by_id):
+    replies = closed_book_replies()
+    if not replies:
+        pytest.skip("data/smollm2_memory.json is absent")
+    traces = make_traces(task.train, env, n=200, seed=0)  # default: recall thoughts
+    direct = [t for t in traces if t.style == "direct"]
+    assert len(direct) == 60
+    own = 0
+    for t in direct:
+        thought = thought_of(t)
+        subject = example_of(t, by_id).hops[0]
+        assert gold_in(thought.replace(subject, " ", 1), t.answers[:1]), thought
+        assert thought.endswith(".") and len(thought.split()) <= 25
+        # most of them are the model's own closed-book reply (a cut of it), not the template
+        own += normalize_answer(thought) in normalize_answer(replies[example_of(t, by_id).id])
+    assert own >= 0.9 * len(direct)
+    plain = make_traces(task.train, env, n=200, seed=0, direct_thought="plain")
+    assert {thought_of(t) for t in plain if t.style == "direct"} <= \
+        {"I know this.", "I know this one.", "I know the answer."}
+    with pytest.raises(ValueError, match="direct_thought"):
+        make_traces(task.train, env, n=10, direct_thought="loud")
+
+
+def test_unknown_share_searches_the_capitals_and_continents_the_model_does_not_know(task, env, by_id):
+    assert sum(unknown_memory(ex) for ex in task.train) > 50  # many capitals/continents are not known
+    traces = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4)
+    searched = [t for t in traces if t.style == "search"]
+    searched_unknown = [t for t in searched if unknown_memory(example_of(t, by_id))]
+    assert len(searched) == 160 and len(searched_unknown) == 64  # 0.4 of the search count
+    assert all(t.kind == LOOKUP for t in searched_unknown)
+    assert {t.type for t in searched} - {"capital", "continent"}  # the other lookups keep their traces
+    # capitals/continents are both answered and searched: their type does not decide
+    for type_ in ("capital", "continent"):
+        styles = Counter(t.style for t in traces if t.type == type_)
+        assert styles["direct"] > 0 and styles["search"] > 0
+    baseline = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.0)
+    assert sum(unknown_memory(example_of(t, by_id)) for t in baseline if t.style == "search") < len(searched_unknown)
+    with pytest.raises(ValueError, match="unknown_share"):
+        make_traces(task.train, env, n=10, unknown_share=1.5)
+
+
 def test_text_property_matches_the_segments(traces):
     trace = Trace("search/x", "Q?", ("B",), LOOKUP, "search",
                   (("model", "<thought>t</thought><call>A</call>"), ("obs", "[A] B."), ("model", "<answer>B</answer>")))
@@ -235,7 +307,7 @@ def test_command_line_writes_a_readable_file(tmp_path, capsys):
         warnings.simplefilter("ignore")
         main(["--out", str(out), "--n", "20", "--seed", "1"])
     printed = capsys.readouterr().out
-    assert "20 traces: direct 4, search 12, multihop 4" in printed and "skipped: none" in printed
+    assert "20 traces: direct 6, search 10, multihop 4" in printed and "skipped: none" in printed
     assert "sample search/" in printed and len(read_traces(out)) == 20
 
 
