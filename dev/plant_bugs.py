@@ -1,0 +1,128 @@
+"""Plant known GRPO bugs in a copy of the repository, one at a time, and check the fast tests catch each.
+
+    .venv/bin/python dev/plant_bugs.py                       # every bug, the fast suite of the files below
+    .venv/bin/python dev/plant_bugs.py "kl sign,beta" tests/test_losses.py
+
+Each bug is an exact text replacement in one file: when the code it targets is rewritten, update the
+pattern (a bug whose pattern is not found is reported, never silently skipped). Prints CAUGHT or
+MISSED per bug, with the first failing test. Not part of CI: it runs the suite once per bug.
+"""
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TESTS = ["tests/test_rollout.py", "tests/test_module.py", "tests/test_losses.py", "tests/test_rewards.py",
+         "tests/test_sft.py", "tests/test_checkpoint.py", "tests/test_logprobs.py"]
+BUGS = [  # (name, file, correct code, planted bug)
+    ('logp t scored with t+1', 'grpo/logprobs.py',
+     'logits = out.logits[:, :-1]',
+     'logits = out.logits[:, 1:]'),
+    ('scoring without temperature', 'grpo/logprobs.py',
+     'return token_logprobs(logits, ro.completion_ids, temperature)',
+     'return token_logprobs(logits, ro.completion_ids, 1.0)'),
+    ('pi_old ignored', 'grpo/module.py',
+     'old_logp = ro.sample_logp ',
+     'old_logp = None '),
+    ('policy as pi_ref', 'grpo/module.py',
+     'return completion_logprobs(ref, ro, self.hparams.temperature)',
+     'return completion_logprobs(self.policy, ro, self.hparams.temperature)'),
+    ('scheduler never steps', 'grpo/policy.py',
+     '        self.lr_schedulers().step()\n',
+     '\n'),
+    ('rewards misaligned to groups', 'grpo/module.py',
+     'batch[n // G].answers',
+     'batch[n % len(batch)].answers'),
+    ('no zero_grad', 'grpo/policy.py',
+     'opt.zero_grad(set_to_none=True)',
+     'pass'),
+    ('kl sign', 'grpo/losses.py',
+     'd = (ref_logp - logp).clamp(-clamp, clamp)',
+     'd = (logp - ref_logp).clamp(-clamp, clamp)'),
+    ('min instead of max', 'grpo/losses.py',
+     'return torch.maximum(pg_loss1, pg_loss2), pg_loss2 > pg_loss1',
+     'return torch.minimum(pg_loss1, pg_loss2), pg_loss2 > pg_loss1'),
+    ('positions ignore holes', 'grpo/rollout.py',
+     'return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)',
+     'return torch.arange(attention_mask.shape[-1], device=attention_mask.device).expand_as(attention_mask)'),
+    ('eval at train temperature', 'grpo/policy.py',
+     'ro = self.rollout(batch, temperature=hp.eval_temperature,',
+     'ro = self.rollout(batch, temperature=1.0,'),
+    ('OTC executed calls only', 'grpo/module.py',
+     'attempted = (ro.num_calls[s] + ro.num_calls_no_obs[s]).tolist()',
+     'attempted = ro.num_calls[s].tolist()'),
+    ('sampler no temperature', 'grpo/rollout.py',
+     'probs = torch.softmax(logits.float() / temperature, dim=-1)',
+     'probs = torch.softmax(logits.float(), dim=-1)'),
+    ('sampled logp no temperature', 'grpo/rollout.py',
+     'logp = torch.log_softmax(logits.float() / t, dim=-1) ',
+     'logp = torch.log_softmax(logits.float(), dim=-1) '),
+    ('adv global mean', 'grpo/losses.py',
+     'adv = r - r.mean(dim=1, keepdim=True)',
+     'adv = r - r.mean()'),
+    ('policy logp no temperature', 'grpo/module.py',
+     'logp = completion_logprobs(self.policy, ro, hp.temperature)',
+     'logp = completion_logprobs(self.policy, ro)'),
+    ('ref logp no temperature', 'grpo/module.py',
+     'return completion_logprobs(ref, ro, self.hparams.temperature)',
+     'return completion_logprobs(ref, ro)'),
+    ('beta sign', 'grpo/losses.py',
+     'per_token = per_token + beta * kl',
+     'per_token = per_token - beta * kl'),
+    ('token mean over all positions', 'grpo/losses.py',
+     'return total / m.sum().clamp(min=1)',
+     'return total / m.numel()'),
+    ('clip low uses eps_high', 'grpo/losses.py',
+     'torch.clamp(ratio, 1 - clip_eps, 1 + eps_high)',
+     'torch.clamp(ratio, 1 - eps_high, 1 + eps_high)'),
+    ('population std', 'grpo/losses.py',
+     'adv = adv / (r.std(dim=1, keepdim=True) + eps)',
+     'adv = adv / (r.std(dim=1, keepdim=True, unbiased=False) + eps)'),
+    ('direct bonus ignores refused', 'grpo/rewards.py',
+     '"direct_bonus": weights.direct_bonus if is_correct and num_calls == num_calls_no_obs == 0 else 0.0',
+     '"direct_bonus": weights.direct_bonus if is_correct and num_calls == 0 else 0.0'),
+    ('sft labels on observations', 'grpo/sft.py',
+     'labels += [IGNORE] * len(piece)',
+     'labels += piece'),
+    ('sft loss misaligned', 'grpo/sft.py',
+     'logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()',
+     'logits[:, :-1].flatten(0, 1).float(), labels[:, :-1].flatten()'),
+    ('prefill tiled wrong', 'grpo/rollout.py',
+     'out.logits[:, -1].repeat_interleave(G, 0)',
+     'out.logits[:, -1].repeat(G, 1)'),
+    ('obs get gradient', 'grpo/rollout.py',
+     '                                       show_budget), 0)',
+     '                                       show_budget), 1)'),
+    ('eos dropped', 'grpo/rollout.py',
+     'real_completion = (torch.arange(C)[None, :] < lengths[:, None]).long()',
+     'real_completion = (completion != pad_id).long()'),
+    ('cache tiled wrong', 'grpo/rollout.py',
+     '        cache.batch_repeat_interleave(G)  ',
+     '        cache.batch_repeat_interleave(1)  '),
+]
+
+
+def main() -> None:
+    names = sys.argv[1].split(",") if len(sys.argv) > 1 and sys.argv[1] != "all" else None
+    tests = sys.argv[2:] or TESTS
+    for name, file, old, new in BUGS:
+        if names and not any(n in name for n in names):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = pathlib.Path(tmp) / "repo"
+            shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "outputs", "__pycache__"))
+            src = (copy / file).read_text()
+            if src.count(old) != 1:
+                print(f"{name}: PATTERN NOT FOUND in {file} (update dev/plant_bugs.py)", flush=True)
+                continue
+            (copy / file).write_text(src.replace(old, new))
+            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
+                                *tests], cwd=copy, capture_output=True, text=True)
+        failed = [line for line in r.stdout.splitlines() if line.startswith("FAILED")][:1]
+        print(f"{name}: {'CAUGHT' if r.returncode else 'MISSED'} {failed}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
