@@ -22,7 +22,9 @@ global sums, not a mean of per-rank ratios (which `sync_dist=True` would give, a
 no lookup question would log nothing and leave the others waiting in the all-reduce). Each rank
 therefore builds the same fixed vector of sums (every kind of `data.types.KINDS`, zeros when
 absent), `strategy.reduce(..., "sum")` adds them up, and the ratios are computed from the global
-sums; they are then equal on every rank and logged without further sync. (A torchmetrics
+sums; they are then equal on every rank and rank 0 hands them to the loggers itself, at the step
+of the batch (through `log_dict`, Lightning would re-send a metric absent from a batch, e.g. the
+memory kind's, with its last value at every later step of the epoch). (A torchmetrics
 `MeanMetric` logged on step would show its local `forward` value, not a synced one.)
 
 Every `transcript_every_n_steps` training batches (at 0, n, 2n, ... on the scalars' x-axis), rank 0
@@ -175,8 +177,12 @@ class ToolMetrics(L.Callback):
                             device=pl_module.device)                                      # (groups*quantities,)
         flat = trainer.strategy.reduce(flat, reduce_op="sum").tolist()
         sums = {g: {q: flat[i * len(QUANTITIES) + j] for j, q in enumerate(QUANTITIES)} for i, g in enumerate(GROUPS)}
-        pl_module.log_dict(sums_to_metrics(sums, with_reward=rewards is not None), on_step=True, on_epoch=False,
-                           batch_size=len(batch))
+        # straight to the loggers, not through `log_dict`: Lightning re-sends an on_step metric at every
+        # later step until the epoch ends, so a kind absent from this batch would repeat its last value
+        metrics = sums_to_metrics(sums, with_reward=rewards is not None)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=logger_step(trainer))
         self._log_transcripts(trainer, outputs, batch, G)
 
     def _log_transcripts(self, trainer: L.Trainer, outputs: dict, batch, G: int) -> None:

@@ -66,10 +66,12 @@ def test_callback_logs_ratios_of_global_sums():
     rank0 = fake_rollout(TEXTS[:2], CALLS[:2], INCOMPLETE[:2], TOKENS[:2])
     rank1 = step_sums(fake_rollout(TEXTS[2:], CALLS[2:], INCOMPLETE[2:], TOKENS[2:]), BATCH[1:], 2, REWARDS[2:])
     other = torch.tensor([rank1[g][q] for g in ("all", MEMORY, LOOKUP) for q in rank1["all"]], dtype=torch.float64)
-    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda x, reduce_op: x + other), global_step=1,
-                              is_global_zero=False, loggers=[])
     logged = {}
-    module = SimpleNamespace(device=torch.device("cpu"), log_dict=lambda d, **kw: logged.update(d))
+    logger = SimpleNamespace(log_metrics=lambda d, step: logged.update(d))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda x, reduce_op: x + other), global_step=1,
+                              is_global_zero=True, loggers=[logger],
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=1)))
+    module = SimpleNamespace(device=torch.device("cpu"))
     ToolMetrics().on_train_batch_end(trainer, module, {"rollout": rank0, "rewards": REWARDS[:2]}, BATCH[:1], 0)
     assert logged == pytest.approx(tool_step_metrics(full, BATCH, 2, REWARDS))
 
@@ -174,3 +176,33 @@ def test_validate_run_adds_no_report_row(tmp_path):
     rows = [line for line in report.read_text().splitlines() if line.startswith("| step ")]
     assert len(list(tmp_path.rglob("report.md"))) == 1, "validate wrote a report of its own"
     assert report.read_text() == before and [r.split()[2] for r in rows] == ["2"]
+
+
+def test_a_kind_absent_from_a_batch_logs_no_point(tmp_path):
+    """Per-kind metrics get a TensorBoard point only at the steps whose batch holds that kind: Lightning's
+    log_dict would repeat the memory kind's step-0 value at steps 1-3 (a silently skewed curve)."""
+    import glob
+
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.data import DataLoader
+
+    from callbacks.metrics import ToolMetrics
+    from data.types import QAExample
+    from grpo.module import GRPOModule
+
+    L.seed_everything(0)
+    m = GRPOModule(model_name="tiny", group_size=2, max_new_tokens=4)
+    m.env = lambda q: "x"
+    qs = [QAExample(id="m", question="Q?", answers=("a",), kind="memory")] + \
+         [QAExample(id=str(i), question="Q?", answers=("a",), kind="lookup") for i in range(3)]
+    trainer = L.Trainer(max_steps=4, logger=TensorBoardLogger(str(tmp_path)), log_every_n_steps=1,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ToolMetrics(num_transcripts=0)])
+    trainer.fit(m, DataLoader(qs, batch_size=1, collate_fn=list, shuffle=False))
+    acc = EventAccumulator(glob.glob(trainer.logger.log_dir + "/events*")[0])
+    acc.Reload()
+    assert [x.step for x in acc.Scalars("tools/memory/search_rate")] == [0]
+    assert [x.step for x in acc.Scalars("tools/lookup/search_rate")] == [1, 2, 3]
+    assert [x.step for x in acc.Scalars("tools/search_rate")] == [0, 1, 2, 3]
