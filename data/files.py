@@ -1,10 +1,12 @@
-"""Writing a file so that a reader sees the old content or the new, never half of it."""
+"""Files: written so that a reader sees the old content or the new, never half of it; JSON Lines read
+with errors that name the file and line."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
@@ -19,3 +21,17 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def iter_json_lines(path: str | Path) -> Iterator[tuple[Any, str]]:
+    """(record, "<path>, line <n>") for every non-blank line of a JSON Lines file; a line that is not
+    JSON raises ValueError("<path>, line <n>: invalid JSON (<reason>)")."""
+    path = Path(path)
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        try:
+            yield json.loads(line), where
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: invalid JSON ({err.msg})") from err

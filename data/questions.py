@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from data.files import atomic_write
+from data.files import atomic_write, iter_json_lines
 from data.types import KINDS, LOOKUP, MEMORY, QAExample
 
 
@@ -54,15 +54,7 @@ def read_questions(path: str | Path) -> list[QAExample]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r}: no such question file")
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-        out.append(_example(record, f"{path}, line {n}"))
+    out = [_example(record, where) for record, where in iter_json_lines(path)]
     if not out:
         raise ValueError(f"{str(path)!r}: the file holds no question")
     return out

@@ -51,7 +51,7 @@ from pathlib import Path
 from itertools import islice
 from typing import Iterator, Mapping, Sequence
 
-from data.files import atomic_write
+from data.files import atomic_write, iter_json_lines
 from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import DEFAULT_MEMORY_FILE, MEMORY_TYPES, build_offline_task
 from data.types import MEMORY, QAExample
@@ -363,17 +363,7 @@ def _from_dict(row, where: str) -> Trace:
 
 def read_traces(path: str | Path) -> list[Trace]:
     """Traces from a `write_traces` file; a bad line raises ValueError naming the file, line and field."""
-    path = Path(path)
-    traces = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {lineno}: invalid JSON ({err.msg})") from err
-        traces.append(_from_dict(row, f"{path}, line {lineno}"))
-    return traces
+    return [_from_dict(row, where) for row, where in iter_json_lines(path)]
 
 
 # --------------------------------------------------------------------------- command line

@@ -28,7 +28,7 @@ def test_read_questions_accepts_answer_or_answers_and_names_bad_lines(tmp_path):
     with pytest.raises(ValueError, match=r"line 1: kind='trivia'"):
         read_questions(f)
     f.write_text('not json\n')
-    with pytest.raises(ValueError, match=r"line 1: not valid JSON"):
+    with pytest.raises(ValueError, match=r"q\.jsonl, line 1: invalid JSON"):
         read_questions(f)
 
 
