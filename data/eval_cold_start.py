@@ -1,8 +1,8 @@
 """Does a cold start keep what the model knows? Per-kind evaluation of an SFT adapter.
 
 Loads SmolLM2 + a PEFT adapter, runs agentic rollouts (`grpo.rollout.rollout`, group_size 1,
-the real search env of the offline task) on held-out questions, greedy AND sampled at T = 1,
-and prints one row per (decoding, group):
+the real search env of the offline task) on held-out questions, greedy AND sampled (T = 1, or
+`--temperature`; `--samples` completions per question), and prints one row per (decoding, group):
 
     memory               kind MEMORY: capitals/continents the base model answers greedily closed-book
     lookup               kind LOOKUP: everything else
@@ -12,6 +12,8 @@ and prints one row per (decoding, group):
     direct_em    share of questions answered correctly WITHOUT a search (knowledge kept)
     well_formed  share of completions that parse well-formed and end in an answer (grpo.rewards)
     search_rate  share of questions with at least one executed call
+    direct_acc   EM among the completions that did not search: the p of a direct answer that
+                 decides, at that temperature, whether answering beats searching (README, Results)
 
 The base model's closed-book accuracy on the same memory questions (greedy, and sampled at T = 1
 over 4 samples) is read from `data/smollm2_memory.json` (`python -m data.measure_memory`,
@@ -69,13 +71,15 @@ def groups_of(row: dict) -> list[str]:
 
 
 def table(rows_by_mode: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
-    """{"<mode>/<group>": {metric: mean, "n": count}} for every mode and group with rows."""
+    """{"<mode>/<group>": {metric: mean, "n": count, "direct_acc": EM without a search or None}}."""
     out = {}
     for mode, rows in rows_by_mode.items():
         for group in GROUPS:
             rs = [r for r in rows if group in groups_of(r)]
             if rs:
-                out[f"{mode}/{group}"] = {"n": len(rs)} | {m: sum(r[m] for r in rs) / len(rs) for m in METRICS}
+                direct = [r for r in rs if not r["search_rate"]]
+                out[f"{mode}/{group}"] = {"n": len(rs)} | {m: sum(r[m] for r in rs) / len(rs) for m in METRICS} | \
+                    {"direct_acc": sum(r["em"] for r in direct) / len(direct) if direct else None}
     return out
 
 
@@ -90,21 +94,24 @@ def base_closed_book(memory_ids: list[str], memory_file: Path = DEFAULT_MEMORY_F
 
 
 def run(model, tokenizer, questions, env, temperature: float, batch: int, max_new_tokens: int,
-        generator: torch.Generator) -> list[dict]:
+        generator: torch.Generator, samples: int = 1) -> list[dict]:
+    """One row per completion: `samples` completions per question (rows of a question adjacent)."""
     rows = []
     for start in range(0, len(questions), batch):
         qs = questions[start:start + batch]
         prompts = [build_prompt(tokenizer, ex.question) for ex in qs]
-        ro = rollout(model, tokenizer, prompts, env, group_size=1, max_new_tokens=max_new_tokens,
+        ro = rollout(model, tokenizer, prompts, env, group_size=samples, max_new_tokens=max_new_tokens,
                      temperature=temperature, max_tool_calls=5, max_obs_tokens=160, generator=generator)
-        rows += [score(ex, ro.texts[i], int(ro.num_calls[i])) for i, ex in enumerate(qs)]
+        rows += [score(ex, ro.texts[i * samples + j], int(ro.num_calls[i * samples + j]))
+                 for i, ex in enumerate(qs) for j in range(samples)]
     return rows
 
 
 def format_table(results: dict[str, dict[str, float]], base: dict[str, float]) -> str:
-    lines = [f"{'decoding/group':<26}{'n':>4}" + "".join(f"{m:>13}" for m in METRICS)]
+    lines = [f"{'decoding/group':<26}{'n':>4}" + "".join(f"{m:>13}" for m in METRICS + ('direct_acc',))]
     for key, m in results.items():
-        lines.append(f"{key:<26}{m['n']:>4}" + "".join(f"{m[k]:>13.3f}" for k in METRICS))
+        acc = "n/a" if m["direct_acc"] is None else f"{m['direct_acc']:.3f}"
+        lines.append(f"{key:<26}{m['n']:>4}" + "".join(f"{m[k]:>13.3f}" for k in METRICS) + f"{acc:>13}")
     if base:
         lines.append(f"base closed-book on the {base['n']} memory questions: greedy {base['greedy']:.3f}, "
                      f"sampled (T=1) {base['sampled']:.3f}")
@@ -123,11 +130,15 @@ def main(argv=None) -> None:
     ap.add_argument("--memory-limit", type=int, default=None, help="at most this many memory questions")
     ap.add_argument("--lookup-limit", type=int, default=64, help="at most this many lookup questions")
     ap.add_argument("--modes", nargs="+", default=["greedy", "sampled"], choices=["greedy", "sampled"])
+    ap.add_argument("--temperature", type=float, default=1.0, help="of the sampled mode")
+    ap.add_argument("--samples", type=int, default=1, help="completions per question in the sampled mode")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0, help="task split seed (= SFT data.seed) and sampler seed")
     ap.add_argument("--out", type=Path, default=None, help="write the table and every completion (JSON)")
     args = ap.parse_args(argv)
+    if not args.temperature > 0 or args.samples < 1:
+        ap.error(f"--temperature must be > 0 and --samples >= 1, got {args.temperature} and {args.samples}")
 
     from grpo.infer import load_for_inference
 
@@ -138,15 +149,17 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     rows_by_mode, t0 = {}, time.perf_counter()
     for mode in args.modes:
-        rows_by_mode[mode] = run(model, tokenizer, questions, env, 0.0 if mode == "greedy" else 1.0,
-                                 args.batch, args.max_new_tokens, gen)
+        sampled = mode == "sampled"
+        rows_by_mode[mode] = run(model, tokenizer, questions, env, args.temperature if sampled else 0.0,
+                                 args.batch, args.max_new_tokens, gen, args.samples if sampled else 1)
         print(f"{mode}: {len(questions)} questions, {time.perf_counter() - t0:.0f} s", flush=True)
     results = table(rows_by_mode)
     base = base_closed_book([ex.id for ex in questions if ex.kind == MEMORY])
     print(f"adapter {args.adapter}, split {args.split}")
     print(format_table(results, base))
     if args.out:
-        payload = {"adapter": args.adapter, "split": args.split, "results": results, "base_closed_book": base,
+        payload = {"adapter": args.adapter, "split": args.split, "temperature": args.temperature,
+                   "samples": args.samples, "results": results, "base_closed_book": base,
                    "rows": rows_by_mode}
         text = json.dumps(payload, indent=1, ensure_ascii=False) + "\n"
         atomic_write(args.out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -36,6 +36,12 @@ With `unknown_share` > 0, that share of the search count comes first from the ca
 questions the model does NOT know (kind LOOKUP), the rest from all remaining one-hop lookups, so
 that the type of a question does not decide between answering and searching ("capital ->
 answer"); knowing does.
+Search thoughts on capitals/continents the model does not know (`unknown_thought`): "hedge"
+(default) starts like a recall and gives up where the fact would come ("The capital of Uganda is
+not something I know; I will search for Uganda."), so that both branches share a prefix and fork
+at the fact token, where the model's own confidence lives: a known capital's name outweighs "not",
+an unknown one's probability is spread over many names. "plain" gives them the generic search
+thoughts above, which fork at the thought's first token, before the model has recalled anything.
 Run `python -m data.traces --out outputs/traces.jsonl [--hotpotqa PATH]`.
 """
 from __future__ import annotations
@@ -74,6 +80,12 @@ SEARCH_THOUGHTS = ("I need to look up {q}.", "I do not know this; I will search 
 MULTIHOP_THOUGHTS = ("I need to look up {qs}.", "I need facts about {qs}; first {q}.")
 NEXT_HOP_THOUGHTS = ("Now I need {q}.", "Next I look up {q}.")
 RECALL_TEMPLATES = {"capital": "The capital of {c} is {a}.", "continent": "{c} is in {a}."}
+# Hedged recall (`unknown_thought="hedge"`): the thought of a search on a capital/continent the model
+# does not know starts like the recall of a known one and gives up where the fact would come.
+HEDGE_TEMPLATES = {"capital": "The capital of {c} is not something I know; I will search for {c}.",
+                   "continent": "{c} is a country located in a part of the world I do not know; "
+                                "I will search for {c}."}
+UNKNOWN_THOUGHT_STYLES = ("hedge", "plain")
 
 
 # --------------------------------------------------------------------------- the record
@@ -172,11 +184,13 @@ def closed_book_replies(memory_file: str | Path = DEFAULT_MEMORY_FILE) -> dict[s
 
 
 def build_trace(example: QAExample, style: str, env, rng: random.Random,
-                replies: Mapping[str, str] | None = None) -> Trace:
+                replies: Mapping[str, str] | None = None, unknown_thought: str = "plain") -> Trace:
     """The trace of one example in one style; each observation is `run_tool(env, query)[0]`.
 
     replies: None gives a direct trace the plain "I know this." thought; a mapping (even empty)
     gives it the recall sentence (`recall_sentence`) built from the model's own replies.
+    unknown_thought: "hedge" gives a one-search trace of a capital/continent the model does not
+    know the hedged recall thought (HEDGE_TEMPLATES); "plain" the generic search thoughts.
     """
     answer, queries = f"<answer>{example.answers[0]}</answer>", example.hops
     if style == "direct":
@@ -186,6 +200,8 @@ def build_trace(example: QAExample, style: str, env, rng: random.Random,
         first = SEARCH_THOUGHTS if style == "search" else MULTIHOP_THOUGHTS
         listed = queries[0] if len(queries) == 1 else ", ".join(queries[:-1]) + " and " + queries[-1]
         thought = rng.choice(first).format(q=queries[0], qs=listed)
+        if unknown_thought == "hedge" and style == "search" and unknown_memory(example):
+            thought = HEDGE_TEMPLATES[example.type].format(c=queries[0])
         segments = [("model", f"<thought>{thought}</thought><call>{queries[0]}</call>")]
         for i, query in enumerate(queries):
             segments.append(("obs", run_tool(env, query)[0]))
@@ -222,11 +238,11 @@ def quotas(n: int, mix: Sequence[float]) -> dict[str, int]:
     return dict(zip(STYLES, counts))
 
 
-def _valid_traces(pool: list[QAExample], style: str, env, seed: int, verify_gold: bool,
-                  report: TraceReport, replies: Mapping[str, str] | None = None) -> Iterator[Trace]:
+def _valid_traces(pool: list[QAExample], style: str, env, seed: int, verify_gold: bool, report: TraceReport,
+                  replies: Mapping[str, str] | None = None, unknown_thought: str = "plain") -> Iterator[Trace]:
     """The traces of `pool` in order, skipping (and counting) the ones that fail a check."""
     for ex in pool:
-        trace = build_trace(ex, style, env, random.Random(f"{seed}/{ex.id}"), replies)
+        trace = build_trace(ex, style, env, random.Random(f"{seed}/{ex.id}"), replies, unknown_thought)
         problem = check_trace(trace, ex.hops if style != "direct" else ())
         observed = " ".join(text for role, text in trace.segments if role == "obs")
         if not problem and style != "direct":
@@ -248,16 +264,20 @@ def unknown_memory(example: QAExample) -> bool:
 
 def draw_traces(examples: Sequence[QAExample], env, counts: dict[str, int], seed: int = 0,
                 verify_gold: bool = True, fill: bool = True, replies: Mapping[str, str] | None = None,
-                unknown_share: float = DEFAULT_UNKNOWN_SHARE) -> tuple[list[Trace], TraceReport]:
+                unknown_share: float = DEFAULT_UNKNOWN_SHARE,
+                unknown_thought: str = "hedge") -> tuple[list[Trace], TraceReport]:
     """Up to counts[style] traces per style (see the module docstring) and what was skipped.
 
     fill: a short style's remainder is drawn from the other styles with a positive count.
     replies: the model's closed-book replies for recall thoughts (None: plain "I know this.").
     unknown_share: this share of counts["search"] is drawn first from the capital/continent
         questions the model does not know (0: the search pool is drawn uniformly).
+    unknown_thought: "hedge" or "plain", the thought of those searches (see the module docstring).
     """
     if not 0.0 <= unknown_share <= 1.0:
         raise ValueError(f"unknown_share must be in [0, 1], got {unknown_share!r}")
+    if unknown_thought not in UNKNOWN_THOUGHT_STYLES:
+        raise ValueError(f"unknown_thought={unknown_thought!r}: expected one of {UNKNOWN_THOUGHT_STYLES}")
     report = TraceReport()
     eligible = sorted((ex for ex in examples if style_of(ex)), key=lambda e: e.id)
     sources = {}
@@ -268,7 +288,7 @@ def draw_traces(examples: Sequence[QAExample], env, counts: dict[str, int], seed
             k = round(unknown_share * counts.get("search", 0))
             first = [ex for ex in pool if unknown_memory(ex)][:k]
             pool = first + [ex for ex in pool if ex not in first]
-        sources[style] = _valid_traces(pool, style, env, seed, verify_gold, report, replies)
+        sources[style] = _valid_traces(pool, style, env, seed, verify_gold, report, replies, unknown_thought)
     out = {style: list(islice(sources[style], counts.get(style, 0))) for style in STYLES}
     shortfall = sum(counts.values()) - sum(map(len, out.values()))
     for style in STYLES:
@@ -296,22 +316,22 @@ def direct_replies(direct_thought: str, memory_file: str | Path = DEFAULT_MEMORY
 
 def make_traces(examples: Sequence[QAExample], env, n: int = 500, mix: Sequence[float] = DEFAULT_MIX,
                 seed: int = 0, verify_gold: bool = True, direct_thought: str = "recall",
-                unknown_share: float = DEFAULT_UNKNOWN_SHARE) -> list[Trace]:
+                unknown_share: float = DEFAULT_UNKNOWN_SHARE, unknown_thought: str = "hedge") -> list[Trace]:
     """n traces, shares `mix` of (direct, search, multihop); same seed -> same list."""
     return draw_traces(examples, env, quotas(n, mix), seed, verify_gold, replies=direct_replies(direct_thought),
-                       unknown_share=unknown_share)[0]
+                       unknown_share=unknown_share, unknown_thought=unknown_thought)[0]
 
 
 def offline_traces(n: int = 500, mix: Sequence[float] = DEFAULT_MIX, seed: int = 0, split: str = "train",
                    task_seed: int | None = None, direct_thought: str = "recall",
-                   unknown_share: float = DEFAULT_UNKNOWN_SHARE) -> list[Trace]:
+                   unknown_share: float = DEFAULT_UNKNOWN_SHARE, unknown_thought: str = "hedge") -> list[Trace]:
     """Traces of one offline split. `task_seed` (default: `seed`) seeds the splits: it must equal the
     GRPO run's data.seed, so that SFT never sees a validation or test question."""
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split={split!r}: expected 'train', 'validation' or 'test'")
     task = build_offline_task(seed if task_seed is None else task_seed)
     return make_traces(getattr(task, split), MockSearchEnv(task.documents), n, mix, seed,
-                       direct_thought=direct_thought, unknown_share=unknown_share)
+                       direct_thought=direct_thought, unknown_share=unknown_share, unknown_thought=unknown_thought)
 
 
 def _draw_hotpotqa(path: str, n: int, seed: int) -> tuple[list[Trace], TraceReport]:
@@ -370,7 +390,8 @@ def read_traces(path: str | Path) -> list[Trace]:
 
 def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = None, hotpotqa: str | None = None,
                hotpotqa_share: float = 0.5, direct_thought: str = "recall",
-               unknown_share: float = DEFAULT_UNKNOWN_SHARE) -> tuple[list[Trace], list[TraceReport]]:
+               unknown_share: float = DEFAULT_UNKNOWN_SHARE,
+               unknown_thought: str = "hedge") -> tuple[list[Trace], list[TraceReport]]:
     """Offline train traces; with `hotpotqa`, that file gives `hotpotqa_share` of the multihop count
     (fewer if it is short) and offline comparisons the rest. Each source keeps its own env: the
     one its GRPO run searches."""
@@ -382,7 +403,8 @@ def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = 
         reports.append(report)
     task = build_offline_task(seed if task_seed is None else task_seed)
     offline, report = draw_traces(task.train, MockSearchEnv(task.documents), counts, seed,
-                                  replies=direct_replies(direct_thought), unknown_share=unknown_share)
+                                  replies=direct_replies(direct_thought), unknown_share=unknown_share,
+                                  unknown_thought=unknown_thought)
     traces = hp + offline
     random.Random(f"{seed}/mixed").shuffle(traces)
     return traces, reports + [report]
@@ -415,12 +437,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="recall: the direct thought states the fact in the model's own words; plain: 'I know this.'")
     parser.add_argument("--unknown-share", type=float, default=DEFAULT_UNKNOWN_SHARE,
                         help="share of the search traces on capitals/continents the model does not know")
+    parser.add_argument("--unknown-thought", choices=UNKNOWN_THOUGHT_STYLES, default="hedge",
+                        help="hedge: those searches start like a recall and give up at the fact; plain: generic")
     args = parser.parse_args(argv)
     if not 0 <= args.hotpotqa_share <= 1:
         parser.error(f"--hotpotqa-share must be in [0, 1], got {args.hotpotqa_share}")
     try:
         traces, reports = cli_traces(args.n, args.mix, args.seed, args.task_seed, args.hotpotqa, args.hotpotqa_share,
-                                     args.direct_thought, args.unknown_share)
+                                     args.direct_thought, args.unknown_share, args.unknown_thought)
     except ValueError as err:
         parser.error(str(err))
     write_traces(traces, args.out)

@@ -39,10 +39,15 @@ def test_table_means_per_kind_and_the_unknown_capitals_subset():
             score(ex(LOOKUP, "capital"), "<call>Greece</call><obs>x</obs><answer>Athens</answer>", 1),
             score(ex(LOOKUP, "population"), "<answer>12</answer>", 0)]
     out = table({"greedy": rows})
-    assert out["greedy/memory"] == {"n": 2, "em": 0.5, "direct_em": 0.5, "well_formed": 1.0, "search_rate": 0.0}
+    assert out["greedy/memory"] == {"n": 2, "em": 0.5, "direct_em": 0.5, "well_formed": 1.0, "search_rate": 0.0,
+                                    "direct_acc": 0.5}
     assert out["greedy/lookup"]["n"] == 2 and out["greedy/lookup"]["search_rate"] == 0.5
     assert out[f"greedy/{UNKNOWN_MEMORY}"] == {"n": 1, "em": 1.0, "direct_em": 0.0, "well_formed": 1.0,
-                                               "search_rate": 1.0}
+                                               "search_rate": 1.0, "direct_acc": None}
+    # direct_acc: EM among the completions that did not search (1 right of 3), not over all 4
+    rows = [score(ex(MEMORY, "capital"), t, c) for t, c in [("<answer>Athens</answer>", 0), ("<answer>Rome</answer>", 0),
+            ("<answer>Oslo</answer>", 0), ("<call>G</call><obs>x</obs><answer>Athens</answer>", 1)]]
+    assert table({"sampled": rows})["sampled/memory"]["direct_acc"] == pytest.approx(1 / 3)
 
 
 def test_heldout_is_validation_plus_test_memory_first(task):
@@ -72,3 +77,10 @@ def test_command_line_on_the_tiny_model(tmp_path, capsys):
     assert "greedy/memory" in printed and "sampled/lookup" in printed and "knowledge ratio" in printed
     result = json.loads(out.read_text())
     assert result["results"]["greedy/memory"]["n"] == 2 and len(result["rows"]["sampled"]) == 5
+    main(["--adapter", "none", "--model", "tiny", "--split", "test", "--memory-limit", "2", "--lookup-limit", "1",
+          "--max-new-tokens", "4", "--modes", "sampled", "--samples", "3", "--temperature", "0.7", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["rows"]["sampled"]
+    assert result["temperature"] == 0.7 and len(rows) == 9 and [r["id"] for r in rows[:3]] == [rows[0]["id"]] * 3
+    with pytest.raises(SystemExit):
+        main(["--adapter", "none", "--model", "tiny", "--samples", "0"])

@@ -258,6 +258,28 @@ def test_unknown_share_searches_the_capitals_and_continents_the_model_does_not_k
         make_traces(task.train, env, n=10, unknown_share=1.5)
 
 
+def test_hedged_searches_fork_from_the_recall_at_the_fact(task, env, by_id):
+    traces = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4)
+    hedged = [t for t in traces if t.style == "search" and unknown_memory(example_of(t, by_id))]
+    assert len(hedged) == 64
+    for t in hedged:
+        country = example_of(t, by_id).hops[0]
+        prefix = {"capital": f"The capital of {country} is ", "continent": f"{country} is a country located in "}[t.type]
+        thought = thought_of(t)
+        # same words as a recall up to the fact, then it gives up and names the query it will send
+        assert thought.startswith(prefix) and thought.endswith(f"I will search for {country}.")
+        assert not gold_in(thought.replace(country, " "), t.answers)
+        assert parse_completion(t.text).calls == (country,)
+    # the other searches keep the generic thoughts; "plain" gives them to the unknown ones too
+    others = [t for t in traces if t.style in ("search", "multihop") and t not in hedged]
+    assert others and not any("something I know" in t.text or "part of the world" in t.text for t in others)
+    plain = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4, unknown_thought="plain")
+    assert [t.id for t in plain] == [t.id for t in traces]
+    assert not any("something I know" in t.text or "part of the world" in t.text for t in plain)
+    with pytest.raises(ValueError, match="unknown_thought"):
+        make_traces(task.train, env, n=10, unknown_thought="shy")
+
+
 def test_text_property_matches_the_segments(traces):
     trace = Trace("search/x", "Q?", ("B",), LOOKUP, "search",
                   (("model", "<thought>t</thought><call>A</call>"), ("obs", "[A] B."), ("model", "<answer>B</answer>")))
