@@ -136,7 +136,7 @@ def run_trl(examples, args) -> dict[str, list[float]]:
     from trl import GRPOConfig, GRPOTrainer
 
     from grpo.models import smollm2_path
-    from grpo.prompts import build_prompt
+    from envs.protocol import build_prompt
     from grpo.rewards import voi_reward
 
     from transformers import AutoTokenizer

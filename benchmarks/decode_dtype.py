@@ -71,7 +71,7 @@ if __name__ == "__main__":
     import grpo.rollout
     from data.datamodule import QADataModule
     from grpo.models import add_lora, load_model_and_tokenizer
-    from grpo.prompts import build_prompt
+    from envs.protocol import build_prompt
     from grpo.rollout import _left_pad, rollout
 
     never = re.compile(r"(?!)")

@@ -72,7 +72,7 @@ class Timed:
 
 def timed_rollout(module, batch, G):
     """The module's rollout with a forward hook on the policy: time of prefill / decode / observation forwards."""
-    from grpo.prompts import build_prompt
+    from envs.protocol import build_prompt
     from grpo.rollout import rollout
 
     log = []  # (input shape, seconds)

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from data.datamodule import QADataModule
+from envs.protocol import build_prompt
 from grpo.logprobs import completion_logprobs
 from grpo.models import add_lora, load_model_and_tokenizer
-from grpo.prompts import build_prompt
 from grpo.rollout import rollout
 
 

@@ -40,7 +40,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from data.types import KINDS, QAExample
-from grpo.rewards import exact_match, parse_completion
+from envs.protocol import parse_completion
+from grpo.rewards import exact_match
 from grpo.rollout import Rollout
 
 QUANTITIES = ("samples", "searched", "calls", "incomplete", "tokens", "correct", "reward")

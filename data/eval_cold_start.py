@@ -10,7 +10,7 @@ the real search env of the offline task) on held-out questions, greedy AND sampl
 
     em           exact match of the final <answer> (HotpotQA normalization), whether searched or not
     direct_em    share of questions answered correctly WITHOUT a search (knowledge kept)
-    well_formed  share of completions that parse well-formed and end in an answer (grpo.rewards)
+    well_formed  share of completions that parse well-formed and end in an answer (envs.protocol)
     search_rate  share of questions with at least one executed call
     direct_acc   EM among the completions that did not search: the p of a direct answer that
                  decides, at that temperature, whether answering beats searching (README, Results)
@@ -35,8 +35,8 @@ from data.files import atomic_write
 from data.offline_task import DEFAULT_MEMORY_FILE, MEMORY_TYPES, build_offline_task
 from data.types import LOOKUP, MEMORY
 from envs.search import MockSearchEnv
-from grpo.prompts import build_prompt
-from grpo.rewards import exact_match, parse_completion
+from envs.protocol import build_prompt, parse_completion
+from grpo.rewards import exact_match
 from grpo.rollout import rollout
 
 UNKNOWN_MEMORY = "lookup/unknown-mem"

@@ -19,8 +19,8 @@ import torch
 from data.files import atomic_write
 from data.offline_task import DEFAULT_MEMORY_FILE, memory_candidates
 from grpo.models import SMOLLM2, load_model_and_tokenizer
-from grpo.prompts import build_prompt
-from grpo.rewards import END_OF_TEXT_MARKERS, normalize_answer
+from envs.protocol import END_OF_TEXT_MARKERS, build_prompt
+from grpo.rewards import normalize_answer
 from grpo.rollout import rollout
 
 CLOSED_BOOK_SYSTEM = "You are a helpful assistant. Answer the question briefly."

@@ -61,9 +61,9 @@ from data.files import atomic_write, iter_json_lines
 from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import DEFAULT_MEMORY_FILE, MEMORY_TYPES, build_offline_task
 from data.types import MEMORY, QAExample
+from envs.protocol import observation_text, parse_completion
 from envs.search import MockSearchEnv
-from grpo.prompts import observation_text
-from grpo.rewards import normalize_answer, parse_completion
+from grpo.rewards import normalize_answer
 from grpo.rollout import run_tool
 
 STYLES = ("direct", "search", "multihop")

@@ -43,7 +43,6 @@ one forward, V vocabulary.
 """
 from __future__ import annotations
 
-import re
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -56,12 +55,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.cache_utils import DynamicLayer
 
-from grpo.prompts import BUDGET_OBSERVATION, encode_observation
+from envs.protocol import ANSWER_CLOSE, BUDGET_OBSERVATION, CALL_CLOSE, CALL_OPEN, CALL_QUERY, encode_observation
 
-CALL_CLOSE = re.compile(r"<\s*/\s*call\s*>", re.IGNORECASE)
-ANSWER_CLOSE = re.compile(r"<\s*/\s*answer\s*>", re.IGNORECASE)
-CALL_QUERY = re.compile(r"<\s*call\s*>(.*?)<\s*/\s*call\s*>", re.IGNORECASE | re.DOTALL)
-CALL_OPEN = re.compile(r"<\s*call\s*>", re.IGNORECASE)
 TAIL_TOKENS = 16  # a closing tag is searched for in the decoded last few sampled tokens
 TOOL_TIMEOUT_S = 10.0  # a tool call still running after this many seconds is abandoned (see run_tool)
 OBS_CHARS_PER_TOKEN = 8  # a tool's output is cut to 8 x max_obs_tokens characters before tokenizing

@@ -5,9 +5,9 @@ import importlib.util
 import pytest
 import torch
 
+from envs.protocol import build_prompt
 from grpo.models import (SMOLLM2, add_lora, cache_dir, check_4bit, check_model_name, frozen_copy,
                          load_model_and_tokenizer, reference_policy, trainable_state_dict)
-from grpo.prompts import build_prompt
 from grpo.rollout import rollout
 from grpo.tokenizer import SPECIAL_TOKENS, ByteTokenizer
 

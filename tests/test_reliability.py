@@ -30,11 +30,12 @@ import grpo.module
 import grpo.policy
 from data.datamodule import QADataModule
 from data.types import LOOKUP, QAExample
+from envs.protocol import parse_completion
 from grpo.cli import main
 from grpo.losses import masked_mean_tokens
 from grpo.module import GRPOModule, ddp_token_scale
 from grpo.policy import gather_eval_rows
-from grpo.rewards import OTCWeights, otc_group_rewards, parse_completion, voi_reward
+from grpo.rewards import OTCWeights, otc_group_rewards, voi_reward
 from grpo.rollout import OBS_CHARS_PER_TOKEN, OVERSIZED_CHARS, rollout, run_tool
 from grpo.tokenizer import ByteTokenizer
 from tests.test_data import ROWS, _without, write_jsonl

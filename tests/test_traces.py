@@ -24,8 +24,9 @@ from data.traces import (STYLES, Trace, closed_book_replies, draw_traces, gold_i
                          write_traces)
 from data.types import LOOKUP, MEMORY
 from envs.base import Document
+from envs.protocol import parse_completion
 from envs.search import MockSearchEnv
-from grpo.rewards import normalize_answer, parse_completion
+from grpo.rewards import normalize_answer
 from grpo.rollout import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
