@@ -62,9 +62,9 @@ from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import DEFAULT_MEMORY_FILE, MEMORY_TYPES, build_offline_task
 from data.types import MEMORY, QAExample
 from envs.protocol import observation_text, parse_completion
+from envs.sandbox import run_tool
 from envs.search import MockSearchEnv
 from grpo.rewards import normalize_answer
-from grpo.rollout import run_tool
 
 STYLES = ("direct", "search", "multihop")
 ROLES = ("model", "obs")

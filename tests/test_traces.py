@@ -25,9 +25,9 @@ from data.traces import (STYLES, Trace, closed_book_replies, draw_traces, gold_i
 from data.types import LOOKUP, MEMORY
 from envs.base import Document
 from envs.protocol import parse_completion
+from envs.sandbox import run_tool
 from envs.search import MockSearchEnv
 from grpo.rewards import normalize_answer
-from grpo.rollout import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
 HOTPOTQA_TRAIN = REPO.parent / "shared" / "data" / "hotpotqa" / "train_distractor_100.jsonl"
