@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
+from data.answers import exact_match
 from data.files import atomic_write
 from data.offline_task import DEFAULT_MEMORY_FILE, MEMORY_TYPES, build_offline_task
 from data.types import LOOKUP, MEMORY
 from envs.search import MockSearchEnv
 from envs.protocol import build_prompt, parse_completion
-from grpo.rewards import exact_match
 from grpo.rollout import rollout
 
 UNKNOWN_MEMORY = "lookup/unknown-mem"

@@ -1,13 +1,12 @@
-"""Rewards for a search-tool agent: answer metrics, VOI and OTC rewards.
+"""Rewards for a search-tool agent: the value-of-information (VOI) and OTC rewards.
 
 Pure Python (no torch). Everything here scores one completion string (or one group of them);
 the rollout supplies the tool-call counts, because the environment, not the text, knows which
 calls were executed and which were refused. The completion format and its tolerant parser
-(`parse_completion`) are the tool protocol's (`envs/protocol.py`).
+(`parse_completion`) are the tool protocol's (`envs/protocol.py`); exact match is HotpotQA's
+(`data/answers.py`).
 
 References
-- HotpotQA official evaluation script `hotpot_evaluate_v1.py` (Yang et al. 2018): answer
-  normalisation, exact match, token F1 with its yes/no/noanswer special case.
 - OTC-PO: Wang et al. 2025, "Acting Less is Reasoning More! Teaching Model to Act Efficiently"
   (first titled "OTC: Optimal Tool Calls via Reinforcement Learning"), arXiv 2504.14870, §3.
 - The value-of-information (VOI) reward table is this project's own design, not a paper's.
@@ -15,58 +14,11 @@ References
 from __future__ import annotations
 
 import math
-import re
-import string
-from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from data.answers import exact_match
 from envs.protocol import parse_completion
-
-# ---------------------------------------------------------------------------------------------
-# Answer metrics (HotpotQA official evaluation, hotpot_evaluate_v1.py)
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = frozenset(string.punctuation)
-
-
-def normalize_answer(s: str) -> str:
-    """HotpotQA normalisation: lower-case, drop punctuation, drop a/an/the, collapse whitespace.
-
-    Punctuation is deleted, not replaced by a space ("Eiffel-Tower" -> "eiffeltower"), exactly as
-    in the official script.
-    """
-    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
-    return " ".join(_ARTICLES.sub(" ", s).split())
-
-
-def exact_match(prediction: str, golds: Sequence[str]) -> float:
-    """EM = max over golds g of [normalize(prediction) == normalize(g)]; 0.0 if golds is empty."""
-    pred = normalize_answer(prediction)
-    return max((float(pred == normalize_answer(g)) for g in golds), default=0.0)
-
-
-def _f1_one(pred: str, gold: str) -> float:
-    # Official special case: a yes/no/noanswer answer gets no partial credit.
-    if (pred in ("yes", "no", "noanswer") or gold in ("yes", "no", "noanswer")) and pred != gold:
-        return 0.0
-    pred_tokens, gold_tokens = pred.split(), gold.split()
-    num_same = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
-    if num_same == 0:
-        return 0.0
-    precision, recall = num_same / len(pred_tokens), num_same / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
-
-
-def f1_score(prediction: str, golds: Sequence[str]) -> float:
-    """Token F1 = max over golds of 2PR/(P+R), P = |common|/|pred|, R = |common|/|gold|.
-
-    Tokens are whitespace-split normalised answers; common is the multiset intersection. If the
-    normalised prediction or gold is yes/no/noanswer and they differ, F1 = 0 (official rule).
-    """
-    pred = normalize_answer(prediction)
-    return max((_f1_one(pred, normalize_answer(g)) for g in golds), default=0.0)
-
 
 # ---------------------------------------------------------------------------------------------
 # Value-of-information (VOI) reward

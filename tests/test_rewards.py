@@ -1,4 +1,4 @@
-"""Rewards: hand-computed values for every VOI row, EM/F1, OTC; property tests (of the parser too)."""
+"""Rewards: hand-computed values for every VOI row, OTC; property tests (of the parser too)."""
 import math
 
 import pytest
@@ -6,45 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from envs.protocol import BUDGET_OBSERVATION, parse_completion
-from grpo.rewards import (OTCWeights, VOIWeights, check_finite_rewards, exact_match, f1_score,
-                          normalize_answer, otc_group_rewards, otc_optimal_calls, otc_tool_factor,
-                          voi_reward, voi_reward_bounds)
+from grpo.rewards import (OTCWeights, VOIWeights, check_finite_rewards, otc_group_rewards, otc_optimal_calls,
+                          otc_tool_factor, voi_reward, voi_reward_bounds)
 
 KENYA = ("<thought>I need the population.</thought><call>Kenya</call>"
          "<obs>[Kenya] Kenya has 53 million people.</obs><answer>53 million</answer>")
 TWO_CALLS = ("<call>Kenya</call><obs>[Kenya] ...</obs><call>Kenya population</call>"
              "<obs>[Kenya] 53 million</obs><answer>53 million</answer>")
-
-# --------------------------------------------------------------------------------------- EM / F1
-
-
-def test_normalize_answer():
-    # lower -> "the  eiffel-tower!"; drop punctuation -> "the  eiffeltower"; drop "the"; squeeze
-    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
-    assert normalize_answer("An apple a day") == "apple day"
-    assert normalize_answer("theatre") == "theatre"  # "the" only as a whole word
-
-
-def test_exact_match_multiple_golds_articles_punctuation():
-    assert exact_match("the Paris.", ["London", "paris"]) == 1.0
-    assert exact_match("Paris, France", ["Paris"]) == 0.0
-    assert exact_match("anything", []) == 0.0
-
-
-def test_f1_hand_computed():
-    # pred [barack, obama], gold [obama]: common 1, P = 1/2, R = 1, F1 = 2*(1/2)*1/(3/2) = 2/3
-    assert f1_score("Barack Obama", ["Obama"]) == pytest.approx(2 / 3)
-    # max over golds: the second gold matches exactly
-    assert f1_score("New York City", ["York", "the New York City"]) == 1.0
-    assert f1_score("Lyon", ["Paris"]) == 0.0
-    assert f1_score("", ["Paris"]) == 0.0
-
-
-def test_f1_yes_no_special_case():
-    # plain token F1 would give 2/3 for "yes" vs "yes sir"; the official rule gives 0
-    assert f1_score("yes", ["yes sir"]) == 0.0
-    assert f1_score("no sir", ["no"]) == 0.0
-    assert f1_score("No.", ["no"]) == 1.0
 
 # --------------------------------------------------------------------------------------- VOI
 
