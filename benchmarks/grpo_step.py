@@ -122,7 +122,7 @@ def synthetic_rollout(ro, vocab: int, seed: int = 0):
 def loss_pass_times(module, ro, impl, autocast, repeats):
     """Median seconds of the reference pass, the policy forward (+ loss), its backward, the optimizer step."""
     from grpo.losses import grpo_loss
-    from grpo.models import reference_policy
+    from models.loading import reference_policy
 
     hp = module.hparams
     params = [p for p in module.policy.parameters() if p.requires_grad]

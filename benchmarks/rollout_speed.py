@@ -25,7 +25,7 @@ from torch import nn
 
 from data.datamodule import QADataModule
 from envs.protocol import build_prompt
-from grpo.models import add_lora, load_model_and_tokenizer
+from models.loading import add_lora, load_model_and_tokenizer
 
 LT, CLOSE_LT, CALL, ANSWER, GT = 44, 9617, 4350, 11247, 46  # SmolLM2 ids of "<", "</", "call", "answer", ">"
 

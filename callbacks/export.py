@@ -1,7 +1,7 @@
 """Export the policy as a LoRA adapter in PEFT format (loadable with `PeftModel.from_pretrained` on
 the raw base model): at the end of `fit` (`ExportAdapter`) and beside every checkpoint
 (`AdapterCheckpoint`). When training started from an init adapter (the SFT cold start, merged into
-the base), the export is both adapters stacked into one (`grpo.lora.export_lora`), so that it is
+the base), the export is both adapters stacked into one (`models.lora.export_lora`), so that it is
 the trained policy and not only its GRPO update."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from grpo.lora import export_lora
+from models.lora import export_lora
 
 
 def save_adapter(policy, target: Path) -> Path:

@@ -19,9 +19,9 @@ import torch
 from data.answers import contains_gold
 from data.files import atomic_write
 from data.offline_task import DEFAULT_MEMORY_FILE, memory_candidates
-from grpo.models import SMOLLM2, load_model_and_tokenizer
 from envs.protocol import build_prompt
 from grpo.rollout import rollout
+from models.loading import SMOLLM2, load_model_and_tokenizer
 
 CLOSED_BOOK_SYSTEM = "You are a helpful assistant. Answer the question briefly."
 

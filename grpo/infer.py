@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from envs.protocol import CALL_QUERY, OBS_CLOSE, OBS_OPEN, build_prompt, parse_completion
-from grpo.models import SMOLLM2, add_lora, load_model_and_tokenizer
 from grpo.rollout import RowState, rollout
+from models.loading import SMOLLM2, add_lora, load_model_and_tokenizer
 
 STOP_REASONS = ("answer", "eos", "budget", "context", "stuck")
 

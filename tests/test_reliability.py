@@ -38,7 +38,7 @@ from grpo.module import GRPOModule, ddp_token_scale
 from grpo.policy import gather_eval_rows
 from grpo.rewards import OTCWeights, otc_group_rewards, voi_reward
 from grpo.rollout import OBS_CHARS_PER_TOKEN, rollout
-from grpo.tokenizer import ByteTokenizer
+from models.tokenizer import ByteTokenizer
 from tests.test_data import ROWS, _without, write_jsonl
 from tests.run_helpers import REPO
 from tests.test_rewards import any_text

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from envs.protocol import BUDGET_OBSERVATION
-from grpo.models import load_model_and_tokenizer
 from grpo.rollout import position_ids_from_mask, rollout, sample_next
-from grpo.tokenizer import ByteTokenizer
+from models.loading import load_model_and_tokenizer
+from models.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

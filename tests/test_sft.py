@@ -6,7 +6,7 @@ import torch
 from data.traces import Trace
 from envs.protocol import SYSTEM_PROMPT, chatml
 from grpo.sft import IGNORE, collate_sft, sft_loss, tokenize_trace
-from grpo.tokenizer import ByteTokenizer
+from models.tokenizer import ByteTokenizer
 
 
 def _trace():
