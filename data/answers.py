@@ -63,7 +63,7 @@ def contains_gold(text: str, golds: Sequence[str]) -> bool:
 
     End-of-text markers are replaced by a space first, so that one glued to the text
     ("Kabul.<|im_end|>") does not become part of the last word. A gold that normalizes to ""
-    never matches. One test for the closed-book judge (`data.measure_memory`) and the
+    never matches. One test for the closed-book judge (`experiments.measure_memory`) and the
     trace checks (`data.traces`).
     """
     for marker in END_OF_TEXT_MARKERS:

@@ -14,7 +14,7 @@ encode them apart and mask observations as `grpo.rollout` does, whose result for
 
 Direct thoughts (`direct_thought`): "recall" (default) states the fact in the base model's own
 words before the short answer: its closed-book greedy reply (`data/smollm2_memory.json`, written
-by `python -m data.measure_memory`) cut to the first sentence, and within it to the clause,
+by `python -m experiments.measure_memory`) cut to the first sentence, and within it to the clause,
 that holds the gold; a template sentence ("The capital of Kenya is Nairobi.") when there is no
 usable reply. The model then recalls a fact the way it knows it ("The capital of Greece is
 Athens.") instead of being cut off from it by a bare `<answer>` (SFT on "I know this." traces

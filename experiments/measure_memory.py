@@ -5,7 +5,7 @@ reply counts as correct when a normalized gold answer appears in the normalized 
 (HotpotQA normalization). Greedy decoding decides the kind (MEMORY iff correct); `--samples`
 completions at T = 1 give the sampled accuracy, recorded for information.
 
-    python -m data.measure_memory            # writes data/smollm2_memory.json (~5 min on CPU)
+    python -m experiments.measure_memory     # writes data/smollm2_memory.json (~5 min on CPU)
 """
 from __future__ import annotations
 

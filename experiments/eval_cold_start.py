@@ -16,11 +16,11 @@ the real search env of the offline task) on held-out questions, greedy AND sampl
                  decides, at that temperature, whether answering beats searching (README, Results)
 
 The base model's closed-book accuracy on the same memory questions (greedy, and sampled at T = 1
-over 4 samples) is read from `data/smollm2_memory.json` (`python -m data.measure_memory`,
-"gold contained in the reply"); by construction greedy is 1.0 on kind MEMORY, so the
-knowledge ratio is memory greedy EM / base greedy accuracy.
+over 4 samples) is read from `data/smollm2_memory.json` (`python -m experiments.measure_memory`,
+"gold contained in the reply"); by construction greedy is 1.0 on kind MEMORY, so the knowledge
+ratio is memory greedy EM / base greedy accuracy.
 
-    python -m data.eval_cold_start --adapter outputs/sft_smollm2_adapter --split heldout
+    python -m experiments.eval_cold_start --adapter outputs/sft_smollm2_adapter --split heldout
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ from data.answers import exact_match
 from data.files import atomic_write
 from data.offline_task import DEFAULT_MEMORY_FILE, MEMORY_TYPES, build_offline_task
 from data.types import LOOKUP, MEMORY
-from envs.search import MockSearchEnv
 from envs.protocol import build_prompt, parse_completion
+from envs.search import MockSearchEnv
 from grpo.rollout import rollout
 
 UNKNOWN_MEMORY = "lookup/unknown-mem"
