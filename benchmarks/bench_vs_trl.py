@@ -1,7 +1,7 @@
 """Seconds per GRPO step: ours (`GRPOModule`) against TRL's `GRPOTrainer`, on the same work.
 
 Both sides get the same model (SmolLM2-135M-Instruct, the cached HF folder of
-`grpo.models.smollm2_path()`), the same prompts (offline-task questions in our chat prompt), the
+`models.loading.smollm2_path()`), the same prompts (offline-task questions in our chat prompt), the
 same B prompts x G completions per step, the same number of new tokens per completion, the
 same precision, LoRA (r 16, α 32, no dropout, the same seven projections), β = 0.04, μ = 1,
 T = 1, top-p 1, lr 2e-5, gradient clipping at 1, no gradient checkpointing, and the same reward
@@ -135,9 +135,9 @@ def run_trl(examples, args) -> dict[str, list[float]]:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from grpo.models import smollm2_path
-    from grpo.prompts import build_prompt
+    from envs.protocol import build_prompt
     from grpo.rewards import voi_reward
+    from models.loading import smollm2_path
 
     from transformers import AutoTokenizer
     path = str(smollm2_path())

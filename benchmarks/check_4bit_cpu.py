@@ -2,7 +2,7 @@
 
 Builds a tiny Llama, loads it once in 4-bit (NF4) and once in fp32 with the *dequantized*
 4-bit weights (so both compute the same function), adds identical LoRA adapters, and compares
-the LoRA gradients of one loss. Prints the relative error; `grpo.models.check_4bit` refuses
+the LoRA gradients of one loss. Prints the relative error; `models.loading.check_4bit` refuses
 4-bit on CPU because of what this prints.
 
     python benchmarks/check_4bit_cpu.py
@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from grpo.models import add_lora, tiny_model
+from models.loading import add_lora, tiny_model
 
 
 def lora_grads(model, ids):

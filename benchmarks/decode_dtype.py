@@ -70,9 +70,9 @@ if __name__ == "__main__":
         torch.set_num_threads(args.threads)
     import grpo.rollout
     from data.datamodule import QADataModule
-    from grpo.models import add_lora, load_model_and_tokenizer
-    from grpo.prompts import build_prompt
+    from envs.protocol import build_prompt
     from grpo.rollout import _left_pad, rollout
+    from models.loading import add_lora, load_model_and_tokenizer
 
     never = re.compile(r"(?!)")
     grpo.rollout.ANSWER_CLOSE = grpo.rollout.CALL_CLOSE = never  # benchmark only: no row stops, no tool turn

@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.eval_cold_start import select_questions  # noqa: E402
+from data.answers import exact_match  # noqa: E402
 from data.offline_task import build_offline_task  # noqa: E402
 from data.types import MEMORY  # noqa: E402
+from envs.protocol import build_prompt, parse_completion  # noqa: E402
+from experiments.eval_cold_start import select_questions  # noqa: E402
 from grpo.infer import load_for_inference  # noqa: E402
-from grpo.prompts import build_prompt  # noqa: E402
-from grpo.rewards import exact_match, parse_completion  # noqa: E402
 from grpo.rollout import rollout  # noqa: E402
 
 

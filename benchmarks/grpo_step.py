@@ -72,7 +72,7 @@ class Timed:
 
 def timed_rollout(module, batch, G):
     """The module's rollout with a forward hook on the policy: time of prefill / decode / observation forwards."""
-    from grpo.prompts import build_prompt
+    from envs.protocol import build_prompt
     from grpo.rollout import rollout
 
     log = []  # (input shape, seconds)
@@ -122,7 +122,7 @@ def synthetic_rollout(ro, vocab: int, seed: int = 0):
 def loss_pass_times(module, ro, impl, autocast, repeats):
     """Median seconds of the reference pass, the policy forward (+ loss), its backward, the optimizer step."""
     from grpo.losses import grpo_loss
-    from grpo.models import reference_policy
+    from models.loading import reference_policy
 
     hp = module.hparams
     params = [p for p in module.policy.parameters() if p.requires_grad]

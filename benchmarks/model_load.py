@@ -5,7 +5,7 @@ loads read the cached HF folder (target: under 2 s).
 """
 import time
 
-from grpo.models import SMOLLM2, cache_dir, load_model_and_tokenizer, smollm2_path
+from models.loading import SMOLLM2, cache_dir, load_model_and_tokenizer, smollm2_path
 
 if __name__ == "__main__":
     cached = (cache_dir() / SMOLLM2 / "model.safetensors").exists()

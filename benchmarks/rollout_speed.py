@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from data.datamodule import QADataModule
-from grpo.models import add_lora, load_model_and_tokenizer
-from grpo.prompts import build_prompt
+from envs.protocol import build_prompt
+from models.loading import add_lora, load_model_and_tokenizer
 
 LT, CLOSE_LT, CALL, ANSWER, GT = 44, 9617, 4350, 11247, 46  # SmolLM2 ids of "<", "</", "call", "answer", ">"
 

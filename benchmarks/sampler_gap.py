@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from data.datamodule import QADataModule
+from envs.protocol import build_prompt
 from grpo.logprobs import completion_logprobs
-from grpo.models import add_lora, load_model_and_tokenizer
-from grpo.prompts import build_prompt
 from grpo.rollout import rollout
+from models.loading import add_lora, load_model_and_tokenizer
 
 
 def gap_stats(learner: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2) -> dict:

@@ -1,13 +1,12 @@
 """Export the policy as a LoRA adapter in PEFT format (loadable with `PeftModel.from_pretrained` on
 the raw base model): at the end of `fit` (`ExportAdapter`) and beside every checkpoint
 (`AdapterCheckpoint`). When training started from an init adapter (the SFT cold start, merged into
-the base), the export is both adapters stacked into one (`grpo.lora.export_lora`), so that it is
+the base), the export is both adapters stacked into one (`models.lora.export_lora`), so that it is
 the trained policy and not only its GRPO update."""
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -15,24 +14,13 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from grpo.lora import export_lora
+from data.files import atomic_write_dir
+from models.lora import export_lora
 
 
 def save_adapter(policy, target: Path) -> Path:
     """Write the policy's adapter (`export_lora`) to `target` atomically: a temporary folder, then a rename."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        export_lora(policy, tmp)
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return atomic_write_dir(Path(target), lambda tmp: export_lora(policy, tmp))
 
 
 class ExportAdapter(L.Callback):

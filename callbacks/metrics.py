@@ -39,8 +39,9 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from data.answers import exact_match
 from data.types import KINDS, QAExample
-from grpo.rewards import exact_match, parse_completion
+from envs.protocol import parse_completion
 from grpo.rollout import Rollout
 
 QUANTITIES = ("samples", "searched", "calls", "incomplete", "tokens", "correct", "reward")

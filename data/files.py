@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,6 +22,28 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_dir(path: Path, write: Callable[[Path], object]) -> Path:
+    """`write(tmp_dir)` into a temporary folder next to `path`, then rename it to `path`.
+
+    A folder is never half-written at `path`: a crash during `write` leaves the old one. A rename
+    cannot replace a non-empty folder, so an old `path` is first renamed aside (`.<name>.old`) and
+    removed after the new one is in place.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        write(tmp)
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def iter_json_lines(path: str | Path) -> Iterator[tuple[Any, str]]:

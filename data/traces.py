@@ -14,7 +14,7 @@ encode them apart and mask observations as `grpo.rollout` does, whose result for
 
 Direct thoughts (`direct_thought`): "recall" (default) states the fact in the base model's own
 words before the short answer: its closed-book greedy reply (`data/smollm2_memory.json`, written
-by `python -m data.measure_memory`) cut to the first sentence, and within it to the clause,
+by `python -m experiments.measure_memory`) cut to the first sentence, and within it to the clause,
 that holds the gold; a template sentence ("The capital of Kenya is Nairobi.") when there is no
 usable reply. The model then recalls a fact the way it knows it ("The capital of Greece is
 Athens.") instead of being cut off from it by a bare `<answer>` (SFT on "I know this." traces
@@ -57,14 +57,14 @@ from pathlib import Path
 from itertools import islice
 from typing import Iterator, Mapping, Sequence
 
+from data.answers import contains_gold
 from data.files import atomic_write, iter_json_lines
 from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import DEFAULT_MEMORY_FILE, MEMORY_TYPES, build_offline_task
 from data.types import MEMORY, QAExample
+from envs.protocol import observation_text, parse_completion
+from envs.sandbox import run_tool
 from envs.search import MockSearchEnv
-from grpo.prompts import observation_text
-from grpo.rewards import normalize_answer, parse_completion
-from grpo.rollout import run_tool
 
 STYLES = ("direct", "search", "multihop")
 ROLES = ("model", "obs")
@@ -129,12 +129,6 @@ def style_of(example: QAExample) -> str | None:
     return {0: None, 1: "search"}.get(len(example.hops), "multihop")
 
 
-def gold_in(text: str, answers: Sequence[str]) -> bool:
-    """A normalized gold answer occurs as whole words in the normalized text."""
-    haystack = f" {normalize_answer(text)} "
-    return any(f" {g} " in haystack for g in map(normalize_answer, answers) if g)
-
-
 def own_words(reply: str, answers: Sequence[str], subject: str = "") -> str | None:
     """The base model's reply cut to the first sentence, and in it the first clause, that states a gold.
 
@@ -147,7 +141,7 @@ def own_words(reply: str, answers: Sequence[str], subject: str = "") -> str | No
     def states(text: str) -> bool:
         if subject:
             text = re.sub(re.escape(subject), " ", text, count=1, flags=re.IGNORECASE)
-        return gold_in(text, answers)
+        return contains_gold(text, answers)
 
     for sentence in re.split(r"(?<=[.!?])\s+", reply.strip()):
         if not states(sentence):
@@ -246,11 +240,11 @@ def _valid_traces(pool: list[QAExample], style: str, env, seed: int, verify_gold
         problem = check_trace(trace, ex.hops if style != "direct" else ())
         observed = " ".join(text for role, text in trace.segments if role == "obs")
         if not problem and style != "direct":
-            if verify_gold and not gold_in(observed, ex.answers):
+            if verify_gold and not contains_gold(observed, ex.answers):
                 problem = "gold not in the observations"
             elif not verify_gold:
                 report.unverified += 1
-                report.unverified_with_gold += gold_in(observed, ex.answers)
+                report.unverified_with_gold += contains_gold(observed, ex.answers)
         if problem:
             report.skipped[f"{style}: {problem}"] += 1
         else:

@@ -3,7 +3,8 @@
 Read in this order: `rollout.py` (sampling with in-loop tool calls) → `rewards.py` →
 `losses.py` (advantages, k3 KL, clipped surrogate) → `logprobs.py` → `module.py`
 (`GRPOModule.training_step`, the algorithm as numbered steps) → `sft.py` (cold start).
-`policy.py` and `models.py` are plumbing; `cli.py` is the command line.
+`policy.py` is plumbing (model loading and LoRA are the `models` package's); `cli.py` is
+the command line.
 
 References
     GRPO      Shao et al. 2024, DeepSeekMath, arXiv 2402.03300, §4.1 (eq. 3; outcome advantages §4.1.2)

@@ -32,10 +32,9 @@ from pathlib import Path
 
 import torch
 
-from grpo.models import SMOLLM2, add_lora, load_model_and_tokenizer
-from grpo.prompts import OBS_CLOSE, OBS_OPEN, build_prompt
-from grpo.rewards import parse_completion
-from grpo.rollout import CALL_QUERY, RowState, rollout
+from envs.protocol import CALL_QUERY, OBS_CLOSE, OBS_OPEN, build_prompt, parse_completion
+from grpo.rollout import RowState, rollout
+from models.loading import SMOLLM2, add_lora, load_model_and_tokenizer
 
 STOP_REASONS = ("answer", "eos", "budget", "context", "stuck")
 

@@ -21,10 +21,10 @@ import torch
 from data.types import QAExample
 from grpo.logprobs import completion_logprobs
 from grpo.losses import group_advantages, grpo_loss
-from grpo.models import SMOLLM2, reference_policy
 from grpo.policy import PolicyModule, check_positive
 from grpo.rewards import OTCWeights, VOIWeights, check_finite_rewards, otc_group_rewards, voi_reward
 from grpo.rollout import Rollout
+from models.loading import SMOLLM2, reference_policy
 
 REWARDS = ("voi", "otc")
 

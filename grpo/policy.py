@@ -13,12 +13,12 @@ import warnings
 import lightning as L
 import torch
 
+from data.answers import exact_match, f1_score
 from data.types import QAExample
-from grpo.models import (DEFAULT_LORA_TARGETS, SMOLLM2, add_lora, check_4bit, check_model_name, frozen_copy,
-                         load_model_and_tokenizer)
-from grpo.prompts import build_prompt
-from grpo.rewards import exact_match, f1_score, parse_completion
+from envs.protocol import build_prompt, parse_completion
 from grpo.rollout import Rollout, rollout
+from models.loading import (DEFAULT_LORA_TARGETS, SMOLLM2, add_lora, check_4bit, check_model_name, frozen_copy,
+                           load_model_and_tokenizer)
 
 
 def eval_metrics(rows: list[dict]) -> dict[str, float]:

@@ -1,16 +1,12 @@
-"""Rewards for a search-tool agent: answer metrics, a tolerant tag parser, VOI and OTC rewards.
+"""Rewards for a search-tool agent: the value-of-information (VOI) and OTC rewards.
 
 Pure Python (no torch). Everything here scores one completion string (or one group of them);
 the rollout supplies the tool-call counts, because the environment, not the text, knows which
-calls were executed and which were refused.
-
-Completion format (observations are inserted by the environment, never by the model):
-
-    <thought>...</thought>  <call>query</call><obs>...</obs>  ...  <answer>...</answer>
+calls were executed and which were refused. The completion format and its tolerant parser
+(`parse_completion`) are the tool protocol's (`envs/protocol.py`); exact match is HotpotQA's
+(`data/answers.py`).
 
 References
-- HotpotQA official evaluation script `hotpot_evaluate_v1.py` (Yang et al. 2018): answer
-  normalisation, exact match, token F1 with its yes/no/noanswer special case.
 - OTC-PO: Wang et al. 2025, "Acting Less is Reasoning More! Teaching Model to Act Efficiently"
   (first titled "OTC: Optimal Tool Calls via Reinforcement Learning"), arXiv 2504.14870, §3.
 - The value-of-information (VOI) reward table is this project's own design, not a paper's.
@@ -18,177 +14,11 @@ References
 from __future__ import annotations
 
 import math
-import re
-import string
-from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-# ---------------------------------------------------------------------------------------------
-# Answer metrics (HotpotQA official evaluation, hotpot_evaluate_v1.py)
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = frozenset(string.punctuation)
-
-
-def normalize_answer(s: str) -> str:
-    """HotpotQA normalisation: lower-case, drop punctuation, drop a/an/the, collapse whitespace.
-
-    Punctuation is deleted, not replaced by a space ("Eiffel-Tower" -> "eiffeltower"), exactly as
-    in the official script.
-    """
-    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
-    return " ".join(_ARTICLES.sub(" ", s).split())
-
-
-def exact_match(prediction: str, golds: Sequence[str]) -> float:
-    """EM = max over golds g of [normalize(prediction) == normalize(g)]; 0.0 if golds is empty."""
-    pred = normalize_answer(prediction)
-    return max((float(pred == normalize_answer(g)) for g in golds), default=0.0)
-
-
-def _f1_one(pred: str, gold: str) -> float:
-    # Official special case: a yes/no/noanswer answer gets no partial credit.
-    if (pred in ("yes", "no", "noanswer") or gold in ("yes", "no", "noanswer")) and pred != gold:
-        return 0.0
-    pred_tokens, gold_tokens = pred.split(), gold.split()
-    num_same = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
-    if num_same == 0:
-        return 0.0
-    precision, recall = num_same / len(pred_tokens), num_same / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
-
-
-def f1_score(prediction: str, golds: Sequence[str]) -> float:
-    """Token F1 = max over golds of 2PR/(P+R), P = |common|/|pred|, R = |common|/|gold|.
-
-    Tokens are whitespace-split normalised answers; common is the multiset intersection. If the
-    normalised prediction or gold is yes/no/noanswer and they differ, F1 = 0 (official rule).
-    """
-    pred = normalize_answer(prediction)
-    return max((_f1_one(pred, normalize_answer(g)) for g in golds), default=0.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tolerant tag parsing
-
-# One tag: "<", optional "/", a known name, ">" with any spaces and any case: "< / Answer >".
-# Linear time: each backtracking step is O(1) and each "<" only scans the whitespace after it.
-_TAG = re.compile(r"<\s*(/\s*)?(thought|call|obs|answer)\s*>", re.IGNORECASE)
-END_OF_TEXT_MARKERS = ("<|im_end|>", "<|endoftext|>")
-
-
-def _strip_end_markers(text: str) -> str:
-    """Remove trailing whitespace and end-of-text markers (any number, any order), in O(len)."""
-    end = len(text)
-    while True:
-        while end > 0 and text[end - 1].isspace():
-            end -= 1
-        for marker in END_OF_TEXT_MARKERS:
-            if text.endswith(marker, 0, end):
-                end -= len(marker)
-                break
-        else:
-            return text[:end]
-
-
-@dataclass(frozen=True)
-class Parsed:
-    """What `parse_completion` recovers from one completion."""
-    answer: str | None       # text of the last <answer> (stripped); None if absent or blank
-    num_calls: int           # number of <call>...</call> pairs (closed calls)
-    calls: tuple[str, ...]   # their queries, stripped, in order
-    num_unclosed_calls: int  # <call> opened and never closed
-    well_formed: bool        # see parse_completion
-    reason: str              # "" when well-formed, else the first problem found
-
-
-def _format_problem(text: str, tags: list[tuple[bool, str, int, int]]) -> str:
-    """First violation of the flat grammar, or "" (the rules are listed in parse_completion)."""
-    open_name, prev_closed, answer_end, num_answers = None, None, -1, 0
-    for is_close, name, start, end in tags:
-        if open_name is None:
-            if is_close:
-                return f"stray </{name}>"
-            if prev_closed == "call" and name != "obs":
-                return "<call> without <obs>"
-            if name == "obs" and prev_closed != "call":
-                return "<obs> not after </call>"
-            if name == "answer" and num_answers:
-                return "several <answer> blocks"
-            open_name, open_end = name, end
-        elif is_close and name == open_name:
-            if name == "answer":
-                num_answers, answer_end = num_answers + 1, end
-                if not text[open_end:start].strip():
-                    return "empty <answer>"
-            prev_closed, open_name = name, None
-        else:
-            return f"<{'/' if is_close else ''}{name}> inside <{open_name}>"
-        if not is_close:
-            prev_closed = None
-    if open_name is not None:
-        return f"unclosed <{open_name}>"
-    if prev_closed == "call":
-        return "<call> without <obs>"
-    if num_answers == 0:
-        return "no <answer>"
-    if text[answer_end:].strip():
-        return "text after </answer>"
-    return ""
-
-
-def parse_completion(text: str) -> Parsed:
-    """Parse a completion tolerantly; never raises, runs in linear time.
-
-    Tags match with any spaces and case inside the brackets ("< Answer >", "</ call>").
-    Trailing end-of-text markers (<|im_end|>, <|endoftext|>) and whitespace are removed first.
-
-    Recovery: the answer is the text of the LAST <answer>, up to the next </answer>, or to the
-    end of the text when it is never closed. Calls: a </call> closes the currently open <call>;
-    a <call> opened while another is open, or open at the end, counts as unclosed.
-
-    Well-formed means all of:
-      1. blocks do not nest: between an opening tag and its closing tag there is no other tag
-         (so no <call> inside <answer>, no <answer> inside <thought>);
-      2. every opening tag is closed (this covers <thought>, <call>, <answer>, <obs>) and no
-         closing tag appears without its opening tag;
-      3. every </call> is followed by an <obs> block, and every <obs> follows a </call>;
-      4. exactly one <answer>...</answer>, its text not blank, and nothing but whitespace after
-         it. Free text between blocks is allowed.
-    The rollout answers a call refused over the tool budget with a budget observation
-    (`<obs>Tool budget exhausted: answer now.</obs>`), so a refused call leaves the completion
-    well-formed; the rewards charge it through the rollout's `num_calls_no_obs` instead. A `<call>`
-    never closed makes it malformed (rule 2). Observations must not contain tag-like text (the
-    environment escapes it), otherwise it is read as nesting.
-    """
-    text = _strip_end_markers(text)
-    tags = [(m.group(1) is not None, m.group(2).lower(), m.start(), m.end()) for m in _TAG.finditer(text)]
-
-    calls: list[str] = []
-    num_unclosed, call_start = 0, None
-    last_answer_open: tuple[int, int] | None = None  # (index in tags, end of the tag)
-    for i, (is_close, name, start, end) in enumerate(tags):
-        if name == "call":
-            if not is_close:
-                num_unclosed += call_start is not None
-                call_start = end
-            elif call_start is not None:
-                calls.append(text[call_start:start].strip())
-                call_start = None
-        elif name == "answer" and not is_close:
-            last_answer_open = (i, end)
-    num_unclosed += call_start is not None
-
-    answer = None
-    if last_answer_open is not None:
-        i, start = last_answer_open
-        close = next((t for t in tags[i + 1:] if t[0] and t[1] == "answer"), None)
-        answer = text[start:close[2] if close else len(text)].strip() or None
-
-    reason = _format_problem(text, tags)
-    return Parsed(answer, len(calls), tuple(calls), num_unclosed, not reason, reason)
-
+from data.answers import exact_match
+from envs.protocol import parse_completion
 
 # ---------------------------------------------------------------------------------------------
 # Value-of-information (VOI) reward

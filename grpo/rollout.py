@@ -8,7 +8,7 @@ over the model's forward and its KV cache. `rollout` reads as these steps:
     3. tool turn when a row's text closes `</call>`, the query is parsed, the env runs, and
                  `<obs>result</obs>` is encoded *on its own* (`encode_observation`); sampled ids
                  are never decoded and re-encoded (BPE drift). A tool that raises, hangs or returns
-                 megabytes gives that sample a short observation (`run_tool`).
+                 megabytes gives that sample a short observation (`envs.sandbox.run_tool`).
        stop      at `</answer>`, at EOS, when a `stop_checks` hook says so (`grpo.infer`'s safety
                  checks), or when the sampled-token budget runs out
     4. feed      the rows still running get their new tokens (the sampled one, plus the observation
@@ -43,12 +43,8 @@ one forward, V vocabulary.
 """
 from __future__ import annotations
 
-import re
-import threading
 import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import torch
@@ -56,16 +52,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.cache_utils import DynamicLayer
 
-from grpo.prompts import BUDGET_OBSERVATION, encode_observation
+from envs.protocol import ANSWER_CLOSE, BUDGET_OBSERVATION, CALL_CLOSE, CALL_OPEN, CALL_QUERY, encode_observation
+from envs.sandbox import TOOL_TIMEOUT_S, run_tool
 
-CALL_CLOSE = re.compile(r"<\s*/\s*call\s*>", re.IGNORECASE)
-ANSWER_CLOSE = re.compile(r"<\s*/\s*answer\s*>", re.IGNORECASE)
-CALL_QUERY = re.compile(r"<\s*call\s*>(.*?)<\s*/\s*call\s*>", re.IGNORECASE | re.DOTALL)
-CALL_OPEN = re.compile(r"<\s*call\s*>", re.IGNORECASE)
 TAIL_TOKENS = 16  # a closing tag is searched for in the decoded last few sampled tokens
-TOOL_TIMEOUT_S = 10.0  # a tool call still running after this many seconds is abandoned (see run_tool)
 OBS_CHARS_PER_TOKEN = 8  # a tool's output is cut to 8 x max_obs_tokens characters before tokenizing
-OVERSIZED_CHARS = 100_000  # a longer output is a malfunction (a search hit is a few hundred characters)
 
 
 @dataclass
@@ -179,48 +170,6 @@ def tag_closed(tokenizer, segment: list[int]) -> str | None:
     return None
 
 # --------------------------------------------------------------------------- tools
-def _call_with_timeout(env, query: str, timeout: float):
-    """`env(query)` in a worker thread; raises concurrent.futures.TimeoutError after `timeout` seconds.
-
-    A Python thread cannot be killed: a call that hangs keeps its thread, and whatever the env
-    holds, until it returns by itself; its result is then dropped. The thread is a daemon so that
-    a hung call never keeps the process alive at exit (a ThreadPoolExecutor's workers are joined
-    at interpreter exit, so one hung call would block the end of training).
-    """
-    future: Future = Future()
-
-    def work():
-        try:
-            future.set_result(env(query))
-        except BaseException as e:  # handed to the caller, which decides what is fatal
-            future.set_exception(e)
-
-    threading.Thread(target=work, name="tool-call", daemon=True).start()
-    return future.result(timeout=timeout)
-
-
-def run_tool(env, query: str, timeout: float | None = TOOL_TIMEOUT_S,
-             max_chars: int | None = None) -> tuple[str, bool]:
-    """The observation text for one call, and whether the tool failed (counted in `tool_errors`).
-
-    A failing tool must not kill the other samples of the batch, so each failure becomes a short
-    observation for its own sample only:
-        raised     "Tool error: <exception type>"
-        hung       "Tool error: timeout" after `timeout` seconds (None: no thread, wait for ever)
-        oversized  longer than OVERSIZED_CHARS: failed, and cut like any output (below)
-    Any output is cut to `max_chars` characters first, so that megabytes are never tokenized, and
-    tag-like text is defused ("<" -> "‹") since it would corrupt the completion's format.
-    """
-    try:
-        result = env(query) if timeout is None else _call_with_timeout(env, query, timeout)
-    except FutureTimeout:  # (also a TimeoutError raised by the env itself)
-        return "Tool error: timeout", True
-    except Exception as e:
-        return f"Tool error: {type(e).__name__}", True
-    text = str(result)
-    failed = len(text) > OVERSIZED_CHARS
-    return text[:max_chars].replace("<", "‹"), failed
-
 
 
 def tool_turn(row: RowState, segment_text: str, env, max_tool_calls: int, timeout: float | None = TOOL_TIMEOUT_S,
@@ -524,9 +473,9 @@ def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_
     reference the tests compare the cached loop against. `max_tool_wait`: a row whose call has
     been answered waits up to this many steps (sampling nothing) so that the tool turns of several
     rows go in at the same step (0: feed each at once); rows that add as many tokens share one
-    forward. `tool_timeout`: seconds before a tool call is abandoned (see `run_tool`). A tool's
-    output is cut to OBS_CHARS_PER_TOKEN x max_obs_tokens characters before it is tokenized, then
-    to max_obs_tokens tokens. `show_budget`: each observation of an executed call ends with the
+    forward. `tool_timeout`: seconds before a tool call is abandoned (see `envs.sandbox.run_tool`).
+    A tool's output is cut to OBS_CHARS_PER_TOKEN x max_obs_tokens characters before it is
+    tokenized, then to max_obs_tokens tokens. `show_budget`: each observation of an executed call ends with the
     calls left ("[2 searches left]"). `stop_checks`: called in order on each running row after its
     step; the first reason returned stops the row (`grpo.infer`'s safety checks).
     """

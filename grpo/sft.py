@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from data.traces import Trace
+from envs.protocol import build_prompt, encode_observation
 from grpo.policy import PolicyModule
-from grpo.prompts import build_prompt, encode_observation
 
 IGNORE = -100  # label of tokens without loss
 

@@ -11,8 +11,8 @@ import torch
 from callbacks.export import AdapterCheckpoint, save_adapter
 from data.datamodule import QADataModule
 from grpo.infer import load_for_inference
-from grpo.models import add_lora, load_model_and_tokenizer
 from grpo.module import GRPOModule
+from models.loading import add_lora, load_model_and_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
@@ -155,7 +155,7 @@ def test_reference_of_a_lora_run_from_a_cold_start_is_the_sft_policy(tmp_path):
     m = GRPOModule(model_name="tiny", init_adapter=sft, lora_r=2, lora_alpha=4, beta=0.1)
     m.configure_model()
     randomize_lora_b(m.policy, seed=3, std=0.2)
-    from grpo.models import reference_policy
+    from models.loading import reference_policy
     with torch.no_grad(), reference_policy(m.policy.eval(), m.ref_model) as ref_model:  # what the module scores
         ref = ref_model(input_ids=IDS).logits.float()
     sft_policy = PeftModel.from_pretrained(load_model_and_tokenizer("tiny")[0], sft).merge_and_unload()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from data.files import atomic_write_dir
 from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import build_offline_task, memory_candidates, summary
 from data.types import LOOKUP, MEMORY
@@ -329,3 +330,23 @@ def test_hotpotqa_cold_start_traces_are_made_from_the_training_file(tmp_path):
     assert (tmp_path / "t.jsonl").exists() and dm.train_traces
     assert {t.style for t in dm.train_traces} == {"multihop"}
     assert {t.question for t in dm.train_traces} <= {r["question"] for r in ROWS}
+
+
+def test_atomic_write_dir_replaces_the_folder_or_leaves_the_old_one(tmp_path):
+    target = tmp_path / "out" / "adapter"
+
+    def write(text):
+        return lambda tmp: (Path(tmp) / "f.txt").write_text(text)
+
+    assert atomic_write_dir(target, write("one")) == target
+    atomic_write_dir(target, write("two"))
+    assert (target / "f.txt").read_text() == "two"
+
+    def dies(tmp):
+        (Path(tmp) / "f.txt").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_dir(target, dies)
+    assert (target / "f.txt").read_text() == "two"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["adapter"]  # no temporary or .old folder left

@@ -1,4 +1,4 @@
-"""Tests of the per-kind cold-start evaluation (data/eval_cold_start.py): scoring, grouping, the CLI."""
+"""Tests of the per-kind cold-start evaluation (experiments/eval_cold_start.py): scoring, grouping, the CLI."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 
-from data.eval_cold_start import UNKNOWN_MEMORY, base_closed_book, main, score, select_questions, table
 from data.offline_task import build_offline_task
 from data.types import LOOKUP, MEMORY, QAExample
+from experiments.eval_cold_start import UNKNOWN_MEMORY, base_closed_book, main, score, select_questions, table
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import grpo.infer as infer
+from envs.protocol import BUDGET_OBSERVATION, build_prompt
 from grpo.infer import STOP_REASONS, answer, load_for_inference, main, read_questions, transcript
-from grpo.models import add_lora, load_model_and_tokenizer
-from grpo.prompts import BUDGET_OBSERVATION, build_prompt
-from grpo.tokenizer import ByteTokenizer
+from models.loading import add_lora, load_model_and_tokenizer
+from models.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 EOS = "<|im_end|>"

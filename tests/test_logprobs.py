@@ -14,8 +14,8 @@ import torch
 
 from grpo.logprobs import (completion_logprobs, completion_logprobs_padded, length_buckets,
                            sampled_token_logprobs)
-from grpo.models import add_lora, load_model_and_tokenizer, reference_policy
 from grpo.rollout import Rollout
+from models.loading import add_lora, load_model_and_tokenizer, reference_policy
 
 T = 0.7
 

@@ -1,9 +1,9 @@
-"""`grpo.lora` as pure functions of tensors: two LoRA updates stacked into one, checked against the
+"""`models.lora` as pure functions of tensors: two LoRA updates stacked into one, checked against the
 sum of the two updates worked out directly; a module only one adapter adapts; bad input."""
 import pytest
 import torch
 
-from grpo.lora import LoraDelta, check_lora_config, lora_rank, stack_lora
+from models.lora import LoraDelta, check_lora_config, lora_rank, stack_lora
 
 D_IN, D_OUT = 5, 3
 

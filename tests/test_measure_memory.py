@@ -1,5 +1,6 @@
-"""The closed-book judge of data.measure_memory (which decides MEMORY vs LOOKUP)."""
-from data.measure_memory import contains_gold, report
+"""The closed-book judge of experiments.measure_memory (which decides MEMORY vs LOOKUP)."""
+from data.answers import contains_gold
+from experiments.measure_memory import report
 
 
 def test_gold_found_as_whole_words_after_normalization():

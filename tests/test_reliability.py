@@ -30,13 +30,15 @@ import grpo.module
 import grpo.policy
 from data.datamodule import QADataModule
 from data.types import LOOKUP, QAExample
+from envs.protocol import parse_completion
+from envs.sandbox import OVERSIZED_CHARS, run_tool
 from grpo.cli import main
 from grpo.losses import masked_mean_tokens
 from grpo.module import GRPOModule, ddp_token_scale
 from grpo.policy import gather_eval_rows
-from grpo.rewards import OTCWeights, otc_group_rewards, parse_completion, voi_reward
-from grpo.rollout import OBS_CHARS_PER_TOKEN, OVERSIZED_CHARS, rollout, run_tool
-from grpo.tokenizer import ByteTokenizer
+from grpo.rewards import OTCWeights, otc_group_rewards, voi_reward
+from grpo.rollout import OBS_CHARS_PER_TOKEN, rollout
+from models.tokenizer import ByteTokenizer
 from tests.test_data import ROWS, _without, write_jsonl
 from tests.run_helpers import REPO
 from tests.test_rewards import any_text
@@ -88,7 +90,7 @@ def test_run_tool_turns_each_failure_into_a_short_observation(faulty_env):
 def test_a_hung_tool_call_does_not_keep_the_process_alive():
     """The abandoned call's thread is a daemon: the interpreter exits at once (a ThreadPoolExecutor
     worker would be joined at exit, i.e. never)."""
-    code = ("import time; from grpo.rollout import run_tool; "
+    code = ("import time; from envs.sandbox import run_tool; "
             "print(run_tool(lambda q: time.sleep(3600), 'q', timeout=0.1))")
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -1,122 +1,18 @@
-"""Rewards: hand-computed values for every VOI row, EM/F1, parser tolerance, OTC; property tests."""
+"""Rewards: hand-computed values for every VOI row, OTC; property tests (of the parser too)."""
 import math
-import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grpo.prompts import BUDGET_OBSERVATION
-from grpo.rewards import (OTCWeights, VOIWeights, check_finite_rewards, exact_match, f1_score,
-                          normalize_answer, otc_group_rewards, otc_optimal_calls, otc_tool_factor,
-                          parse_completion, voi_reward, voi_reward_bounds)
+from envs.protocol import BUDGET_OBSERVATION, parse_completion
+from grpo.rewards import (OTCWeights, VOIWeights, check_finite_rewards, otc_group_rewards, otc_optimal_calls,
+                          otc_tool_factor, voi_reward, voi_reward_bounds)
 
 KENYA = ("<thought>I need the population.</thought><call>Kenya</call>"
          "<obs>[Kenya] Kenya has 53 million people.</obs><answer>53 million</answer>")
 TWO_CALLS = ("<call>Kenya</call><obs>[Kenya] ...</obs><call>Kenya population</call>"
              "<obs>[Kenya] 53 million</obs><answer>53 million</answer>")
-
-# --------------------------------------------------------------------------------------- EM / F1
-
-
-def test_normalize_answer():
-    # lower -> "the  eiffel-tower!"; drop punctuation -> "the  eiffeltower"; drop "the"; squeeze
-    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
-    assert normalize_answer("An apple a day") == "apple day"
-    assert normalize_answer("theatre") == "theatre"  # "the" only as a whole word
-
-
-def test_exact_match_multiple_golds_articles_punctuation():
-    assert exact_match("the Paris.", ["London", "paris"]) == 1.0
-    assert exact_match("Paris, France", ["Paris"]) == 0.0
-    assert exact_match("anything", []) == 0.0
-
-
-def test_f1_hand_computed():
-    # pred [barack, obama], gold [obama]: common 1, P = 1/2, R = 1, F1 = 2*(1/2)*1/(3/2) = 2/3
-    assert f1_score("Barack Obama", ["Obama"]) == pytest.approx(2 / 3)
-    # max over golds: the second gold matches exactly
-    assert f1_score("New York City", ["York", "the New York City"]) == 1.0
-    assert f1_score("Lyon", ["Paris"]) == 0.0
-    assert f1_score("", ["Paris"]) == 0.0
-
-
-def test_f1_yes_no_special_case():
-    # plain token F1 would give 2/3 for "yes" vs "yes sir"; the official rule gives 0
-    assert f1_score("yes", ["yes sir"]) == 0.0
-    assert f1_score("no sir", ["no"]) == 0.0
-    assert f1_score("No.", ["no"]) == 1.0
-
-# --------------------------------------------------------------------------------------- parser
-
-
-def test_parse_reference_example():
-    p = parse_completion(KENYA)
-    assert (p.answer, p.num_calls, p.calls, p.num_unclosed_calls) == ("53 million", 1, ("Kenya",), 0)
-    assert p.well_formed and p.reason == ""
-
-
-def test_parse_spaces_and_case_in_tags():
-    p = parse_completion("< call > Kenya </ CALL ><obs>o</Obs >< answer > Paris </ Answer >")
-    assert (p.answer, p.calls, p.well_formed) == ("Paris", ("Kenya",), True)
-
-
-def test_parse_unclosed_final_answer_is_recovered_but_malformed():
-    p = parse_completion("<call>x</call><obs>o</obs><answer> Paris <|im_end|>")
-    assert p.answer == "Paris" and not p.well_formed and "unclosed <answer>" in p.reason
-
-
-def test_parse_duplicate_answers_takes_last():
-    p = parse_completion("<answer>Lyon</answer><answer>Paris</answer>")
-    assert p.answer == "Paris" and not p.well_formed and "several" in p.reason
-
-
-def test_parse_nested_tags():
-    p = parse_completion("<answer><call>x</call>Paris</answer>")
-    assert p.num_calls == 1 and not p.well_formed and "<call> inside <answer>" in p.reason
-    p = parse_completion("<thought><answer>Paris</answer></thought>")
-    assert p.answer == "Paris" and not p.well_formed
-
-
-def test_parse_end_of_text_tokens_after_answer():
-    assert parse_completion("<answer>Paris</answer><|im_end|>").well_formed
-    assert parse_completion("<answer>Paris</answer> <|im_end|><|endoftext|>\n").well_formed
-    assert parse_completion("<answer>Paris</answer> and more").reason == "text after </answer>"
-
-
-def test_parse_unclosed_calls_counted():
-    # first <call> is abandoned when the second opens; only "b" is a closed pair
-    p = parse_completion("<call>a<call>b</call><obs>o</obs><answer>x</answer>")
-    assert (p.num_calls, p.calls, p.num_unclosed_calls, p.well_formed) == (1, ("b",), 1, False)
-    assert parse_completion("<call>Kenya").num_unclosed_calls == 1
-
-
-@pytest.mark.parametrize("text, reason", [
-    ("Paris", "no <answer>"),
-    ("<answer>  </answer>", "empty <answer>"),
-    ("</call><answer>x</answer>", "stray </call>"),
-    ("<call>q</call><answer>x</answer>", "<call> without <obs>"),
-    ("<obs>made up</obs><answer>x</answer>", "<obs> not after </call>"),
-    ("<thought>hm<answer>x</answer>", "<answer> inside <thought>"),
-])
-def test_parse_malformed_reasons(text, reason):
-    p = parse_completion(text)
-    assert not p.well_formed and p.reason == reason
-
-
-def test_parse_blank_answer_is_none():
-    assert parse_completion("<answer>   </answer>").answer is None
-    assert parse_completion("no tags").answer is None
-
-
-@pytest.mark.parametrize("text", [
-    "<" + " " * 1_000_000, "<call>" * 200_000, "< answer" + " " * 1_000_000,
-    "<|im_end|>" * 100_000, "<answer>" * 100_000 + "x", "< / answer " * 100_000,
-])
-def test_parse_megabyte_inputs_linear_time(text):
-    t0 = time.perf_counter()
-    parse_completion(text)
-    assert time.perf_counter() - t0 < 3.0  # quadratic behaviour would take minutes
 
 # --------------------------------------------------------------------------------------- VOI
 

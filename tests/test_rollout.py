@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from grpo.models import load_model_and_tokenizer
-from grpo.prompts import BUDGET_OBSERVATION
+from envs.protocol import BUDGET_OBSERVATION
 from grpo.rollout import position_ids_from_mask, rollout, sample_next
-from grpo.tokenizer import ByteTokenizer
+from models.loading import load_model_and_tokenizer
+from models.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -426,7 +426,7 @@ def test_budget_note_is_the_same_in_rollout_and_sft():
     """With show_budget, executed calls end their observation with the searches left; a refused call
     gets the budget notice alone; SFT tokenizes the same completion to the same ids."""
     from data.traces import Trace
-    from grpo.prompts import budget_note
+    from envs.protocol import budget_note
     from grpo.sft import tokenize_trace
 
     script = "<call>q1</call><call>q2</call><call>q3</call><answer>a</answer>"
@@ -450,7 +450,8 @@ def test_budget_note_is_the_same_in_rollout_and_sft():
 def test_refused_call_is_well_formed_and_charged():
     """Over the budget the env answers with the budget observation: the text parses as well-formed,
     and the refused call is charged through num_calls_no_obs (VOI: 1.0 + 0.1 - 0.05 - 0.2 = 0.85)."""
-    from grpo.rewards import parse_completion, voi_reward
+    from envs.protocol import parse_completion
+    from grpo.rewards import voi_reward
 
     r, _, _ = run(["<call>q1</call><call>q2</call><answer>a</answer>"], ["Q"], group_size=1, max_tool_calls=1)
     assert parse_completion(r.texts[0]).well_formed

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from data.traces import Trace
-from grpo.prompts import chatml, SYSTEM_PROMPT
+from envs.protocol import SYSTEM_PROMPT, chatml
 from grpo.sft import IGNORE, collate_sft, sft_loss, tokenize_trace
-from grpo.tokenizer import ByteTokenizer
+from models.tokenizer import ByteTokenizer
 
 
 def _trace():

@@ -18,15 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from data.answers import contains_gold, normalize_answer
 from data.offline_task import build_offline_task
-from data.traces import (STYLES, Trace, closed_book_replies, draw_traces, gold_in, hotpotqa_traces, main,
+from data.traces import (STYLES, Trace, closed_book_replies, draw_traces, hotpotqa_traces, main,
                          make_traces, offline_traces, own_words, quotas, read_traces, recall_sentence, unknown_memory,
                          write_traces)
 from data.types import LOOKUP, MEMORY
 from envs.base import Document
+from envs.protocol import parse_completion
+from envs.sandbox import run_tool
 from envs.search import MockSearchEnv
-from grpo.rewards import normalize_answer, parse_completion
-from grpo.rollout import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
 HOTPOTQA_TRAIN = REPO.parent / "shared" / "data" / "hotpotqa" / "train_distractor_100.jsonl"
@@ -228,7 +229,7 @@ def test_direct_thoughts_state_the_gold_in_the_models_own_words(task, env, by_id
     for t in direct:
         thought = thought_of(t)
         subject = example_of(t, by_id).hops[0]
-        assert gold_in(thought.replace(subject, " ", 1), t.answers[:1]), thought
+        assert contains_gold(thought.replace(subject, " ", 1), t.answers[:1]), thought
         assert thought.endswith(".") and len(thought.split()) <= 25
         # most of them are the model's own closed-book reply (a cut of it), not the template
         own += normalize_answer(thought) in normalize_answer(replies[example_of(t, by_id).id])
@@ -268,7 +269,7 @@ def test_hedged_searches_fork_from_the_recall_at_the_fact(task, env, by_id):
         thought = thought_of(t)
         # same words as a recall up to the fact, then it gives up and names the query it will send
         assert thought.startswith(prefix) and thought.endswith(f"I will search for {country}.")
-        assert not gold_in(thought.replace(country, " "), t.answers)
+        assert not contains_gold(thought.replace(country, " "), t.answers)
         assert parse_completion(t.text).calls == (country,)
     # the other searches keep the generic thoughts; "plain" gives them to the unknown ones too
     others = [t for t in traces if t.style in ("search", "multihop") and t not in hedged]

@@ -5,7 +5,7 @@ reply counts as correct when a normalized gold answer appears in the normalized 
 (HotpotQA normalization). Greedy decoding decides the kind (MEMORY iff correct); `--samples`
 completions at T = 1 give the sampled accuracy, recorded for information.
 
-    python -m data.measure_memory            # writes data/smollm2_memory.json (~5 min on CPU)
+    python -m experiments.measure_memory     # writes data/smollm2_memory.json (~5 min on CPU)
 """
 from __future__ import annotations
 
@@ -16,22 +16,14 @@ from pathlib import Path
 
 import torch
 
+from data.answers import contains_gold
 from data.files import atomic_write
 from data.offline_task import DEFAULT_MEMORY_FILE, memory_candidates
-from grpo.models import SMOLLM2, load_model_and_tokenizer
-from grpo.prompts import build_prompt
-from grpo.rewards import END_OF_TEXT_MARKERS, normalize_answer
+from envs.protocol import build_prompt
 from grpo.rollout import rollout
+from models.loading import SMOLLM2, load_model_and_tokenizer
 
 CLOSED_BOOK_SYSTEM = "You are a helpful assistant. Answer the question briefly."
-
-
-def contains_gold(reply: str, golds) -> bool:
-    """A normalized gold answer occurs, as whole words, in the normalized reply (EOS markers removed)."""
-    for marker in END_OF_TEXT_MARKERS:
-        reply = reply.replace(marker, " ")
-    text = f" {normalize_answer(reply)} "
-    return any(f" {normalize_answer(g)} " in text for g in golds if normalize_answer(g))
 
 
 def _no_tool(query: str) -> str:

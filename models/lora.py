@@ -2,7 +2,7 @@
 PEFT folder that `PeftModel.from_pretrained(base, folder)` loads.
 
 Why: GRPO from the SFT cold start merges the SFT adapter into the base weights and trains fresh
-adapters on top (`grpo.models.merge_adapter`, then `add_lora`), so each adapted Linear of the
+adapters on top (`models.loading.merge_adapter`, then `add_lora`), so each adapted Linear of the
 trained policy is
 
     W' = W + s₁·B₁A₁ + s₂·B₂A₂        (1: SFT adapter, 2: GRPO adapter; s = lora_alpha / r)
@@ -140,7 +140,7 @@ def write_adapter(deltas: dict[str, LoraDelta], folder: Path, dtype: torch.dtype
 def export_lora(policy: nn.Module, folder: Path) -> None:
     """Write the policy (a PEFT model) as one PEFT LoRA folder that is the policy on the raw base.
 
-    With an init adapter merged into the base (`model.init_lora`, set by `grpo.models.merge_adapter`)
+    With an init adapter merged into the base (`model.init_lora`, set by `models.loading.merge_adapter`)
     the folder holds `stack_lora(init adapter, policy's adapter)`, in the dtype of the policy's adapter
     weights (PEFT keeps adapters in fp32 on a bf16 base); without one, it is PEFT's own `save_pretrained`.
     Exact in fp32; on a bf16 base the policy's merged weights were rounded to bf16, which the folder

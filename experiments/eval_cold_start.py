@@ -10,17 +10,17 @@ the real search env of the offline task) on held-out questions, greedy AND sampl
 
     em           exact match of the final <answer> (HotpotQA normalization), whether searched or not
     direct_em    share of questions answered correctly WITHOUT a search (knowledge kept)
-    well_formed  share of completions that parse well-formed and end in an answer (grpo.rewards)
+    well_formed  share of completions that parse well-formed and end in an answer (envs.protocol)
     search_rate  share of questions with at least one executed call
     direct_acc   EM among the completions that did not search: the p of a direct answer that
                  decides, at that temperature, whether answering beats searching (README, Results)
 
 The base model's closed-book accuracy on the same memory questions (greedy, and sampled at T = 1
-over 4 samples) is read from `data/smollm2_memory.json` (`python -m data.measure_memory`,
-"gold contained in the reply"); by construction greedy is 1.0 on kind MEMORY, so the
-knowledge ratio is memory greedy EM / base greedy accuracy.
+over 4 samples) is read from `data/smollm2_memory.json` (`python -m experiments.measure_memory`,
+"gold contained in the reply"); by construction greedy is 1.0 on kind MEMORY, so the knowledge
+ratio is memory greedy EM / base greedy accuracy.
 
-    python -m data.eval_cold_start --adapter outputs/sft_smollm2_adapter --split heldout
+    python -m experiments.eval_cold_start --adapter outputs/sft_smollm2_adapter --split heldout
 """
 from __future__ import annotations
 
@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
+from data.answers import exact_match
 from data.files import atomic_write
 from data.offline_task import DEFAULT_MEMORY_FILE, MEMORY_TYPES, build_offline_task
 from data.types import LOOKUP, MEMORY
+from envs.protocol import build_prompt, parse_completion
 from envs.search import MockSearchEnv
-from grpo.prompts import build_prompt
-from grpo.rewards import exact_match, parse_completion
 from grpo.rollout import rollout
 
 UNKNOWN_MEMORY = "lookup/unknown-mem"
