@@ -10,7 +10,7 @@
 
 The maths lives in `grpo.losses` and `grpo.rewards` (pure, tested functions); sampling in
 `grpo.rollout`; this file only combines them. Optimization is manual so that the μ inner
-updates of step 5 are plain to see. Shapes: B prompts, G group size, N = B*G, C completion tokens.
+updates of step 5 are plain to see. Shapes: B, G, N = B*G, C (see `grpo/__init__.py`).
 """
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ REWARDS = ("voi", "otc")
 def ddp_token_scale(local_tokens: torch.Tensor, global_tokens: torch.Tensor, world_size: int) -> torch.Tensor:
     """Factor that makes DDP's gradient average equal the token-level loss of the whole batch.
 
-    Rank r's loss is a token mean S_r / T_r over its own T_r completion tokens, and DDP averages
-    gradients over the W ranks: (1/W) Σ_r ∇(S_r / T_r). The token-level loss of the global batch
-    is Σ_r S_r / T with T = Σ_r T_r, which needs every rank to weigh its mean by T_r·W / T:
-        (1/W) Σ_r ∇(T_r·W/T · S_r/T_r) = ∇(Σ_r S_r / T).
-    (PITFALLS: "normalise by the token count of the whole batch, once".) Equal T_r give 1.
+    Rank r's loss is a token mean S_r / M_r over its own M_r sampled tokens, and DDP averages
+    gradients over the W ranks: (1/W) Σ_r ∇(S_r / M_r). The token-level loss of the global batch
+    is Σ_r S_r / M with M = Σ_r M_r, which needs every rank to weigh its mean by M_r·W / M:
+        (1/W) Σ_r ∇(M_r·W/M · S_r/M_r) = ∇(Σ_r S_r / M).
+    (PITFALLS: "normalise by the token count of the whole batch, once".) Equal M_r give 1.
     """
     return local_tokens * world_size / global_tokens.clamp(min=1)
 
@@ -133,14 +133,14 @@ class GRPOModule(PolicyModule):
 
         The loss is a token mean over the local batch and DDP averages gradients over ranks: that
         is the token mean of the global batch only when every rank has as many completion tokens.
-        Rescaling by T_r·W/T (one all-reduce of the token count) normalises by the token count of
+        Rescaling by M_r·W/M (one all-reduce of the token count) normalises by the token count of
         the whole batch, once (PITFALLS, "Length bias of per-sequence means").
         """
         world_size = self.trainer.world_size
         if not self.hparams.token_level or world_size == 1:
             return torch.ones((), device=self.device)
         local_tokens = completion_mask.sum().float()                                        # ()
-        global_tokens = self.trainer.strategy.reduce(local_tokens.clone(), reduce_op="sum")  # () Σ_r T_r
+        global_tokens = self.trainer.strategy.reduce(local_tokens.clone(), reduce_op="sum")  # () Σ_r M_r
         return ddp_token_scale(local_tokens, global_tokens, world_size)
 
     @torch.no_grad()

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from envs.protocol import BUDGET_OBSERVATION
-from grpo.rollout import position_ids_from_mask, rollout, sample_next
+from grpo.kvcache import position_ids_from_mask
+from grpo.rollout import rollout, sample_next
 from models.loading import load_model_and_tokenizer
 from models.tokenizer import ByteTokenizer
 
@@ -522,7 +523,7 @@ def test_growing_layer_matches_dynamic_layer():
     across reallocations and after its tensors are replaced (the rollout's cache surgery)."""
     from transformers.cache_utils import DynamicLayer
 
-    from grpo.rollout import GrowingLayer
+    from grpo.kvcache import GrowingLayer
 
     g = torch.Generator().manual_seed(0)
     ref = DynamicLayer()
