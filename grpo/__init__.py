@@ -4,7 +4,8 @@ Read in this order: `rollout.py` (sampling with in-loop tool calls; `kvcache.py`
 KV cache of its forwards) → `rewards.py` →
 `losses.py` (advantages, k3 KL, clipped surrogate) → `logprobs.py` → `module.py`
 (`GRPOModule.training_step`, the algorithm as numbered steps) → `sft.py` (cold start).
-`policy.py` is plumbing (model loading and LoRA are the `models` package's); `cli.py` is
+`agent.py` (`AgentModule`, the Lightning base GRPO and SFT share) is plumbing (model loading and
+LoRA are the `models` package's); `cli.py` is
 the command line.
 
 Shapes (every shape comment in the package uses these letters; a file adds its own local ones)

@@ -21,10 +21,10 @@ import torch
 from data.types import QAExample
 from grpo.logprobs import completion_logprobs
 from grpo.losses import group_advantages, grpo_loss
-from grpo.policy import PolicyModule, check_positive
+from grpo.agent import AgentModule, check_positive
 from grpo.rewards import OTCWeights, VOIWeights, check_finite_rewards, otc_group_rewards, voi_reward
 from grpo.rollout import Rollout
-from models.loading import SMOLLM2, reference_policy
+from models.loading import SMOLLM2, frozen_copy, reference_policy
 
 REWARDS = ("voi", "otc")
 
@@ -41,9 +41,9 @@ def ddp_token_scale(local_tokens: torch.Tensor, global_tokens: torch.Tensor, wor
     return local_tokens * world_size / global_tokens.clamp(min=1)
 
 
-class GRPOModule(PolicyModule):
+class GRPOModule(AgentModule):
     """GRPO with in-loop tool calls. The options shared with SFT (model, LoRA, optimizer, sampling
-    budgets, evaluation) are `PolicyModule`'s; these are GRPO's own."""
+    budgets, evaluation) are `AgentModule`'s; these are GRPO's own."""
 
     def __init__(self, group_size: int = 8, temperature: float = 1.0, top_p: float = 1.0, reward: str = "voi",
                  voi_weights: VOIWeights | None = None, otc_weights: OTCWeights | None = None,
@@ -81,6 +81,17 @@ class GRPOModule(PolicyModule):
         super().__init__(**kwargs)
         self.voi_weights = voi_weights or VOIWeights()
         self.otc_weights = otc_weights or OTCWeights()
+        self.ref_model = None  # π_ref of full fine-tuning (a frozen copy); with LoRA, the adapters disabled
+
+    @property
+    def updates_per_batch(self) -> int:
+        return self.hparams.num_updates  # μ
+
+    def configure_model(self) -> None:
+        built = self.policy is None
+        super().configure_model()
+        if built and not self.hparams.lora and self.hparams.beta > 0:
+            self.ref_model = frozen_copy(self.policy)  # full fine-tuning: π_ref is a frozen copy
 
     # ------------------------------------------------------------------ the algorithm
     def training_step(self, batch: list[QAExample], batch_idx: int):

@@ -20,7 +20,7 @@ import torch
 
 from data.traces import Trace
 from envs.protocol import build_prompt, encode_observation
-from grpo.policy import PolicyModule
+from grpo.agent import AgentModule
 
 IGNORE = -100  # label of tokens without loss
 
@@ -75,8 +75,8 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
-class SFTModule(PolicyModule):
-    """The cold start: next-token cross-entropy on traces. Its options are all `PolicyModule`'s (the
+class SFTModule(AgentModule):
+    """The cold start: next-token cross-entropy on traces. Its options are all `AgentModule`'s (the
     sampling and evaluation ones apply to its evaluation rollouts; `init_adapter` continues an SFT
     from an earlier adapter)."""
 

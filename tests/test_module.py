@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from data.types import LOOKUP, QAExample
 from grpo.module import GRPOModule
-from grpo.policy import cosine_with_warmup, eval_metrics, schedule_length
+from grpo.agent import cosine_with_warmup, eval_metrics, schedule_length
 
 
 def test_cosine_with_warmup_by_hand():

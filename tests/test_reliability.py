@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import grpo.module
-import grpo.policy
+import grpo.agent
 from data.datamodule import QADataModule
 from data.types import LOOKUP, QAExample
 from envs.protocol import parse_completion
@@ -35,7 +35,7 @@ from envs.sandbox import OVERSIZED_CHARS, run_tool
 from grpo.cli import main
 from grpo.losses import masked_mean_tokens
 from grpo.module import GRPOModule, ddp_token_scale
-from grpo.policy import gather_eval_rows
+from grpo.agent import gather_eval_rows
 from grpo.rewards import OTCWeights, otc_group_rewards, voi_reward
 from grpo.rollout import OBS_CHARS_PER_TOKEN, rollout
 from models.tokenizer import ByteTokenizer
@@ -222,7 +222,7 @@ def test_training_goes_on_through_failing_tools(monkeypatch):
     """Two GRPO steps with a tool that raises, hangs and floods on its first three calls: the three
     samples get error observations and are counted in tool_errors (and in tools/errors_per_sample),
     the other samples get real observations, and both steps train with a finite loss."""
-    monkeypatch.setattr(grpo.policy, "rollout", functools.partial(rollout, tool_timeout=0.3))
+    monkeypatch.setattr(grpo.agent, "rollout", functools.partial(rollout, tool_timeout=0.3))
     env = FlakyEnv()
     module = _module()
     before = _trainable(module)

@@ -1,9 +1,11 @@
-"""`PolicyModule`: what the GRPO and SFT LightningModules share.
+"""`AgentModule`: the Lightning base of a tool-using agent, what the GRPO and SFT modules share.
 
-The policy network (LoRA adapters or every weight) and its tokenizer, AdamW with a cosine
-schedule after a linear warm-up, agentic rollouts (`grpo.rollout`) and their evaluation on
-held-out questions, and checkpoints that hold the trainable weights only plus every rank's
-rollout RNG. The algorithm itself is in `grpo.module.GRPOModule.training_step`.
+The agent is a policy network (LoRA adapters or every weight) with its tokenizer and its search
+tool (`env`, taken from the datamodule). This class holds what both ways of training it need:
+AdamW with a cosine schedule after a linear warm-up, agentic rollouts (`grpo.rollout`) and their
+evaluation on held-out questions (gathered over DDP ranks), and checkpoints that hold the trainable
+weights only plus every rank's rollout RNG. It has no `training_step`: GRPO's is
+`grpo.module.GRPOModule.training_step`, SFT's `grpo.sft.SFTModule.training_step`.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from data.answers import exact_match, f1_score
 from data.types import QAExample
 from envs.protocol import build_prompt, parse_completion
 from grpo.rollout import Rollout, rollout
-from models.loading import (DEFAULT_LORA_TARGETS, SMOLLM2, add_lora, check_4bit, check_model_name, frozen_copy,
-                           load_model_and_tokenizer)
+from models.loading import (DEFAULT_LORA_TARGETS, SMOLLM2, add_lora, check_4bit, check_model_name,
+                            load_model_and_tokenizer)
 
 
 def eval_metrics(rows: list[dict]) -> dict[str, float]:
@@ -116,7 +118,7 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"model.{name}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
 
 
-class PolicyModule(L.LightningModule):
+class AgentModule(L.LightningModule):
     """What GRPO and SFT share: the policy (LoRA or full) and tokenizer, the optimizer and schedule,
     agentic rollouts and their evaluation, and checkpoints of the trainable weights only.
 
@@ -183,7 +185,6 @@ class PolicyModule(L.LightningModule):
             raise ValueError(f"model.warmup_ratio={warmup_ratio!r}: must be in [0, 1)")
         self.save_hyperparameters()  # this class's options and the subclass's own (Lightning collects both)
         self.policy = None  # built in configure_model, after every option has been checked
-        self.ref_model = None
         self.tokenizer = None
         self.strict_loading = False  # checkpoints hold the trainable weights only
         self.automatic_optimization = False
@@ -215,8 +216,8 @@ class PolicyModule(L.LightningModule):
 
     @property
     def updates_per_batch(self) -> int:
-        """Optimizer steps per training batch: μ for GRPO, 1 for SFT."""
-        return getattr(self.hparams, "num_updates", 1)
+        """Optimizer steps per training batch (GRPO: μ)."""
+        return 1
 
     def setup(self, stage: str) -> None:
         self._sampler = None  # every run starts its rank's stream from the seed (or the checkpoint's state)
@@ -235,8 +236,6 @@ class PolicyModule(L.LightningModule):
                                                          init_adapter=hp.init_adapter)
         if hp.lora:
             model = add_lora(model, hp.lora_r, hp.lora_alpha, hp.lora_dropout, tuple(hp.lora_targets))
-        elif getattr(hp, "beta", 0) > 0:
-            self.ref_model = frozen_copy(model)  # full fine-tuning: π_ref is a frozen copy
         self.policy = model.train()  # HF loads in eval mode; LoRA dropout (if any) should act in training
 
     def configure_optimizers(self):
