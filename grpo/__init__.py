@@ -1,12 +1,11 @@
 """GRPO for tool-using language models, hand-written in PyTorch Lightning (no TRL).
 
-Read in this order: `rollout.py` (sampling with in-loop tool calls; `kvcache.py` is the batch and
-KV cache of its forwards) → `rewards.py` →
-`losses.py` (advantages, k3 KL, clipped surrogate) → `logprobs.py` → `module.py`
-(`GRPOModule.training_step`, the algorithm as numbered steps) → `sft.py` (cold start).
-`agent.py` (`AgentModule`, the Lightning base GRPO and SFT share) is plumbing (model loading and
-LoRA are the `models` package's); `cli.py` is
-the command line.
+Read in this order: `rollout.py` (sampling with in-loop tool calls; `kvcache.py` is the batch
+and KV cache of its forwards) → `rewards.py` → `losses.py` (advantages, k3 KL, clipped surrogate)
+→ `logprobs.py` → `module.py` (`GRPOModule.training_step`, the algorithm as numbered steps) →
+`metrics.py` (every logged metric and its formula) → `sft.py` (cold start). `agent.py`
+(`AgentModule`, the Lightning base GRPO and SFT share) is plumbing (model loading and LoRA are the
+`models` package's); `cli.py` is the command line.
 
 Shapes (every shape comment in the package uses these letters; a file adds its own local ones)
     B   prompts (questions) in a batch

@@ -15,43 +15,12 @@ import warnings
 import lightning as L
 import torch
 
-from data.answers import exact_match, f1_score
 from data.types import QAExample
-from envs.protocol import build_prompt, parse_completion
+from envs.protocol import build_prompt
+from grpo.metrics import eval_metrics, eval_rows
 from grpo.rollout import Rollout, rollout
 from models.loading import (DEFAULT_LORA_TARGETS, SMOLLM2, add_lora, check_4bit, check_model_name,
                             load_model_and_tokenizer)
-
-
-def eval_metrics(rows: list[dict]) -> dict[str, float]:
-    """Means of the per-question evaluation rows, overall and per kind (memory / lookup).
-
-    eval/em, eval/f1        answer quality (HotpotQA EM / F1)
-    eval/well_formed        share of completions that are well-formed and end in an answer
-    eval/calls_per_sample   executed tool calls per question
-    eval/search_rate        share of questions with at least one call
-    eval/tokens_per_sample  sampled tokens per question
-    eval/productivity       correct answers / executed tool calls (OTC's tool productivity)
-    eval/cost_of_pass       sampled tokens / correct answers (tokens spent per correct answer)
-    (the last two are left out when their denominator is 0)
-    """
-    def means(rs):
-        n = len(rs)
-        m = {"em": sum(r["em"] for r in rs) / n, "f1": sum(r["f1"] for r in rs) / n,
-             "well_formed": sum(r["well_formed"] for r in rs) / n,
-             "calls_per_sample": sum(r["calls"] for r in rs) / n,
-             "search_rate": sum(r["calls"] > 0 for r in rs) / n,
-             "tokens_per_sample": sum(r["tokens"] for r in rs) / n}
-        correct, calls = sum(r["em"] for r in rs), sum(r["calls"] for r in rs)
-        if calls:
-            m["productivity"] = correct / calls
-        if correct:
-            m["cost_of_pass"] = sum(r["tokens"] for r in rs) / correct
-        return m
-    out = {f"eval/{k}": v for k, v in means(rows).items()}
-    for kind in sorted({r["kind"] for r in rows}):
-        out |= {f"eval/{kind}/{k}": v for k, v in means([r for r in rows if r["kind"] == kind]).items()}
-    return out
 
 
 def cosine_with_warmup(step: int, total_steps: int, warmup_ratio: float) -> float:
@@ -191,9 +160,7 @@ class AgentModule(L.LightningModule):
         self._sampler: torch.Generator | None = None  # the rollout's RNG (see `sampler`), saved in checkpoints
         self._sampler_state: tuple[str, torch.Tensor] | None = None  # (device type, state) from a checkpoint
         self.env = None  # the search tool; taken from the datamodule in setup()
-        self._eval_rows: list[dict] = []
-        self.last_eval: dict[str, float] = {}  # metrics of the latest evaluation (read by callbacks)
-        self.last_eval_rows: list[dict] = []
+        self._eval_rows: list[dict] = []  # this rank's rows of the current evaluation
 
     @property
     def sampler(self) -> torch.Generator:
@@ -277,20 +244,17 @@ class AgentModule(L.LightningModule):
         return ro
 
     # ---- evaluation: agentic rollouts on held-out questions
-    def validation_step(self, batch: list[QAExample], batch_idx: int) -> None:
-        """Rollouts at `eval_temperature` (0: greedy): accuracy, format, tokens and tool use."""
+    def validation_step(self, batch: list[QAExample], batch_idx: int) -> list[dict]:
+        """Rollouts at `eval_temperature` (0: greedy), one per question: its row of accuracy, format,
+        tokens and tool use (`grpo.metrics.eval_rows`). The rows are returned, for callbacks
+        (`on_validation_batch_end`: the evaluation report), and kept for the epoch's metrics."""
         hp = self.hparams
         ro = self.rollout(batch, temperature=hp.eval_temperature, group_size=1,
                           max_new_tokens=hp.eval_max_new_tokens or hp.max_new_tokens,
                           top_p=hp.eval_top_p)
-        for i, ex in enumerate(batch):
-            parsed = parse_completion(ro.texts[i])
-            self._eval_rows.append({
-                "kind": ex.kind, "em": exact_match(parsed.answer or "", ex.answers),
-                "f1": f1_score(parsed.answer or "", ex.answers),
-                "well_formed": float(parsed.well_formed and parsed.answer is not None),
-                "calls": float(ro.num_calls[i]), "tokens": float(ro.completion_mask[i].sum()),
-                "id": ex.id, "question": ex.question, "text": ro.texts[i]})
+        rows = eval_rows(batch, ro)
+        self._eval_rows += rows
+        return rows
 
     test_step = validation_step
 
@@ -299,7 +263,6 @@ class AgentModule(L.LightningModule):
         if not rows:
             return
         metrics = eval_metrics(rows)
-        self.last_eval, self.last_eval_rows = metrics, rows
         self.log_dict(metrics, sync_dist=True)  # already equal on every rank: the mean over ranks keeps them
         if not self.trainer.sanity_checking:
             self.print(f"[eval step {self.global_step}] " + "  ".join(

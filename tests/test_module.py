@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 
 from data.types import LOOKUP, QAExample
 from grpo.module import GRPOModule
-from grpo.agent import cosine_with_warmup, eval_metrics, schedule_length
+from tests.fakes import fake_rollout
+from grpo.agent import cosine_with_warmup, schedule_length
 
 
 def test_cosine_with_warmup_by_hand():
@@ -50,7 +51,7 @@ class _EasyReward(GRPOModule):
 
     def compute_rewards(self, ro, batch):
         r = torch.tensor([float("<answer>" in t) + float("yes</answer>" in t) for t in ro.texts])
-        return r, {"tags": r}
+        return r, {"tags": r}, r == 2
 
 
 class _Record(L.Callback):
@@ -82,21 +83,6 @@ def test_grpo_learns_an_easy_reward():
     assert after > before + 0.3, f"mean reward did not rise: first 5 steps {before:.3f}, last 5 {after:.3f}"
 
 
-def test_eval_metrics_by_hand():
-    """3 questions: memory right without a call (10 tokens), lookup right with 2 calls (30),
-    lookup wrong with 1 call (20)."""
-    rows = [dict(kind="memory", em=1.0, f1=1.0, well_formed=1.0, calls=0.0, tokens=10.0),
-            dict(kind="lookup", em=1.0, f1=1.0, well_formed=1.0, calls=2.0, tokens=30.0),
-            dict(kind="lookup", em=0.0, f1=0.5, well_formed=0.0, calls=1.0, tokens=20.0)]
-    m = eval_metrics(rows)
-    assert m["eval/em"] == pytest.approx(2 / 3) and m["eval/f1"] == pytest.approx(2.5 / 3)
-    assert m["eval/search_rate"] == pytest.approx(2 / 3) and m["eval/calls_per_sample"] == pytest.approx(1.0)
-    assert m["eval/productivity"] == pytest.approx(2 / 3)      # 2 correct / 3 calls
-    assert m["eval/cost_of_pass"] == pytest.approx(60 / 2)     # 60 tokens / 2 correct
-    assert m["eval/lookup/em"] == pytest.approx(0.5) and m["eval/memory/search_rate"] == 0.0
-    assert "eval/memory/productivity" not in m                  # no call: undefined, not 0
-
-
 # --------------------------------------------------------------------------------------- the step's plumbing
 
 
@@ -105,7 +91,7 @@ class _RandomReward(GRPOModule):
 
     def compute_rewards(self, ro, batch):
         r = torch.rand(len(ro.texts), generator=torch.Generator().manual_seed(self.global_step))
-        return r, {"random": r}
+        return r, {"random": r}, r > 0.5
 
 
 class _LRs(_RandomReward):
@@ -241,17 +227,6 @@ def test_sampler_state_from_another_device_type_restarts_with_a_warning():
     assert torch.equal(g.get_state(), torch.Generator().manual_seed(3).get_state())
 
 
-def _fake_rollout(texts, calls, no_obs, G):
-    from grpo.rollout import Rollout
-    N = len(texts)
-    z = torch.zeros(N, dtype=torch.long)
-    return Rollout(input_ids=torch.zeros(N, 2, dtype=torch.long), attention_mask=torch.ones(N, 2),
-                   completion_mask=torch.ones(N, 1), sample_logp=torch.zeros(N, 1), prompt_length=1,
-                   group_ids=torch.arange(N // G).repeat_interleave(G), num_calls=torch.tensor(calls),
-                   num_calls_no_obs=torch.tensor(no_obs), incomplete_calls=z, tool_errors=z, num_generated=z,
-                   truncated=z.bool(), texts=texts, queries=[[] for _ in texts])
-
-
 def test_rewards_go_to_their_own_question():
     """Sample n answers question n // G: B = 2, G = 2, golds Paris then Rome. VOI totals by hand:
     correct direct 1.0 + 0.1 + 0.1 = 1.2; wrong direct -0.5 + 0.1 = -0.4."""
@@ -259,9 +234,10 @@ def test_rewards_go_to_their_own_question():
     batch = [QAExample(id="fr", question="Capital of France?", answers=("Paris",), kind=LOOKUP),
              QAExample(id="it", question="Capital of Italy?", answers=("Rome",), kind=LOOKUP)]
     texts = ["<answer>Paris</answer>", "<answer>Rome</answer>", "<answer>Rome</answer>", "<answer>Paris</answer>"]
-    rewards, parts = m.compute_rewards(_fake_rollout(texts, [0] * 4, [0] * 4, 2), batch)
+    rewards, parts, correct = m.compute_rewards(fake_rollout(texts, G=2), batch)
     assert rewards.tolist() == pytest.approx([1.2, -0.4, 1.2, -0.4])
     assert parts["correct"].tolist() == pytest.approx([1.0, -0.5, 1.0, -0.5])
+    assert correct.tolist() == [True, False, True, False]
 
 
 def test_otc_charges_refused_calls():
@@ -271,9 +247,9 @@ def test_otc_charges_refused_calls():
     batch = [QAExample(id="fr", question="Capital of France?", answers=("Paris",), kind=LOOKUP)]
     done = "<call>x</call><obs>o</obs><answer>Paris</answer>"
     refused = "<call>x</call><obs>o</obs><call>y</call><obs>o</obs><call>z</call><obs>o</obs><answer>Paris</answer>"
-    rewards, parts = m.compute_rewards(_fake_rollout([done, refused], [1, 1], [0, 2], 2), batch)
+    rewards, parts, correct = m.compute_rewards(fake_rollout([done, refused], [1, 1], [0, 2], G=2), batch)
     assert parts["tool_factor"].tolist() == pytest.approx([1.0, math.sin(0.75 * math.pi)])
-    assert rewards.tolist() == pytest.approx([1.1, math.sin(0.75 * math.pi) + 0.1])
+    assert rewards.tolist() == pytest.approx([1.1, math.sin(0.75 * math.pi) + 0.1]) and correct.all()
 
 
 def test_grpo_on_the_raw_smollm2_is_refused_before_loading():
@@ -348,14 +324,13 @@ def test_evaluation_rollouts_use_the_eval_settings(monkeypatch):
                    eval_max_new_tokens=7)
     seen = []
 
-    def fake_rollout(batch, temperature, group_size, max_new_tokens=None, top_p=1.0):
+    def recorded_rollout(batch, temperature, group_size, max_new_tokens=None, top_p=1.0):
         seen.append((temperature, group_size, max_new_tokens, top_p))
-        return _fake_rollout(["<answer>Paris</answer>", "<call>x</call><obs>o</obs><answer>Rome</answer>"],
-                             [0, 1], [0, 0], 1)
+        return fake_rollout(["<answer>Paris</answer>", "<call>x</call><obs>o</obs><answer>Rome</answer>"], [0, 1])
 
-    monkeypatch.setattr(m, "rollout", fake_rollout)
+    monkeypatch.setattr(m, "rollout", recorded_rollout)
     batch = [QAExample(id="fr", question="Capital of France?", answers=("Paris",), kind="memory"),
              QAExample(id="es", question="Capital of Spain?", answers=("Madrid",), kind=LOOKUP)]
-    m.validation_step(batch, 0)
+    rows = m.validation_step(batch, 0)
     assert seen == [(0.0, 1, 7, 0.5)]
-    assert [(r["em"], r["calls"], r["kind"]) for r in m._eval_rows] == [(1.0, 0.0, "memory"), (0.0, 1.0, "lookup")]
+    assert [(r["em"], r["calls"], r["kind"]) for r in rows] == [(1.0, 0.0, "memory"), (0.0, 1.0, "lookup")]

@@ -36,7 +36,7 @@ from grpo.cli import main
 from grpo.losses import masked_mean_tokens
 from grpo.module import GRPOModule, ddp_token_scale
 from grpo.agent import gather_eval_rows
-from grpo.rewards import OTCWeights, otc_group_rewards, voi_reward
+from grpo.rewards import OTCWeights, judge, otc_group_rewards, voi_reward
 from grpo.rollout import OBS_CHARS_PER_TOKEN, rollout
 from models.tokenizer import ByteTokenizer
 from tests.test_data import ROWS, _without, write_jsonl
@@ -253,7 +253,7 @@ class ConstantReward(GRPOModule):
 
     def compute_rewards(self, ro, batch):
         r = torch.full((len(ro.texts),), -0.45)
-        return r, {"constant": r}
+        return r, {"constant": r}, torch.zeros(len(ro.texts), dtype=torch.bool)
 
 
 def test_all_equal_rewards_give_zero_advantages_and_leave_the_weights_unchanged():
@@ -312,9 +312,9 @@ def test_nan_reward_names_the_sample_and_the_component(monkeypatch):
     real = grpo.module.voi_reward
     calls = []
 
-    def voi_with_a_nan(text, *args, **kwargs):
-        parts = real(text, *args, **kwargs)
-        calls.append(text)
+    def voi_with_a_nan(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        calls.append(args)
         if len(calls) == 6:                       # sample 5 = question q1, its sample #1
             parts["correct"] = math.nan
         return parts
@@ -323,7 +323,7 @@ def test_nan_reward_names_the_sample_and_the_component(monkeypatch):
     with pytest.raises(ValueError, match=r"reward component 'correct' of sample q1#1 \(index 5\) is nan"):
         module.compute_rewards(_fake_rollout(["<answer>Paris</answer>"] * 8, 4), BATCH)
     monkeypatch.setattr(grpo.module, "voi_reward", real)
-    rewards, parts = module.compute_rewards(_fake_rollout(["<answer>Paris</answer>"] * 8, 4), BATCH)
+    rewards, parts, _ = module.compute_rewards(_fake_rollout(["<answer>Paris</answer>"] * 8, 4), BATCH)
     assert rewards.tolist() == pytest.approx([1.2] * 8) and set(parts) == {
         "correct", "format", "tool_cost", "no_obs_penalty", "direct_bonus"}
 
@@ -347,7 +347,8 @@ def test_otc_rewards_are_finite_and_bounded(texts, golds, calls, alpha, c):
     tool_factor in [0, 1]."""
     w = OTCWeights(alpha=alpha, c=c)
     num_calls = calls.draw(st.lists(st.integers(0, 8), min_size=len(texts), max_size=len(texts)))
-    for r in otc_group_rewards(texts, golds, num_calls, w):
+    correct, well_formed = zip(*(judge(t, golds) for t in texts))
+    for r in otc_group_rewards(correct, well_formed, num_calls, w):
         assert all(math.isfinite(v) for v in r.values())
         assert 0.0 <= r["tool_factor"] <= 1.0 and -1e-12 <= r["correct"] <= alpha + 1e-12
         assert r["format"] in (w.well_formed, w.malformed)
@@ -367,8 +368,9 @@ def test_megabyte_malformed_outputs_are_scored_fast(text):
     """parse_completion and both rewards stay linear on megabytes of nested or unclosed tags."""
     t0 = time.perf_counter()
     p = parse_completion(text)
-    voi = voi_reward(text, ["Paris"], 0, 0)
-    (otc,) = otc_group_rewards([text], ["Paris"], [0])
+    correct, well_formed = judge(text, ["Paris"])
+    voi = voi_reward(correct, well_formed, 0, 0)
+    (otc,) = otc_group_rewards([correct], [well_formed], [0])
     assert time.perf_counter() - t0 < 5.0  # quadratic behaviour would take minutes
     assert not p.well_formed and voi["format"] == -0.5 and otc["format"] == -0.5
     assert all(math.isfinite(v) for v in (*voi.values(), *otc.values()))

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from envs.protocol import BUDGET_OBSERVATION, parse_completion
-from grpo.rewards import (OTCWeights, VOIWeights, check_finite_rewards, otc_group_rewards, otc_optimal_calls,
+from grpo.rewards import (OTCWeights, VOIWeights, check_finite_rewards, judge, otc_group_rewards, otc_optimal_calls,
                           otc_tool_factor, voi_reward, voi_reward_bounds)
 
 KENYA = ("<thought>I need the population.</thought><call>Kenya</call>"
@@ -18,7 +18,21 @@ TWO_CALLS = ("<call>Kenya</call><obs>[Kenya] ...</obs><call>Kenya population</ca
 
 
 def _voi(text, calls, no_obs, golds=("53 million",)):
-    return voi_reward(text, list(golds), calls, no_obs)
+    return voi_reward(*judge(text, list(golds)), calls, no_obs)
+
+
+def _otc(texts, golds, num_calls, weights=OTCWeights()):
+    """OTC rewards of a group of completion texts (each judged against `golds`)."""
+    correct, well_formed = zip(*(judge(t, golds) for t in texts))
+    return otc_group_rewards(correct, well_formed, num_calls, weights)
+
+
+def test_judge_reads_correctness_and_format():
+    assert judge(KENYA, ["53 million"]) == (True, True)
+    assert judge("<answer>the 53 Million.</answer>", ["53 million"]) == (True, True)  # HotpotQA normalisation
+    assert judge("<answer>12 million</answer>", ["53 million"]) == (False, True)
+    assert judge("53 million", ["53 million"]) == (False, False)                      # no answer: not correct
+    assert judge("<call>Kenya<answer>53 million</answer>", ["53 million"]) == (True, False)
 
 
 @pytest.mark.parametrize("text, calls, no_obs, expected", [
@@ -59,7 +73,7 @@ def test_voi_bounds_hand_computed():
 
 def test_voi_rejects_negative_counts():
     with pytest.raises(ValueError, match="num_calls=-1"):
-        voi_reward("<answer>x</answer>", ["x"], -1, 0)
+        voi_reward(True, True, -1, 0)
 
 # --------------------------------------------------------------------------------------- OTC
 
@@ -87,7 +101,7 @@ def test_otc_tool_factor_peaks_at_n_and_decreases(n, c):
 
 def test_otc_group_rewards_n_zero():
     texts = ["<answer>53 million</answer>", TWO_CALLS, KENYA.replace("53", "12"), "53 million"]
-    out = otc_group_rewards(texts, ["53 million"], [0, 2, 1, 0])
+    out = _otc(texts, ["53 million"], [0, 2, 1, 0])
     assert otc_optimal_calls([True, True, False, False], [0, 2, 1, 0]) == 0
     # n = 0, default c = 6: correct direct 1*1 + 0.1; correct with 2 calls cos(2pi/(4+6)) + 0.1;
     # wrong 0 + 0.1; no answer 0 - 0.5
@@ -98,13 +112,13 @@ def test_otc_group_rewards_n_zero():
 
 def test_otc_group_rewards_n_one_and_alpha():
     three = KENYA.replace("<answer>", "<call>a</call><obs>o</obs><call>b</call><obs>o</obs><answer>")
-    out = otc_group_rewards([KENYA, three], ["53 million"], [1, 3], OTCWeights(alpha=2.0))
+    out = _otc([KENYA, three], ["53 million"], [1, 3], OTCWeights(alpha=2.0))
     # n = 1: m = 1 -> 2*1 + 0.1 = 2.1; m = 3 -> 2*sin(3pi/4) + 0.1 = 1.5142
     assert [r["total"] for r in out] == pytest.approx([2.1, 2 * math.sqrt(0.5) + 0.1])
 
 
 def test_otc_group_no_correct_sample_gives_format_only():
-    out = otc_group_rewards(["<answer>1</answer>", "<answer>2"], ["53 million"], [3, 0])
+    out = _otc(["<answer>1</answer>", "<answer>2"], ["53 million"], [3, 0])
     assert otc_optimal_calls([False, False], [3, 0]) is None
     assert [r["total"] for r in out] == pytest.approx([0.1, -0.5])
     assert all(r["tool_factor"] == 1.0 and r["correct"] == 0.0 for r in out)
@@ -144,7 +158,7 @@ def test_parse_never_raises_and_is_consistent(text):
                                      max_size=3),
        calls=st.integers(0, 5), no_obs=st.integers(0, 3))
 def test_voi_never_raises_and_within_bounds(text, golds, calls, no_obs):
-    r = voi_reward(text, golds, calls, no_obs)
+    r = voi_reward(*judge(text, golds), calls, no_obs)
     check_finite_rewards([r])
     lo, hi = voi_reward_bounds(VOIWeights(), max_tool_calls=5, max_no_obs=3)
     assert lo - 1e-9 <= r["total"] <= hi + 1e-9

@@ -452,11 +452,11 @@ def test_refused_call_is_well_formed_and_charged():
     """Over the budget the env answers with the budget observation: the text parses as well-formed,
     and the refused call is charged through num_calls_no_obs (VOI: 1.0 + 0.1 - 0.05 - 0.2 = 0.85)."""
     from envs.protocol import parse_completion
-    from grpo.rewards import voi_reward
+    from grpo.rewards import judge, voi_reward
 
     r, _, _ = run(["<call>q1</call><call>q2</call><answer>a</answer>"], ["Q"], group_size=1, max_tool_calls=1)
     assert parse_completion(r.texts[0]).well_formed
-    total = voi_reward(r.texts[0], ["a"], int(r.num_calls[0]), int(r.num_calls_no_obs[0]))["total"]
+    total = voi_reward(*judge(r.texts[0], ["a"]), int(r.num_calls[0]), int(r.num_calls_no_obs[0]))["total"]
     assert total == pytest.approx(0.85)
 
 # --------------------------------------------------------------------------------------- closing tags
