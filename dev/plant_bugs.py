@@ -15,9 +15,9 @@ import sys
 import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_rollout.py", "tests/test_module.py", "tests/test_losses.py", "tests/test_rewards.py",
-         "tests/test_protocol.py", "tests/test_answers.py", "tests/test_sft.py", "tests/test_checkpoint.py",
-         "tests/test_logprobs.py"]
+TESTS = ["tests/test_rollout.py", "tests/test_module.py", "tests/test_agent.py", "tests/test_losses.py",
+         "tests/test_rewards.py", "tests/test_metrics.py", "tests/test_protocol.py", "tests/test_answers.py",
+         "tests/test_sft.py", "tests/test_checkpoint.py", "tests/test_logprobs.py"]
 BUGS = [  # (name, file, correct code, planted bug)
     ('logp t scored with t+1', 'grpo/logprobs.py',
      'logits = out.logits[:, :-1]',

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import torch
 from torch import Tensor
 
 from data.answers import exact_match, f1_score

@@ -1,5 +1,7 @@
-"""Rewards: hand-computed values for every VOI row, OTC; property tests (of the parser too)."""
+"""Rewards: hand-computed values for every VOI row, OTC; property tests (of the parser too): finite and
+bounded for any text, linear time on megabytes of malformed output."""
 import math
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -8,9 +10,8 @@ from hypothesis import strategies as st
 from envs.protocol import BUDGET_OBSERVATION, parse_completion
 from grpo.rewards import (OTCWeights, VOIWeights, check_finite_rewards, judge, otc_group_rewards, otc_optimal_calls,
                           otc_tool_factor, voi_reward, voi_reward_bounds)
+from tests.fakes import KENYA
 
-KENYA = ("<thought>I need the population.</thought><call>Kenya</call>"
-         "<obs>[Kenya] Kenya has 53 million people.</obs><answer>53 million</answer>")
 TWO_CALLS = ("<call>Kenya</call><obs>[Kenya] ...</obs><call>Kenya population</call>"
              "<obs>[Kenya] 53 million</obs><answer>53 million</answer>")
 
@@ -163,3 +164,42 @@ def test_voi_never_raises_and_within_bounds(text, golds, calls, no_obs):
     lo, hi = voi_reward_bounds(VOIWeights(), max_tool_calls=5, max_no_obs=3)
     assert lo - 1e-9 <= r["total"] <= hi + 1e-9
     assert r["total"] == pytest.approx(sum(v for k, v in r.items() if k != "total"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(any_text, min_size=1, max_size=6), golds=st.lists(st.sampled_from(["Paris", "53 million"])
+                                                                         | st.text(max_size=8), max_size=3),
+       calls=st.data(), alpha=st.floats(0.0, 5.0), c=st.floats(0.1, 10.0))
+def test_otc_rewards_are_finite_and_bounded(texts, golds, calls, alpha, c):
+    """total = correct + format with 0 <= correct <= alpha and format in {malformed, well_formed};
+    tool_factor in [0, 1]."""
+    w = OTCWeights(alpha=alpha, c=c)
+    num_calls = calls.draw(st.lists(st.integers(0, 8), min_size=len(texts), max_size=len(texts)))
+    correct, well_formed = zip(*(judge(t, golds) for t in texts))
+    for r in otc_group_rewards(correct, well_formed, num_calls, w):
+        assert all(math.isfinite(v) for v in r.values())
+        assert 0.0 <= r["tool_factor"] <= 1.0 and -1e-12 <= r["correct"] <= alpha + 1e-12
+        assert r["format"] in (w.well_formed, w.malformed)
+        lo, hi = min(w.malformed, w.well_formed), alpha + max(w.malformed, w.well_formed)
+        assert lo - 1e-12 <= r["total"] <= hi + 1e-12
+
+
+@pytest.mark.parametrize("text", [
+    "<thought><answer><call>" * 100_000,                 # nested openings, never closed
+    "<call>q</call><obs>" * 60_000,                      # every observation left open
+    "</answer></call></obs>" * 60_000,                   # stray closing tags only
+    "<answer>x</answer>" * 60_000,                       # 60k answers
+    "<call>" + "a" * 1_000_000,                          # one unclosed call, a megabyte query
+    "<answer>" + "Paris " * 200_000 + "<|im_end|>" * 50_000,  # unclosed megabyte answer, end markers
+], ids=["nested", "open-obs", "stray-closes", "many-answers", "long-call", "long-answer"])
+def test_megabyte_malformed_outputs_are_scored_fast(text):
+    """parse_completion, judge (EM of a megabyte answer) and both rewards stay linear on megabytes of
+    nested or unclosed tags."""
+    t0 = time.perf_counter()
+    p = parse_completion(text)
+    correct, well_formed = judge(text, ["Paris"])
+    voi = voi_reward(correct, well_formed, 0, 0)
+    (otc,) = otc_group_rewards([correct], [well_formed], [0])
+    assert time.perf_counter() - t0 < 5.0  # quadratic behaviour would take minutes
+    assert not p.well_formed and voi["format"] == -0.5 and otc["format"] == -0.5
+    assert all(math.isfinite(v) for v in (*voi.values(), *otc.values()))
