@@ -4,7 +4,8 @@
     python dev/count_loc.py grpo/sft.py ...  # any files
 
 A line counts when it holds a token of code (a line with code and a comment counts once); the lines of
-a docstring (the first statement of a module, class or function, when it is a string) do not.
+a docstring (a statement that is only a string: the first of a module, class or function, or the
+attribute docstring under a dataclass field) do not.
 """
 from __future__ import annotations
 
@@ -22,13 +23,12 @@ NOT_CODE = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, to
 
 
 def docstring_lines(tree: ast.AST) -> set[int]:
-    """Line numbers covered by the docstrings of the module and of every class and function."""
+    """Line numbers covered by docstrings: every statement that is a bare string (the docstring of a
+    module, class or function, and the attribute docstrings under dataclass fields)."""
     lines = set()
     for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
-                lines.update(range(first.lineno, first.end_lineno + 1))
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            lines.update(range(node.lineno, node.end_lineno + 1))
     return lines
 
 

@@ -133,21 +133,14 @@ class AgentModule(L.LightningModule):
         """
         super().__init__()
         check_model_name(model_name)
-        for name in ("max_new_tokens", "max_obs_tokens"):
+        check_4bit(load_in_4bit)
+        for name in ("max_new_tokens", "max_obs_tokens", "lr", *(("lora_r", "lora_alpha") if lora else ()),
+                     *(("eval_max_new_tokens",) if eval_max_new_tokens is not None else ())):
             check_positive(name, locals()[name])
-        check_positive("max_tool_calls", max_tool_calls, allow_zero=True)
-        check_positive("eval_temperature", eval_temperature, allow_zero=True)
+        for name in ("max_tool_calls", "eval_temperature", "weight_decay", "max_grad_norm"):
+            check_positive(name, locals()[name], allow_zero=True)
         if not 0 < eval_top_p <= 1:
             raise ValueError(f"model.eval_top_p={eval_top_p}: must be in (0, 1]")
-        check_4bit(load_in_4bit)
-        if lora:
-            check_positive("lora_r", lora_r)
-            check_positive("lora_alpha", lora_alpha)
-        check_positive("lr", lr)
-        check_positive("weight_decay", weight_decay, allow_zero=True)
-        check_positive("max_grad_norm", max_grad_norm, allow_zero=True)
-        if eval_max_new_tokens is not None:
-            check_positive("eval_max_new_tokens", eval_max_new_tokens)
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"model.lora_dropout={lora_dropout!r}: must be in [0, 1)")
         if not 0.0 <= warmup_ratio < 1.0:

@@ -194,38 +194,30 @@ class RowState:
 
 StopCheck = Callable[[RowState], "str | None"]  # after a row's step: a reason to stop it, or None
 
-# --------------------------------------------------------------------------- tools
-
-
-def tool_turn(row: RowState, segment_text: str, env, max_tool_calls: int, timeout: float | None = TOOL_TIMEOUT_S,
-              max_chars: int | None = None) -> str:
-    """Parse the query just closed, run the env (or refuse past the budget): the observation text.
-
-    A refused call (row.num_calls already at max_tool_calls) gets BUDGET_OBSERVATION and counts in
-    `row.num_calls_no_obs`, not in `row.num_calls`."""
-    found = CALL_QUERY.findall(segment_text)
-    query = found[-1].strip() if found else ""
-    if row.num_calls >= max_tool_calls:
-        row.num_calls_no_obs += 1
-        return BUDGET_OBSERVATION
-    row.num_calls += 1
-    row.queries.append(query)
-    result, failed = run_tool(env, query, timeout, max_chars)
-    row.tool_errors += failed
-    return result
-
 # --------------------------------------------------------------------------- the steps
 
 
 def observation(row: RowState, tokenizer, env, max_tool_calls: int, max_obs_tokens: int,
                 tool_timeout: float | None, show_budget: bool) -> list[int]:
-    """3. The tool turn of a row whose call just closed: run the env, the encoded `<obs>…</obs>` ids."""
-    executed_before = row.num_calls
-    obs = tool_turn(row, tokenizer.decode(row.segment), env, max_tool_calls, tool_timeout,
-                    OBS_CHARS_PER_TOKEN * max_obs_tokens)
-    calls_left = max_tool_calls - row.num_calls if show_budget and row.num_calls > executed_before else None
+    """3. The tool turn of a row whose `</call>` was just sampled: the encoded `<obs>…</obs>` ids.
+
+    The query is the last `<call>` of the row's segment. The env runs it (`envs.sandbox.run_tool`: a
+    tool that raises, hangs or floods gives a short observation and counts in `tool_errors`); its
+    output is cut to OBS_CHARS_PER_TOKEN x max_obs_tokens characters, then to max_obs_tokens tokens.
+    A call over the budget (row.num_calls already at max_tool_calls) is not run: it gets
+    BUDGET_OBSERVATION and counts in `num_calls_no_obs`, not in `num_calls`. show_budget: the
+    observation of an executed call ends with the calls left."""
+    found = CALL_QUERY.findall(tokenizer.decode(row.segment))
     row.segment = []
-    return encode_observation(tokenizer, obs, max_obs_tokens, calls_left)
+    if row.num_calls >= max_tool_calls:
+        row.num_calls_no_obs += 1
+        return encode_observation(tokenizer, BUDGET_OBSERVATION, max_obs_tokens)
+    row.num_calls += 1
+    row.queries.append(found[-1].strip() if found else "")
+    result, failed = run_tool(env, row.queries[-1], tool_timeout, OBS_CHARS_PER_TOKEN * max_obs_tokens)
+    row.tool_errors += failed
+    calls_left = max_tool_calls - row.num_calls if show_budget else None
+    return encode_observation(tokenizer, result, max_obs_tokens, calls_left)
 
 
 def pack(rows: list[RowState], tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, G: int, pad_id: int) -> Rollout:
