@@ -3,10 +3,11 @@
 `training_step` is the algorithm, one call per step:
 
     1. rollout      G completions per question; `<call>` runs the search tool mid-generation
-    2. reward       value-of-information (or OTC) reward of every completion
+    2. reward       value-of-information (or OTC) reward of every completion, judged once
     3. advantages   Â_i = (r_i - mean_group) / (std_group + ε)
     4. log-probs    π_old: recorded by the rollout as it sampled; π_ref (only when β > 0), no gradient
     5. update       μ steps on the clipped surrogate + β·KL(k3), completion tokens only
+    6. log          the step's means (`grpo.metrics`); callbacks get the rollout and its judgements
 
 The maths lives in `grpo.losses`, `grpo.rewards` and `grpo.metrics` (pure, tested functions);
 sampling in `grpo.rollout`; this file only combines them. Optimization is manual so that the μ inner
@@ -20,9 +21,9 @@ import torch
 from torch import Tensor
 
 from data.types import QAExample
+from grpo.agent import AgentModule, check_positive
 from grpo.logprobs import completion_logprobs
 from grpo.losses import group_advantages, grpo_loss
-from grpo.agent import AgentModule, check_positive
 from grpo.metrics import step_metrics
 from grpo.rewards import OTCWeights, VOIWeights, check_finite_rewards, judge, otc_group_rewards, voi_reward
 from grpo.rollout import Rollout
