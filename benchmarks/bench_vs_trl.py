@@ -5,7 +5,7 @@ Both sides get the same model (SmolLM2-135M-Instruct, the cached HF folder of
 same B prompts x G completions per step, the same number of new tokens per completion, the
 same precision, LoRA (r 16, α 32, no dropout, the same seven projections), β = 0.04, μ = 1,
 T = 1, top-p 1, lr 2e-5, gradient clipping at 1, no gradient checkpointing, and the same reward
-(`grpo.rewards.voi_reward` of the text, no tool calls). Tools are off on both sides.
+(`grpo.rewards.voi_reward` of the judged text, no tool calls). Tools are off on both sides.
 
 Equal work, whatever is sampled. Every completion is exactly `--max-new-tokens` long:
   * TRL: `generation_kwargs={"min_new_tokens": n}` (generate masks EOS until n tokens).
@@ -136,7 +136,7 @@ def run_trl(examples, args) -> dict[str, list[float]]:
     from trl import GRPOConfig, GRPOTrainer
 
     from envs.protocol import build_prompt
-    from grpo.rewards import voi_reward
+    from grpo.rewards import judge, voi_reward
     from models.loading import smollm2_path
 
     from transformers import AutoTokenizer
@@ -147,7 +147,7 @@ def run_trl(examples, args) -> dict[str, list[float]]:
                               for ex in examples])
 
     def reward(completions, answers, **kwargs):
-        return [voi_reward(c, a, 0, 0)["total"] for c, a in zip(completions, answers)]
+        return [voi_reward(*judge(c, a), 0, 0)["total"] for c, a in zip(completions, answers)]
 
     class Timer(TrainerCallback):
         def __init__(self):

@@ -41,7 +41,7 @@ class _NoEOS:
 
 def loop(model, ids, mask, steps, use_mask=True, posids=False):
     """Prefill + `steps` greedy decode steps with the KV cache; returns seconds of the decode steps."""
-    from grpo.rollout import position_ids_from_mask
+    from grpo.kvcache import position_ids_from_mask
     kw = {"attention_mask": mask} if use_mask else {}
     if posids:
         kw["position_ids"] = position_ids_from_mask(mask)
@@ -71,7 +71,8 @@ if __name__ == "__main__":
     import grpo.rollout
     from data.datamodule import QADataModule
     from envs.protocol import build_prompt
-    from grpo.rollout import _left_pad, rollout
+    from grpo.kvcache import left_pad
+    from grpo.rollout import rollout
     from models.loading import add_lora, load_model_and_tokenizer
 
     never = re.compile(r"(?!)")
@@ -88,7 +89,7 @@ if __name__ == "__main__":
         model.eval()
         prompts = [build_prompt(tok, q.question) for q in qs]
         enc = [tok.encode(p, add_special_tokens=False) for p in prompts]
-        ids, mask = _left_pad(enc, tok.pad_token_id)
+        ids, mask = left_pad(enc, tok.pad_token_id)
         ids, mask = ids.repeat_interleave(args.group_size, 0), mask.repeat_interleave(args.group_size, 0)
         N = ids.shape[0]
         res = {}

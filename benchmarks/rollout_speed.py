@@ -56,11 +56,25 @@ class ToolNudge(nn.Module):
 
 
 def load_rollout(checkout: Path):
-    spec = importlib.util.spec_from_file_location(f"rollout_{checkout.name}", checkout / "grpo" / "rollout.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module.rollout
+    """`rollout` of the checkout's grpo/rollout.py, with the checkout's own grpo/kvcache.py when it has one
+    (the KV-cache batch left rollout.py for it), not this checkout's."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"{name}_{checkout.name}", checkout / "grpo" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+
+    saved = sys.modules.get("grpo.kvcache")
+    if (checkout / "grpo" / "kvcache.py").exists():
+        sys.modules["grpo.kvcache"] = load("kvcache")  # what the checkout's `from grpo.kvcache import` finds
+    try:
+        return load("rollout").rollout
+    finally:
+        if saved is not None:
+            sys.modules["grpo.kvcache"] = saved
+        else:
+            sys.modules.pop("grpo.kvcache", None)
 
 
 def measure(name, rollout_fn, model, tok, prompts, env, args):

@@ -1,4 +1,4 @@
-"""Latency of `MockSearchEnv` on 10,000 documents (a script, not a test).
+"""Latency of `LocalSearchEnv` on 10,000 documents (a script, not a test).
 
 The collection is the HotpotQA paragraphs of `/work/shared/data/hotpotqa/dev_distractor_400.jsonl`
 (when the file exists), topped up to 10,000 with synthetic documents generated from a
@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from envs.base import Document  # noqa: E402
-from envs.search import MockSearchEnv  # noqa: E402
+from envs.search import LocalSearchEnv  # noqa: E402
 
 HOTPOTQA = Path("/work/shared/data/hotpotqa/dev_distractor_400.jsonl")
 SYLLABLES = "ka lo mi ra ven tor sul bri an el dor ith mar gon pe la sa qui rho zan".split()
@@ -104,7 +104,7 @@ def main() -> None:
     docs += synthetic_documents(args.docs - n_real, rng)
 
     start = time.perf_counter()
-    env = MockSearchEnv(docs)
+    env = LocalSearchEnv(docs)
     build_s = time.perf_counter() - start
     print(f"documents: {len(docs)} ({n_real} HotpotQA, {len(docs) - n_real} synthetic)")
     print(f"build: {build_s:.2f} s")

@@ -43,7 +43,7 @@ class AdapterCheckpoint(ModelCheckpoint):
 
     `step=8.ckpt` gets `step=8.adapter/` (adapter_config.json + adapter_model.safetensors),
     loadable with `PeftModel.from_pretrained(base, path)`; it is removed with its checkpoint.
-    The `.ckpt` itself holds only the trainable weights (see `PolicyModule.on_save_checkpoint`)
+    The `.ckpt` itself holds only the trainable weights (see `AgentModule.on_save_checkpoint`)
     and is written atomically (`AtomicCheckpointIO`, installed in `setup` unless the strategy
     already has a custom checkpoint IO).
     (Overrides ModelCheckpoint's `_save_checkpoint` / `_remove_checkpoint`, Lightning 2.6.)

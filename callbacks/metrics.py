@@ -1,21 +1,11 @@
 """`ToolMetrics`: when does the policy search, and does searching pay? Plus sample transcripts.
 
-Per training step, over the N = B*G completions (sample n answers `batch[n // G]`):
-
-    tools/search_rate               #{n : calls_n >= 1} / N                  (executed calls)
-    tools/incomplete_per_sample     sum_n incomplete_n / N                    (`<call>` never closed)
-    tools/productivity              sum_n correct_n / sum_n calls_n           (OTC's tool productivity)
-    tools/<kind>/calls_per_sample   the same sums restricted to the samples of one question kind
-    tools/<kind>/search_rate          (memory / lookup): calls, search rate, productivity,
-    tools/<kind>/productivity         sampled tokens (observations not counted) and total reward
-    rollout/<kind>/tokens_per_sample
-    reward/<kind>/mean
-
-correct_n = EM(parse_completion(text_n).answer, golds) == 1, recomputed from the text so that the
-metric means the same under the VOI and the OTC reward (their `correct` components differ).
-Tool productivity (Wang et al. 2025, OTC, arXiv 2504.14870 §4) is undefined for a step without
-any executed call: the tag is then not logged (0 would read as "calls were useless", and the
-correct count is on another scale); the same holds for a kind absent from the step's batch.
+Per training step, over the N = B*G completions, overall and per question kind: the search rate,
+incomplete calls, tool productivity (Σ correct / Σ calls), and per kind the calls, sampled tokens
+and mean reward: `tools/…`, `rollout/<kind>/…`, `reward/<kind>/…`. The formulas are
+`grpo.metrics.tool_metrics`'s (the table of every metric is `grpo/metrics.py`'s docstring);
+correctness is what `GRPOModule.compute_rewards` judged (`outputs["correct"]`), so the metric means
+the same under the VOI and the OTC reward and no completion is parsed again.
 
 Distributed training: every rank sees different questions, so a ratio must be a ratio of
 global sums, not a mean of per-rank ratios (which `sync_dist=True` would give, and a rank with
@@ -39,67 +29,12 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from data.answers import exact_match
-from data.types import KINDS, QAExample
-from envs.protocol import parse_completion
+from data.types import QAExample
+from grpo.metrics import GROUPS, QUANTITIES, step_sums, tool_metrics
 from grpo.rollout import Rollout
 
-QUANTITIES = ("samples", "searched", "calls", "incomplete", "tokens", "correct", "reward")
-GROUPS = ("all", *KINDS)
-
-
 # ---------------------------------------------------------------------------------------------
-# Pure functions: sums over one step's completions, and the metrics they give
-
-
-def step_sums(rollout: Rollout, batch: Sequence[QAExample], group_size: int,
-              rewards: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
-    """{group: {quantity: sum}} for group in ("all", *KINDS), over the N completions of a step."""
-    N = len(rollout.texts)
-    if N != len(batch) * group_size:
-        raise ValueError(f"rollout has {N} completions, expected len(batch) * group_size = "
-                         f"{len(batch)} * {group_size}")
-    sums = {g: dict.fromkeys(QUANTITIES, 0.0) for g in GROUPS}
-    tokens = rollout.completion_mask.sum(1)                                               # (N,)
-    for n, text in enumerate(rollout.texts):
-        ex = batch[n // group_size]
-        answer = parse_completion(text).answer
-        calls = float(rollout.num_calls[n])
-        values = {"samples": 1.0, "searched": float(calls > 0), "calls": calls,
-                  "incomplete": float(rollout.incomplete_calls[n]), "tokens": float(tokens[n]),
-                  "correct": float(answer is not None and exact_match(answer, ex.answers) == 1.0),
-                  "reward": 0.0 if rewards is None else float(rewards[n])}
-        for g in ("all", ex.kind):
-            for q, v in values.items():
-                sums[g][q] += v
-    return sums
-
-
-def sums_to_metrics(sums: dict[str, dict[str, float]], with_reward: bool = True) -> dict[str, float]:
-    """The logged ratios (see the module docstring); a ratio with a zero denominator is left out."""
-    a = sums["all"]
-    out = {"tools/search_rate": a["searched"] / a["samples"],
-           "tools/incomplete_per_sample": a["incomplete"] / a["samples"]}
-    if a["calls"] > 0:
-        out["tools/productivity"] = a["correct"] / a["calls"]
-    for kind in KINDS:
-        s = sums[kind]
-        if s["samples"] == 0:
-            continue
-        out[f"tools/{kind}/calls_per_sample"] = s["calls"] / s["samples"]
-        out[f"tools/{kind}/search_rate"] = s["searched"] / s["samples"]
-        out[f"rollout/{kind}/tokens_per_sample"] = s["tokens"] / s["samples"]
-        if with_reward:
-            out[f"reward/{kind}/mean"] = s["reward"] / s["samples"]
-        if s["calls"] > 0:
-            out[f"tools/{kind}/productivity"] = s["correct"] / s["calls"]
-    return out
-
-
-def tool_step_metrics(rollout: Rollout, batch: Sequence[QAExample], group_size: int,
-                      rewards: torch.Tensor | None = None) -> dict[str, float]:
-    """The metrics of one step on one process: `sums_to_metrics(step_sums(...))`."""
-    return sums_to_metrics(step_sums(rollout, batch, group_size, rewards), with_reward=rewards is not None)
+# Pure helpers: the x-axis step, transcripts
 
 
 def logger_step(trainer: L.Trainer) -> int:
@@ -150,7 +85,7 @@ def transcript_markdown(rollout: Rollout, batch: Sequence[QAExample], group_size
 class ToolMetrics(L.Callback):
     """Logs the `tools/…`, `rollout/<kind>/…`, `reward/<kind>/…` metrics above and sample transcripts.
 
-    Reads what `GRPOModule.training_step` returns: {"rollout", "rewards", "components", "loss"};
+    Reads what `GRPOModule.training_step` returns: {"rollout", "correct", "rewards", "components", ...};
     other modules (SFT) return no rollout and are skipped.
     """
 
@@ -172,7 +107,7 @@ class ToolMetrics(L.Callback):
             return
         ro, rewards = outputs["rollout"], outputs.get("rewards")
         G = len(ro.texts) // len(batch)
-        sums = step_sums(ro, batch, G, rewards)
+        sums = step_sums(ro, [batch[n // G].kind for n in range(len(ro.texts))], outputs["correct"], rewards)
         # global sums: the same fixed-length vector on every rank, added up (identity on one device)
         flat = torch.tensor([sums[g][q] for g in GROUPS for q in QUANTITIES], dtype=torch.float64,
                             device=pl_module.device)                                      # (groups*quantities,)
@@ -180,7 +115,7 @@ class ToolMetrics(L.Callback):
         sums = {g: {q: flat[i * len(QUANTITIES) + j] for j, q in enumerate(QUANTITIES)} for i, g in enumerate(GROUPS)}
         # straight to the loggers, not through `log_dict`: Lightning re-sends an on_step metric at every
         # later step until the epoch ends, so a kind absent from this batch would repeat its last value
-        metrics = sums_to_metrics(sums, with_reward=rewards is not None)
+        metrics = tool_metrics(sums, with_reward=rewards is not None)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=logger_step(trainer))

@@ -1,7 +1,9 @@
 """`EvalReport`: accuracy against token cost of every evaluated checkpoint, as a plot and a table.
 
-After each validation epoch (not the sanity check) the callback reads `pl_module.last_eval` and
-keeps one point per evaluated step:
+The callback collects the rows `validation_step` returns (one per question, `grpo.metrics.eval_rows`)
+in `on_validation_batch_end`; after each validation epoch (not the sanity check) it computes their
+metrics (`grpo.metrics.eval_metrics`, the very function the module logs with) and keeps one point
+per evaluated step:
 
     step, em (eval/em), f1 (eval/f1), tokens (eval/tokens_per_sample), calls (eval/calls_per_sample),
     search_rate (eval/search_rate), search_memory / search_lookup (eval/<kind>/search_rate)
@@ -25,7 +27,8 @@ A `validate` or `test` run (any checkpoint, any question file: `data.val_path`) 
     eval.json   the metrics (overall and per kind) and one row per question (answer text, EM, calls...)
     eval.md     the metrics as a table, one row for all questions and one per kind
 
-Under DDP, `last_eval` covers the whole validation set: the module gathers every rank's rows.
+Under DDP the rows of every rank are gathered first (`grpo.agent.gather_eval_rows`, each question
+once), so the figures cover the whole validation set.
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ from matplotlib.figure import Figure
 
 from callbacks.metrics import logger_step
 from data.files import atomic_write
+from grpo.agent import gather_eval_rows
+from grpo.metrics import eval_metrics
 
 ALWAYS_SEARCH_RATE = 0.99  # a point searching on at least this share of questions stands for "always search"
 _STEP_IN_NAME = re.compile(r"step=(\d+)")
@@ -164,7 +169,7 @@ class EvalReport(L.Callback):
         self.output_dir = output_dir
         self.baseline_tokens = baseline_tokens
         self.points: list[dict] = []
-        self._seen = None  # the last `last_eval` dict recorded (the module builds a new one per evaluation)
+        self._rows: list[dict] = []  # this rank's rows of the current evaluation
 
     def state_dict(self) -> dict:
         return {"points": [dict(p) for p in self.points]}
@@ -175,34 +180,43 @@ class EvalReport(L.Callback):
     def report_dir(self, trainer: L.Trainer) -> Path:
         return Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "report")
 
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._rows = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._rows += outputs or []  # the rows `validation_step` returned
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics = getattr(pl_module, "last_eval", None)
+        if trainer.sanity_checking:
+            return
+        rows, self._rows = gather_eval_rows(self._rows), []  # every rank: the whole validation set
+        if not rows:
+            return
+        metrics = eval_metrics(rows)
         # only evaluations during `fit` add points: a `validate` run's global_step is 0 whatever
         # checkpoint it loaded (its metrics are printed and logged, and the checkpoint's own row
         # was written when it was evaluated during training)
-        if trainer.state.fn in ("validate", "test") and metrics and metrics is not self._seen:
-            self._seen = metrics
-            self.write_eval(trainer, pl_module)
-            return
-        if trainer.sanity_checking or trainer.state.fn != "fit" or not metrics or metrics is self._seen:
-            return
-        self._seen = metrics
-        point = point_from_eval(trainer.global_step, metrics)
-        self.points = [p for p in self.points if p["step"] != point["step"]] + [point]  # one point per step
-        self.write(trainer, pl_module, log_figure=True)
+        if trainer.state.fn in ("validate", "test"):
+            self.write_eval(trainer, pl_module, metrics, rows)
+        elif trainer.state.fn == "fit":
+            point = point_from_eval(trainer.global_step, metrics)
+            self.points = [p for p in self.points if p["step"] != point["step"]] + [point]  # one point per step
+            self.write(trainer, pl_module, log_figure=True)
 
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_batch_end = on_validation_batch_end
     on_test_end = on_validation_end
 
-    def write_eval(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def write_eval(self, trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict[str, float],
+                   rows: list[dict]) -> None:
         """eval.json and eval.md of a validate/test run (see the module docstring)."""
         out = self.report_dir(trainer)
         if not trainer.is_global_zero:
             return
-        rows = list(getattr(pl_module, "last_eval_rows", []))
         counts = {"all": len(rows)} | {k: sum(r["kind"] == k for r in rows) for k in sorted({r["kind"] for r in rows})}
-        record = {"metrics": pl_module.last_eval, "num_questions": counts, "rows": rows}
+        record = {"metrics": metrics, "num_questions": counts, "rows": rows}
         atomic_write(out / "eval.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, ensure_ascii=False)))
-        atomic_write(out / "eval.md", lambda tmp: Path(tmp).write_text(eval_markdown(pl_module.last_eval, counts)))
+        atomic_write(out / "eval.md", lambda tmp: Path(tmp).write_text(eval_markdown(metrics, counts)))
         pl_module.print(f"[eval] {out / 'eval.md'}  {out / 'eval.json'}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -16,7 +16,7 @@ from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import build_offline_task
 from data.questions import read_questions
 from data.types import QAExample
-from envs.search import MockSearchEnv
+from envs.search import LocalSearchEnv
 
 TASKS = ("offline", "hotpotqa")
 
@@ -118,11 +118,11 @@ class QADataModule(L.LightningDataModule):
             raise ValueError(f"data.traces={str(path)!r}: the file holds no trace")
         return traces
 
-    def search_env(self) -> MockSearchEnv:
+    def search_env(self) -> LocalSearchEnv:
         """The search tool over this task's documents (built once)."""
         if self._env is None:
             self.setup()
-            self._env = MockSearchEnv(self.documents, top_k=self.hparams.search_top_k,
+            self._env = LocalSearchEnv(self.documents, top_k=self.hparams.search_top_k,
                                       max_chars=self.hparams.search_max_chars)
         return self._env
 

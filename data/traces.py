@@ -64,7 +64,7 @@ from data.offline_task import DEFAULT_MEMORY_FILE, MEMORY_TYPES, build_offline_t
 from data.types import MEMORY, QAExample
 from envs.protocol import observation_text, parse_completion
 from envs.sandbox import run_tool
-from envs.search import MockSearchEnv
+from envs.search import LocalSearchEnv
 
 STYLES = ("direct", "search", "multihop")
 ROLES = ("model", "obs")
@@ -324,14 +324,14 @@ def offline_traces(n: int = 500, mix: Sequence[float] = DEFAULT_MIX, seed: int =
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split={split!r}: expected 'train', 'validation' or 'test'")
     task = build_offline_task(seed if task_seed is None else task_seed)
-    return make_traces(getattr(task, split), MockSearchEnv(task.documents), n, mix, seed,
+    return make_traces(getattr(task, split), LocalSearchEnv(task.documents), n, mix, seed,
                        direct_thought=direct_thought, unknown_share=unknown_share, unknown_thought=unknown_thought)
 
 
 def _draw_hotpotqa(path: str, n: int, seed: int) -> tuple[list[Trace], TraceReport]:
     """Up to n multihop traces, ids "multihop/hotpotqa/<id>", types "hotpotqa/<type>"."""
     examples = load_hotpotqa(path)
-    env = MockSearchEnv(hotpotqa_documents(examples))
+    env = LocalSearchEnv(hotpotqa_documents(examples))
     traces, report = draw_traces(examples, env, {"multihop": n}, seed, verify_gold=False, fill=False)
     return [replace(t, id=f"multihop/hotpotqa/{t.id.split('/', 1)[1]}", type=f"hotpotqa/{t.type}")
             for t in traces], report
@@ -396,7 +396,7 @@ def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = 
         counts["multihop"] -= len(hp)
         reports.append(report)
     task = build_offline_task(seed if task_seed is None else task_seed)
-    offline, report = draw_traces(task.train, MockSearchEnv(task.documents), counts, seed,
+    offline, report = draw_traces(task.train, LocalSearchEnv(task.documents), counts, seed,
                                   replies=direct_replies(direct_thought), unknown_share=unknown_share,
                                   unknown_thought=unknown_thought)
     traces = hp + offline

@@ -2,6 +2,7 @@
 
     .venv/bin/python dev/plant_bugs.py                       # every bug, the fast suite of the files below
     .venv/bin/python dev/plant_bugs.py "kl sign,beta" tests/test_losses.py
+    .venv/bin/python dev/plant_bugs.py --check               # only: does every pattern apply exactly once?
 
 Each bug is an exact text replacement in one file: when the code it targets is rewritten, update the
 pattern (a bug whose pattern is not found is reported, never silently skipped). Prints CAUGHT or
@@ -14,9 +15,9 @@ import sys
 import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_rollout.py", "tests/test_module.py", "tests/test_losses.py", "tests/test_rewards.py",
-         "tests/test_protocol.py", "tests/test_answers.py", "tests/test_sft.py", "tests/test_checkpoint.py",
-         "tests/test_logprobs.py"]
+TESTS = ["tests/test_rollout.py", "tests/test_module.py", "tests/test_agent.py", "tests/test_losses.py",
+         "tests/test_rewards.py", "tests/test_metrics.py", "tests/test_protocol.py", "tests/test_answers.py",
+         "tests/test_sft.py", "tests/test_checkpoint.py", "tests/test_logprobs.py"]
 BUGS = [  # (name, file, correct code, planted bug)
     ('logp t scored with t+1', 'grpo/logprobs.py',
      'logits = out.logits[:, :-1]',
@@ -30,13 +31,13 @@ BUGS = [  # (name, file, correct code, planted bug)
     ('policy as pi_ref', 'grpo/module.py',
      'return completion_logprobs(ref, ro, self.hparams.temperature)',
      'return completion_logprobs(self.policy, ro, self.hparams.temperature)'),
-    ('scheduler never steps', 'grpo/policy.py',
+    ('scheduler never steps', 'grpo/agent.py',
      '        self.lr_schedulers().step()\n',
      '\n'),
     ('rewards misaligned to groups', 'grpo/module.py',
      'batch[n // G].answers',
      'batch[n % len(batch)].answers'),
-    ('no zero_grad', 'grpo/policy.py',
+    ('no zero_grad', 'grpo/agent.py',
      'opt.zero_grad(set_to_none=True)',
      'pass'),
     ('kl sign', 'grpo/losses.py',
@@ -45,10 +46,10 @@ BUGS = [  # (name, file, correct code, planted bug)
     ('min instead of max', 'grpo/losses.py',
      'return torch.maximum(pg_loss1, pg_loss2), pg_loss2 > pg_loss1',
      'return torch.minimum(pg_loss1, pg_loss2), pg_loss2 > pg_loss1'),
-    ('positions ignore holes', 'grpo/rollout.py',
+    ('positions ignore holes', 'grpo/kvcache.py',
      'return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)',
      'return torch.arange(attention_mask.shape[-1], device=attention_mask.device).expand_as(attention_mask)'),
-    ('eval at train temperature', 'grpo/policy.py',
+    ('eval at train temperature', 'grpo/agent.py',
      'ro = self.rollout(batch, temperature=hp.eval_temperature,',
      'ro = self.rollout(batch, temperature=1.0,'),
     ('OTC executed calls only', 'grpo/module.py',
@@ -82,30 +83,44 @@ BUGS = [  # (name, file, correct code, planted bug)
      'adv = adv / (r.std(dim=1, keepdim=True) + eps)',
      'adv = adv / (r.std(dim=1, keepdim=True, unbiased=False) + eps)'),
     ('direct bonus ignores refused', 'grpo/rewards.py',
-     '"direct_bonus": weights.direct_bonus if is_correct and num_calls == num_calls_no_obs == 0 else 0.0',
-     '"direct_bonus": weights.direct_bonus if is_correct and num_calls == 0 else 0.0'),
+     '"direct_bonus": weights.direct_bonus if correct and num_calls == num_calls_no_obs == 0 else 0.0',
+     '"direct_bonus": weights.direct_bonus if correct and num_calls == 0 else 0.0'),
     ('sft labels on observations', 'grpo/sft.py',
      'labels += [IGNORE] * len(piece)',
      'labels += piece'),
     ('sft loss misaligned', 'grpo/sft.py',
      'logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()',
      'logits[:, :-1].flatten(0, 1).float(), labels[:, :-1].flatten()'),
-    ('prefill tiled wrong', 'grpo/rollout.py',
+    ('prefill tiled wrong', 'grpo/kvcache.py',
      'out.logits[:, -1].repeat_interleave(G, 0)',
      'out.logits[:, -1].repeat(G, 1)'),
     ('obs get gradient', 'grpo/rollout.py',
-     '                                       show_budget), 0)',
-     '                                       show_budget), 1)'),
+     'self.completion_mask += [0] * len(ids)',
+     'self.completion_mask += [1] * len(ids)'),
     ('eos dropped', 'grpo/rollout.py',
      'real_completion = (torch.arange(C)[None, :] < lengths[:, None]).long()',
      'real_completion = (completion != pad_id).long()'),
-    ('cache tiled wrong', 'grpo/rollout.py',
+    ('cache tiled wrong', 'grpo/kvcache.py',
      '        cache.batch_repeat_interleave(G)  ',
      '        cache.batch_repeat_interleave(1)  '),
 ]
 
 
+def check_patterns() -> bool:
+    """Every bug's pattern occurs exactly once in its file (run after moving or rewriting code)."""
+    ok = True
+    for name, file, old, _ in BUGS:
+        count = (REPO / file).read_text().count(old) if (REPO / file).exists() else 0
+        if count != 1:
+            print(f"{name}: the pattern occurs {count} times in {file} (update dev/plant_bugs.py)")
+            ok = False
+    print(f"{len(BUGS)} patterns: {'each applies exactly once' if ok else 'NOT ALL APPLY'}")
+    return ok
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--check"]:
+        sys.exit(0 if check_patterns() else 1)
     names = sys.argv[1].split(",") if len(sys.argv) > 1 and sys.argv[1] != "all" else None
     tests = sys.argv[2:] or TESTS
     for name, file, old, new in BUGS:

@@ -1,6 +1,6 @@
 """A deterministic local search tool over a fixed document collection.
 
-`MockSearchEnv(documents)(query)` returns up to `top_k` hits, one `[Title] snippet` line
+`LocalSearchEnv(documents)(query)` returns up to `top_k` hits, one `[Title] snippet` line
 each. Hits come from three tiers, in this order, without duplicates:
 
 1. Exact title: the normalized query equals a normalized title. One dict lookup, O(1).
@@ -87,7 +87,7 @@ def one_line(text: str) -> str:
 
 # --- the tool -----------------------------------------------------------------------
 
-class MockSearchEnv:
+class LocalSearchEnv:
     """Search tool over `documents`: exact title, then partial title, then BM25 content.
 
     Args:

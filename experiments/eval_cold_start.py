@@ -36,7 +36,7 @@ from data.files import atomic_write
 from data.offline_task import DEFAULT_MEMORY_FILE, MEMORY_TYPES, build_offline_task
 from data.types import LOOKUP, MEMORY
 from envs.protocol import build_prompt, parse_completion
-from envs.search import MockSearchEnv
+from envs.search import LocalSearchEnv
 from grpo.rollout import rollout
 
 UNKNOWN_MEMORY = "lookup/unknown-mem"
@@ -144,7 +144,7 @@ def main(argv=None) -> None:
 
     task = build_offline_task(args.seed)
     questions = select_questions(task, args.split, args.memory_limit, args.lookup_limit)
-    env = MockSearchEnv(task.documents)
+    env = LocalSearchEnv(task.documents)
     model, tokenizer = load_for_inference(args.adapter, args.model)
     gen = torch.Generator().manual_seed(args.seed)
     rows_by_mode, t0 = {}, time.perf_counter()

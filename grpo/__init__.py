@@ -1,10 +1,21 @@
 """GRPO for tool-using language models, hand-written in PyTorch Lightning (no TRL).
 
-Read in this order: `rollout.py` (sampling with in-loop tool calls) → `rewards.py` →
-`losses.py` (advantages, k3 KL, clipped surrogate) → `logprobs.py` → `module.py`
-(`GRPOModule.training_step`, the algorithm as numbered steps) → `sft.py` (cold start).
-`policy.py` is plumbing (model loading and LoRA are the `models` package's); `cli.py` is
-the command line.
+Read in this order: `rollout.py` (sampling with in-loop tool calls; `kvcache.py` is the batch
+and KV cache of its forwards) → `rewards.py` → `losses.py` (advantages, k3 KL, clipped surrogate)
+→ `logprobs.py` → `module.py` (`GRPOModule.training_step`, the algorithm as numbered steps) →
+`metrics.py` (every logged metric and its formula) → `sft.py` (cold start). `agent.py`
+(`AgentModule`, the Lightning base GRPO and SFT share) is plumbing (model loading and LoRA are the
+`models` package's); `cli.py` is the command line.
+
+Shapes (every shape comment in the package uses these letters; a file adds its own local ones)
+    B   prompts (questions) in a batch
+    G   group size: completions sampled per prompt
+    N   = B*G samples; sample n answers prompt n // G (the G samples of a prompt are consecutive)
+    P   prompt tokens (left-padded to the longest prompt)
+    C   completion tokens: sampled and observation tokens, right-padded to the longest completion
+    L   tokens in one forward pass (a decode step, a tool turn, a length bucket, an SFT batch)
+    V   vocabulary
+T is the sampling temperature, never a length.
 
 References
     GRPO      Shao et al. 2024, DeepSeekMath, arXiv 2402.03300, §4.1 (eq. 3; outcome advantages §4.1.2)

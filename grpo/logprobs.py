@@ -22,9 +22,8 @@ log-softmax in fp32 one sample at a time.
      backward, each chunk's logits are recomputed from h instead.
 
 Both use the sampling temperature (PITFALLS: the loss must see the distribution that sampled
-the tokens, trl #4159). Shapes: B prompts, G group size, N = B*G, P prompt tokens, C
-completion tokens (sampled + observation), L tokens of a micro-batch, M sampled tokens, d
-hidden size, V vocabulary.
+the tokens, trl #4159). Shapes: B, G, N = B*G, P, C, L (the tokens of a micro-batch), V (see
+`grpo/__init__.py`); here also M sampled tokens (Σ completion_mask) and d the hidden size.
 """
 from __future__ import annotations
 
@@ -34,7 +33,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from grpo.rollout import Rollout, position_ids_from_mask
+from grpo.kvcache import position_ids_from_mask
+from grpo.rollout import Rollout
 
 CHUNK_POSITIONS = 512   # positions per LM-head chunk: a (512, V) fp32 block is 100 MB for SmolLM2
 FORWARD_COST_TOKENS = 32  # a micro-batch forward costs about as much as this many more tokens (overhead)

@@ -1,6 +1,6 @@
 """The GRPO loss as pure functions of tensors: advantages, k3 KL, clipped surrogate, masked means.
 
-No model, no Lightning. Shapes: B prompts, G group size, N = B*G samples, T completion tokens.
+No model, no Lightning. Shapes (`grpo/__init__.py`): N = B*G samples, C completion tokens.
 
 Objective (GRPO; Shao et al. 2024, DeepSeekMath §4.1, eq. 3), maximised:
 
@@ -69,10 +69,10 @@ def k3_kl(logp: Tensor, ref_logp: Tensor, clamp: float = 10.0) -> Tensor:
         d = clamp(ref_logp - logp, -clamp, +clamp);   k3 = exp(d) - d - 1  >= 0
 
     Unbiased for tokens sampled from π_θ, low variance, but exp(d) explodes for extreme
-    log-ratios, hence the clamp (±10 as in verl and OpenRLHF). Shapes (N, T) -> (N, T).
+    log-ratios, hence the clamp (±10 as in verl and OpenRLHF). Shapes (N, C) -> (N, C).
     """
-    d = (ref_logp - logp).clamp(-clamp, clamp)                               # (N, T)
-    return torch.exp(d) - d - 1                                              # (N, T)
+    d = (ref_logp - logp).clamp(-clamp, clamp)                               # (N, C)
+    return torch.exp(d) - d - 1                                              # (N, C)
 
 
 def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_eps: float = 0.2,
@@ -84,17 +84,17 @@ def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip
               =  max(pg_loss1, pg_loss2),  pg_loss1 = -A ratio,  pg_loss2 = -A clip(ratio)
 
     ε_low = clip_eps; ε_high = clip_eps_high or clip_eps (DAPO's clip-higher, Yu et al. 2025 §3.1).
-    Returns (loss (N, T), clipped (N, T) bool): clipped marks tokens where the clipped term is the
+    Returns (loss (N, C), clipped (N, C) bool): clipped marks tokens where the clipped term is the
     active one (no gradient flows there), for loss/clip_frac.
     At μ = 1 (one update per rollout) old_logp == logp, the ratio is exactly 1 and clipping never
-    triggers: that is expected, not a bug. advantages is (N,) or (N, T).
+    triggers: that is expected, not a bug. advantages is (N,) or (N, C).
     """
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    adv = advantages[:, None] if advantages.dim() == 1 else advantages       # (N, 1) or (N, T)
-    ratio = torch.exp(logp - old_logp)                                       # (N, T)
-    pg_loss1 = -adv * ratio                                                  # (N, T)
-    pg_loss2 = -adv * torch.clamp(ratio, 1 - clip_eps, 1 + eps_high)         # (N, T)
-    return torch.maximum(pg_loss1, pg_loss2), pg_loss2 > pg_loss1            # (N, T), (N, T)
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages       # (N, 1) or (N, C)
+    ratio = torch.exp(logp - old_logp)                                       # (N, C)
+    pg_loss1 = -adv * ratio                                                  # (N, C)
+    pg_loss2 = -adv * torch.clamp(ratio, 1 - clip_eps, 1 + eps_high)         # (N, C)
+    return torch.maximum(pg_loss1, pg_loss2), pg_loss2 > pg_loss1            # (N, C), (N, C)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,9 +105,9 @@ def masked_mean_tokens(x: Tensor, mask: Tensor) -> Tensor:
     """Token-level mean: Σ_i Σ_t m_it x_it / Σ_i Σ_t m_it (DAPO §3.3; avoids Dr. GRPO's length bias).
 
     Every completion token of the batch weighs the same. Masked values never enter, even inf or
-    NaN ones. 0 when the mask is all zero. x, mask (N, T) -> scalar.
+    NaN ones. 0 when the mask is all zero. x, mask (N, C) -> scalar.
     """
-    m = mask.bool()                                                          # (N, T)
+    m = mask.bool()                                                          # (N, C)
     total = torch.where(m, x, torch.zeros_like(x)).sum()                     # ()
     return total / m.sum().clamp(min=1)                                      # ()
 
@@ -119,9 +119,9 @@ def masked_mean_per_sequence(x: Tensor, mask: Tensor) -> Tensor:
     (Dr. GRPO §3.1): a token of sequence i weighs 1/(N'|o_i|), so a long wrong answer (Â < 0)
     spreads its penalty thinly and is penalised less per token, while a short correct answer
     (Â > 0) gets a large per-token push: short correct answers are favoured and wrong answers
-    drift longer. x, mask (N, T) -> scalar.
+    drift longer. x, mask (N, C) -> scalar.
     """
-    m = mask.bool()                                                          # (N, T)
+    m = mask.bool()                                                          # (N, C)
     lengths = m.sum(dim=1)                                                   # (N,)
     per_seq = torch.where(m, x, torch.zeros_like(x)).sum(dim=1) / lengths.clamp(min=1)  # (N,)
     return per_seq.sum() / (lengths > 0).sum().clamp(min=1)                  # ()
@@ -146,7 +146,7 @@ def grpo_loss(logp: Tensor, old_logp: Tensor | None, ref_logp: Tensor | None, ad
               beta: float = 0.04, token_level: bool = True, kl_clamp: float = 10.0) -> GRPOLossOutput:
     """GRPO loss -J (see the module docstring) on completion tokens only.
 
-    logp, old_logp, ref_logp, completion_mask: (N, T); advantages: (N,).
+    logp, old_logp, ref_logp, completion_mask: (N, C); advantages: (N,).
     old_logp=None means μ = 1: old_logp = logp.detach() (ratio 1; the gradient is the plain
     policy gradient -Â ∇logp). ref_logp may be None only when beta == 0; with beta == 0 and a reference given,
     the KL is still computed for logging but not added to the loss. Gradient flows through logp
@@ -162,26 +162,26 @@ def grpo_loss(logp: Tensor, old_logp: Tensor | None, ref_logp: Tensor | None, ad
     if logp.shape != completion_mask.shape or advantages.shape[0] != logp.shape[0]:
         raise ValueError(f"shape mismatch: logp {tuple(logp.shape)}, completion_mask "
                          f"{tuple(completion_mask.shape)}, advantages {tuple(advantages.shape)}")
-    mask = completion_mask.bool()                                            # (N, T)
-    zeros = torch.zeros_like(logp)                                           # (N, T)
-    logp = torch.where(mask, logp, zeros)                                    # (N, T)
-    old = logp.detach() if old_logp is None else torch.where(mask, old_logp.detach(), zeros)  # (N, T)
+    mask = completion_mask.bool()                                            # (N, C)
+    zeros = torch.zeros_like(logp)                                           # (N, C)
+    logp = torch.where(mask, logp, zeros)                                    # (N, C)
+    old = logp.detach() if old_logp is None else torch.where(mask, old_logp.detach(), zeros)  # (N, C)
     adv = advantages.detach()                                                # (N,)
     aggregate = masked_mean_tokens if token_level else masked_mean_per_sequence
 
     # 1. clipped surrogate
-    pg_loss, clipped = clipped_policy_loss(logp, old, adv, clip_eps, clip_eps_high)  # (N, T), (N, T)
-    per_token = pg_loss                                                      # (N, T)
+    pg_loss, clipped = clipped_policy_loss(logp, old, adv, clip_eps, clip_eps_high)  # (N, C), (N, C)
+    per_token = pg_loss                                                      # (N, C)
     # 2. KL to the reference (k3), per token
-    kl = zeros                                                               # (N, T)
+    kl = zeros                                                               # (N, C)
     if ref_logp is not None:
-        kl = k3_kl(logp, torch.where(mask, ref_logp.detach(), zeros), kl_clamp)  # (N, T)
+        kl = k3_kl(logp, torch.where(mask, ref_logp.detach(), zeros), kl_clamp)  # (N, C)
         if beta > 0:
-            per_token = per_token + beta * kl                                # (N, T)
+            per_token = per_token + beta * kl                                # (N, C)
     # 3. aggregate over completion tokens
     loss = aggregate(per_token, mask)                                        # ()
     with torch.no_grad():
-        ratio = torch.exp(logp - old)                                        # (N, T)
+        ratio = torch.exp(logp - old)                                        # (N, C)
         return GRPOLossOutput(
             loss=loss,
             policy_loss=aggregate(pg_loss, mask),

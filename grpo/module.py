@@ -3,28 +3,31 @@
 `training_step` is the algorithm, one call per step:
 
     1. rollout      G completions per question; `<call>` runs the search tool mid-generation
-    2. reward       value-of-information (or OTC) reward of every completion
+    2. reward       value-of-information (or OTC) reward of every completion, judged once
     3. advantages   Â_i = (r_i - mean_group) / (std_group + ε)
     4. log-probs    π_old: recorded by the rollout as it sampled; π_ref (only when β > 0), no gradient
     5. update       μ steps on the clipped surrogate + β·KL(k3), completion tokens only
+    6. log          the step's means (`grpo.metrics`); callbacks get the rollout and its judgements
 
-The maths lives in `grpo.losses` and `grpo.rewards` (pure, tested functions); sampling in
-`grpo.rollout`; this file only combines them. Optimization is manual so that the μ inner
-updates of step 5 are plain to see. Shapes: B prompts, G group size, N = B*G, C completion tokens.
+The maths lives in `grpo.losses`, `grpo.rewards` and `grpo.metrics` (pure, tested functions);
+sampling in `grpo.rollout`; this file only combines them. Optimization is manual so that the μ inner
+updates of step 5 are plain to see. Shapes: B, G, N = B*G, C (see `grpo/__init__.py`).
 """
 from __future__ import annotations
 
 import time
 
 import torch
+from torch import Tensor
 
 from data.types import QAExample
+from grpo.agent import AgentModule, check_positive
 from grpo.logprobs import completion_logprobs
 from grpo.losses import group_advantages, grpo_loss
-from grpo.policy import PolicyModule, check_positive
-from grpo.rewards import OTCWeights, VOIWeights, check_finite_rewards, otc_group_rewards, voi_reward
+from grpo.metrics import step_metrics
+from grpo.rewards import OTCWeights, VOIWeights, check_finite_rewards, judge, otc_group_rewards, voi_reward
 from grpo.rollout import Rollout
-from models.loading import SMOLLM2, reference_policy
+from models.loading import SMOLLM2, frozen_copy, reference_policy
 
 REWARDS = ("voi", "otc")
 
@@ -32,18 +35,18 @@ REWARDS = ("voi", "otc")
 def ddp_token_scale(local_tokens: torch.Tensor, global_tokens: torch.Tensor, world_size: int) -> torch.Tensor:
     """Factor that makes DDP's gradient average equal the token-level loss of the whole batch.
 
-    Rank r's loss is a token mean S_r / T_r over its own T_r completion tokens, and DDP averages
-    gradients over the W ranks: (1/W) Σ_r ∇(S_r / T_r). The token-level loss of the global batch
-    is Σ_r S_r / T with T = Σ_r T_r, which needs every rank to weigh its mean by T_r·W / T:
-        (1/W) Σ_r ∇(T_r·W/T · S_r/T_r) = ∇(Σ_r S_r / T).
-    (PITFALLS: "normalise by the token count of the whole batch, once".) Equal T_r give 1.
+    Rank r's loss is a token mean S_r / M_r over its own M_r sampled tokens, and DDP averages
+    gradients over the W ranks: (1/W) Σ_r ∇(S_r / M_r). The token-level loss of the global batch
+    is Σ_r S_r / M with M = Σ_r M_r, which needs every rank to weigh its mean by M_r·W / M:
+        (1/W) Σ_r ∇(M_r·W/M · S_r/M_r) = ∇(Σ_r S_r / M).
+    (PITFALLS: "normalise by the token count of the whole batch, once".) Equal M_r give 1.
     """
     return local_tokens * world_size / global_tokens.clamp(min=1)
 
 
-class GRPOModule(PolicyModule):
+class GRPOModule(AgentModule):
     """GRPO with in-loop tool calls. The options shared with SFT (model, LoRA, optimizer, sampling
-    budgets, evaluation) are `PolicyModule`'s; these are GRPO's own."""
+    budgets, evaluation) are `AgentModule`'s; these are GRPO's own."""
 
     def __init__(self, group_size: int = 8, temperature: float = 1.0, top_p: float = 1.0, reward: str = "voi",
                  voi_weights: VOIWeights | None = None, otc_weights: OTCWeights | None = None,
@@ -81,6 +84,7 @@ class GRPOModule(PolicyModule):
         super().__init__(**kwargs)
         self.voi_weights = voi_weights or VOIWeights()
         self.otc_weights = otc_weights or OTCWeights()
+        self.ref_model = None  # π_ref of full fine-tuning (a frozen copy); with LoRA, the adapters disabled
 
     # ------------------------------------------------------------------ the algorithm
     def training_step(self, batch: list[QAExample], batch_idx: int):
@@ -89,8 +93,8 @@ class GRPOModule(PolicyModule):
         # 1. rollout: G completions per question, tool calls executed inside the loop
         ro = self.rollout(batch, temperature=hp.temperature, group_size=G)
         t_rollout = time.perf_counter() - t0
-        # 2. reward of every completion, and its components
-        rewards, parts = self.compute_rewards(ro, batch)                                    # (N,), {k: (N,)}
+        # 2. reward of every completion, its components, and whether its answer is correct
+        rewards, parts, correct = self.compute_rewards(ro, batch)                           # (N,), {k: (N,)}, (N,)
         # 3. group-relative advantages
         advantages, zero_std = group_advantages(rewards, G, hp.scale_by_std)                # (N,), (B,)
         # 4. log-probs: π_old is what the rollout sampled from; π_ref (β > 0 only), no gradient
@@ -103,29 +107,35 @@ class GRPOModule(PolicyModule):
             out = grpo_loss(logp, old_logp, ref_logp, advantages, ro.completion_mask, hp.clip_eps,
                             hp.clip_eps_high, hp.beta, hp.token_level)
             self.optimize(out.loss * token_scale)                                           # + one LR step
-        # 6. log
-        self.log_step(ro, rewards, parts, zero_std, out, t_rollout, time.perf_counter() - t0, len(batch),
-                      token_scale)
-        # what callbacks (tool metrics, transcripts) read in on_train_batch_end
+        # 6. log the step's means, over ranks too (grpo.metrics: every metric and its formula)
+        metrics = step_metrics(ro, rewards, parts, zero_std, out, token_scale)
+        metrics |= {"time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0}
+        self.log_dict(metrics, batch_size=len(batch), sync_dist=True)
+        # what callbacks (per-kind tool metrics, transcripts) read in on_train_batch_end
         return {"loss": out.loss.detach(), "rollout": ro, "rewards": rewards, "components": parts,
-                "token_scale": token_scale}
+                "correct": correct, "token_scale": token_scale}
 
     # ------------------------------------------------------------------ the steps
-    def compute_rewards(self, ro: Rollout, batch: list[QAExample]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total reward (N,) and each component (N,) of every completion."""
-        G = ro.group_size
+    def compute_rewards(self, ro: Rollout, batch: list[QAExample]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """Total reward (N,), each component {k: (N,)}, and whether each answer is correct (N,) bool.
+
+        Each completion is read once (`judge`: correct, well-formed); the reward is a function of
+        those two facts and of the rollout's tool-call counts."""
+        G, N = ro.group_size, len(ro.texts)
+        golds = [batch[n // G].answers for n in range(N)]
+        correct, well_formed = map(list, zip(*(judge(text, g) for text, g in zip(ro.texts, golds))))
         if self.hparams.reward == "voi":
-            parts = [voi_reward(ro.texts[n], batch[n // G].answers, int(ro.num_calls[n]),
-                                int(ro.num_calls_no_obs[n]), self.voi_weights) for n in range(len(ro.texts))]
+            parts = [voi_reward(correct[n], well_formed[n], int(ro.num_calls[n]), int(ro.num_calls_no_obs[n]),
+                                self.voi_weights) for n in range(N)]
         else:
             parts = []
-            for b, ex in enumerate(batch):
+            for b in range(len(batch)):
                 s = slice(b * G, (b + 1) * G)
                 attempted = (ro.num_calls[s] + ro.num_calls_no_obs[s]).tolist()  # refused and unclosed calls cost too
-                parts += otc_group_rewards(ro.texts[s], ex.answers, attempted, self.otc_weights)
-        check_finite_rewards(parts, [f"{batch[n // G].id}#{n % G}" for n in range(len(parts))])
+                parts += otc_group_rewards(correct[s], well_formed[s], attempted, self.otc_weights)
+        check_finite_rewards(parts, [f"{batch[n // G].id}#{n % G}" for n in range(N)])
         components = {k: torch.tensor([p[k] for p in parts], dtype=torch.float32) for k in parts[0]}
-        return components.pop("total").to(self.device), components
+        return components.pop("total").to(self.device), components, torch.tensor(correct, dtype=torch.bool)
 
     @torch.no_grad()
     def token_scale(self, completion_mask: torch.Tensor) -> torch.Tensor:
@@ -133,14 +143,14 @@ class GRPOModule(PolicyModule):
 
         The loss is a token mean over the local batch and DDP averages gradients over ranks: that
         is the token mean of the global batch only when every rank has as many completion tokens.
-        Rescaling by T_r·W/T (one all-reduce of the token count) normalises by the token count of
+        Rescaling by M_r·W/M (one all-reduce of the token count) normalises by the token count of
         the whole batch, once (PITFALLS, "Length bias of per-sequence means").
         """
         world_size = self.trainer.world_size
         if not self.hparams.token_level or world_size == 1:
             return torch.ones((), device=self.device)
         local_tokens = completion_mask.sum().float()                                        # ()
-        global_tokens = self.trainer.strategy.reduce(local_tokens.clone(), reduce_op="sum")  # () Σ_r T_r
+        global_tokens = self.trainer.strategy.reduce(local_tokens.clone(), reduce_op="sum")  # () Σ_r M_r
         return ddp_token_scale(local_tokens, global_tokens, world_size)
 
     @torch.no_grad()
@@ -155,6 +165,17 @@ class GRPOModule(PolicyModule):
         with reference_policy(self.policy, self.ref_model) as ref:
             return completion_logprobs(ref, ro, self.hparams.temperature)
 
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def updates_per_batch(self) -> int:
+        return self.hparams.num_updates  # μ
+
+    def configure_model(self) -> None:
+        built = self.policy is None
+        super().configure_model()
+        if built and not self.hparams.lora and self.hparams.beta > 0:
+            self.ref_model = frozen_copy(self.policy)  # full fine-tuning: π_ref is a frozen copy
+
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.check_cold_start()
@@ -168,26 +189,3 @@ class GRPOModule(PolicyModule):
                              f"<answer>/<call> tags (0/96), so every group would score the same and nothing "
                              f"would be learned; run a cold start first (configs/sft_smollm2.yaml, or "
                              f"configs/sft_hotpotqa.yaml) and set model.init_adapter to its adapter folder")
-
-    def log_step(self, ro, rewards, parts, zero_std, out, t_rollout, t_step, batch_size, token_scale=1.0) -> None:
-        """Every metric is the mean over ranks (sync_dist): the global mean for per-sample means, as
-        ranks hold B·G samples each. Token-mean losses are scaled by `token_scale` first, so that their
-        mean over ranks is the token mean of the global batch; std and clip_frac are rank means."""
-        sampled = ro.completion_mask.sum(1).float()                                          # (N,)
-        metrics = {
-            "loss/policy": out.policy_loss * token_scale, "loss/kl": out.kl * token_scale,
-            "loss/total": out.loss.detach() * token_scale,
-            "loss/clip_frac": out.clip_frac, "loss/ratio_mean": out.ratio_mean,
-            "reward/mean": rewards.mean(), "reward/std": rewards.std(),
-            "reward/frac_zero_std": zero_std.float().mean(),
-            **{f"reward/{k}": v.mean() for k, v in parts.items()},
-            "tools/calls_per_sample": ro.num_calls.float().mean(),
-            "tools/no_obs_per_sample": ro.num_calls_no_obs.float().mean(),
-            "tools/errors_per_sample": ro.tool_errors.float().mean(),
-            "rollout/tokens_per_sample": sampled.mean(),
-            "rollout/truncated_frac": ro.truncated.float().mean(),
-            "time/rollout_s": t_rollout, "time/step_s": t_step,
-        }
-        self.log_dict(metrics, batch_size=batch_size, sync_dist=True)
-        self.log_dict({"reward": rewards.mean(), "calls": ro.num_calls.float().mean(), "s/step": t_step},
-                      prog_bar=True, logger=False, batch_size=batch_size, sync_dist=True)

@@ -1,10 +1,10 @@
 """Rewards for a search-tool agent: the value-of-information (VOI) and OTC rewards.
 
-Pure Python (no torch). Everything here scores one completion string (or one group of them);
-the rollout supplies the tool-call counts, because the environment, not the text, knows which
-calls were executed and which were refused. The completion format and its tolerant parser
-(`parse_completion`) are the tool protocol's (`envs/protocol.py`); exact match is HotpotQA's
-(`data/answers.py`).
+Pure Python (no torch). A completion is read once (`judge`: is its answer correct, is it
+well-formed); a reward is then a function of those two facts and of the tool-call counts, which
+the rollout supplies, because the environment, not the text, knows which calls were executed and
+which were refused. The completion format and its tolerant parser (`parse_completion`) are the
+tool protocol's (`envs/protocol.py`); exact match is HotpotQA's (`data/answers.py`).
 
 References
 - OTC-PO: Wang et al. 2025, "Acting Less is Reasoning More! Teaching Model to Act Efficiently"
@@ -19,6 +19,20 @@ from typing import Mapping, Sequence
 
 from data.answers import exact_match
 from envs.protocol import parse_completion
+
+# ---------------------------------------------------------------------------------------------
+# Reading a completion
+
+
+def judge(text: str, golds: Sequence[str]) -> tuple[bool, bool]:
+    """(correct, well_formed) of one completion, what every reward and metric reads from its text:
+
+        correct     = the parsed answer exact-matches a gold answer (EM = 1; no answer: False)
+        well_formed = `parse_completion(text).well_formed` (tags in order, closed, an answer last)
+    """
+    parsed = parse_completion(text)
+    return parsed.answer is not None and exact_match(parsed.answer, golds) == 1.0, parsed.well_formed
+
 
 # ---------------------------------------------------------------------------------------------
 # Value-of-information (VOI) reward
@@ -49,13 +63,13 @@ def _check_counts(num_calls: int, num_calls_no_obs: int) -> None:
                          f"num_calls_no_obs={num_calls_no_obs}")
 
 
-def voi_reward(text: str, golds: Sequence[str], num_calls: int, num_calls_no_obs: int,
+def voi_reward(correct: bool, well_formed: bool, num_calls: int, num_calls_no_obs: int,
                weights: VOIWeights = VOIWeights()) -> dict[str, float]:
     """Value-of-information reward: be right, use the tool only when the answer is worth it.
 
     total = correct + format + tool_cost + no_obs_penalty + direct_bonus, where
-      correct        = w.correct if EM(answer, golds) == 1 else w.wrong   (no answer -> wrong)
-      format         = w.well_formed if well-formed else w.malformed      (see parse_completion)
+      correct        = w.correct if correct else w.wrong                  (`judge`; no answer -> wrong)
+      format         = w.well_formed if well_formed else w.malformed
       tool_cost      = w.per_call * num_calls
       no_obs_penalty = w.per_call_no_obs * num_calls_no_obs          (refused or unclosed calls)
       direct_bonus   = w.direct_bonus if correct and num_calls == num_calls_no_obs == 0 else 0
@@ -65,14 +79,12 @@ def voi_reward(text: str, golds: Sequence[str], num_calls: int, num_calls_no_obs
     (see voi_reward_bounds).
     """
     _check_counts(num_calls, num_calls_no_obs)
-    parsed = parse_completion(text)
-    is_correct = parsed.answer is not None and exact_match(parsed.answer, golds) == 1.0
     parts = {
-        "correct": weights.correct if is_correct else weights.wrong,
-        "format": weights.well_formed if parsed.well_formed else weights.malformed,
+        "correct": weights.correct if correct else weights.wrong,
+        "format": weights.well_formed if well_formed else weights.malformed,
         "tool_cost": weights.per_call * num_calls,
         "no_obs_penalty": weights.per_call_no_obs * num_calls_no_obs,
-        "direct_bonus": weights.direct_bonus if is_correct and num_calls == num_calls_no_obs == 0 else 0.0,
+        "direct_bonus": weights.direct_bonus if correct and num_calls == num_calls_no_obs == 0 else 0.0,
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -134,12 +146,13 @@ def otc_optimal_calls(correct: Sequence[bool], num_calls: Sequence[int]) -> int 
     return min((m for ok, m in zip(correct, num_calls) if ok), default=None)
 
 
-def otc_group_rewards(texts: Sequence[str], golds: Sequence[str], num_calls: Sequence[int],
+def otc_group_rewards(correct: Sequence[bool], well_formed: Sequence[bool], num_calls: Sequence[int],
                       weights: OTCWeights = OTCWeights()) -> list[dict[str, float]]:
-    """OTC-GRPO reward for the G samples of ONE group (same prompt, same golds).
+    """OTC-GRPO reward for the G samples of ONE group (same prompt, same golds), from `judge`'s facts.
 
         total_i   = correct_i + format_i
         correct_i = alpha * r_tool(m_i, n) * EM_i      (paper: r^tool = alpha * r_tool * r_phi)
+        format_i  = w.well_formed if well-formed else w.malformed
         n         = min{ m_j : sample j correct }      (the group's estimate of optimal calls)
     m_i counts every call sample i ATTEMPTED: executed, refused over the budget and never closed
     (the module passes num_calls + num_calls_no_obs), so calls past the budget are not free.
@@ -149,17 +162,16 @@ def otc_group_rewards(texts: Sequence[str], golds: Sequence[str], num_calls: Seq
     totals are the format terms only; the group then carries no correctness signal, which is the
     truth (we do not know how many calls would have sufficed).
     """
-    if not len(texts) == len(num_calls):
-        raise ValueError(f"texts ({len(texts)}) and num_calls ({len(num_calls)}) differ in length")
-    parsed = [parse_completion(t) for t in texts]
-    correct = [p.answer is not None and exact_match(p.answer, golds) == 1.0 for p in parsed]
+    if not len(correct) == len(well_formed) == len(num_calls):
+        raise ValueError(f"correct ({len(correct)}), well_formed ({len(well_formed)}) and num_calls "
+                         f"({len(num_calls)}) differ in length")
     n = otc_optimal_calls(correct, num_calls)
     out = []
-    for p, ok, m in zip(parsed, correct, num_calls):
+    for ok, formed, m in zip(correct, well_formed, num_calls):
         _check_counts(m, 0)
         factor = otc_tool_factor(m, n, weights.c) if ok else 1.0
         parts = {"correct": weights.alpha * factor * float(ok),
-                 "format": weights.well_formed if p.well_formed else weights.malformed}
+                 "format": weights.well_formed if formed else weights.malformed}
         parts["total"] = parts["correct"] + parts["format"]
         parts["tool_factor"] = factor
         out.append(parts)

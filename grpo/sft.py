@@ -20,7 +20,7 @@ import torch
 
 from data.traces import Trace
 from envs.protocol import build_prompt, encode_observation
-from grpo.policy import PolicyModule
+from grpo.agent import AgentModule
 
 IGNORE = -100  # label of tokens without loss
 
@@ -55,10 +55,10 @@ def tokenize_trace(tokenizer, trace: Trace, max_obs_tokens: int = 160,
 
 def collate_sft(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest; the attention mask comes from lengths (pad id == EOS id)."""
-    T = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)   # (B, T)
-    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)      # (B, T)
-    attention_mask = torch.zeros((len(examples), T), dtype=torch.long)     # (B, T)
+    L = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), L), pad_id, dtype=torch.long)   # (B, L)
+    labels = torch.full((len(examples), L), IGNORE, dtype=torch.long)      # (B, L)
+    attention_mask = torch.zeros((len(examples), L), dtype=torch.long)     # (B, L)
     for i, (ids, lab) in enumerate(examples):
         input_ids[i, :len(ids)] = torch.tensor(ids)
         labels[i, :len(lab)] = torch.tensor(lab)
@@ -69,14 +69,14 @@ def collate_sft(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dic
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token-level cross-entropy: token t predicts label t+1; IGNORE labels carry no loss.
 
-    logits (B, T, V), labels (B, T) -> scalar mean over the supervised tokens of the batch.
+    logits (B, L, V), labels (B, L) -> scalar mean over the supervised tokens of the batch.
     """
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
-class SFTModule(PolicyModule):
-    """The cold start: next-token cross-entropy on traces. Its options are all `PolicyModule`'s (the
+class SFTModule(AgentModule):
+    """The cold start: next-token cross-entropy on traces. Its options are all `AgentModule`'s (the
     sampling and evaluation ones apply to its evaluation rollouts; `init_adapter` continues an SFT
     from an earlier adapter)."""
 
@@ -90,7 +90,7 @@ class SFTModule(PolicyModule):
                           self.tokenizer.pad_token_id)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         # 2. next-token cross-entropy on those tokens
-        logits = self.policy(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits  # (B, T, V)
+        logits = self.policy(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits  # (B, L, V)
         loss = sft_loss(logits, enc["labels"])
         # 3. update (and one step of the LR schedule)
         self.optimize(loss)

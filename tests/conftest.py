@@ -1,4 +1,5 @@
-"""Shared test set-up: import the package from the repository root; one thread for tiny models."""
+"""Shared test set-up: import the package from the repository root; one thread for tiny models; the
+`faulty_env` fixture. Shared test doubles and sample data: tests/fakes.py; subprocess runs: tests/run_helpers.py."""
 import sys
 from pathlib import Path
 
@@ -18,3 +19,13 @@ def one_thread(request):
         torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def faulty_env():
+    """A `tests.fakes.FaultyEnv`, its hung calls released at the end of the test."""
+    from tests.fakes import FaultyEnv
+
+    env = FaultyEnv()
+    yield env
+    env.release.set()  # let the abandoned thread finish

@@ -26,6 +26,9 @@ import lightning as L
 import torch
 import yaml
 
+from grpo.agent import gather_eval_rows
+from grpo.metrics import eval_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -147,9 +150,18 @@ class Probe(L.Callback):
             "local_tokens": int(ro.completion_mask.sum()), "token_scale": float(outputs["token_scale"]),
         })
 
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._rows = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._rows += outputs  # the rows `validation_step` returned
+
     def on_validation_end(self, trainer, pl_module):  # after the module's on_validation_epoch_end
-        self.evals.append({"step": trainer.global_step, "ids": [r["id"] for r in pl_module.last_eval_rows],
-                           "metrics": dict(pl_module.last_eval),
+        if trainer.sanity_checking:
+            return
+        rows = gather_eval_rows(self._rows)  # every rank's rows, each question once
+        self.evals.append({"step": trainer.global_step, "ids": [r["id"] for r in rows],
+                           "metrics": eval_metrics(rows),
                            "logged": {k: float(v) for k, v in trainer.callback_metrics.items()
                                       if k.startswith("eval/")}})
 

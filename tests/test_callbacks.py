@@ -1,4 +1,5 @@
-"""Callbacks: tool metrics and the evaluation report, by hand; then both through a tiny `fit`."""
+"""Callbacks: tool metrics over ranks, transcripts and the evaluation report, by hand; then through a
+tiny `fit`. The metric formulas themselves are tests/test_metrics.py's."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -6,11 +7,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from callbacks.metrics import ToolMetrics, step_sums, tool_step_metrics, transcript_indices, transcript_markdown
+from callbacks.metrics import ToolMetrics, transcript_indices, transcript_markdown
 from callbacks.report import EvalReport, always_search_baseline, pareto_frontier, point_from_eval, report_markdown
 from data.types import LOOKUP, MEMORY, QAExample
 from grpo.cli import main
+from grpo.metrics import step_sums, tool_metrics
 from grpo.rollout import Rollout
+from tests import fakes
 
 # ---------------------------------------------------------------------------------------------
 # ToolMetrics: 2 questions (memory, lookup), G = 2, known texts and counts
@@ -21,42 +24,13 @@ TEXTS = ["<answer>Paris</answer>",                                              
          "<call>X</call><obs>41 people</obs><call>X census</call><obs>?</obs><answer>41</answer>",  # wrong, 2
          "<call>X popul"]                                                                    # unclosed call
 CALLS, INCOMPLETE, TOKENS = [0, 1, 2, 0], [0, 0, 0, 1], [5, 10, 20, 8]
+CORRECT = torch.tensor([True, True, False, False])  # as compute_rewards judges TEXTS (EM ignores "the")
 REWARDS = torch.tensor([1.2, 1.15, -0.5, -1.2])
+KINDS = [MEMORY, MEMORY, LOOKUP, LOOKUP]           # sample n answers BATCH[n // 2]
 
 
-def fake_rollout(texts=TEXTS, calls=CALLS, incomplete=INCOMPLETE, tokens=TOKENS, G=2) -> Rollout:
-    N, C = len(texts), max(tokens)
-    mask = (torch.arange(C)[None, :] < torch.tensor(tokens)[:, None]).long()            # (N, C)
-    t = lambda xs: torch.tensor(xs)  # noqa: E731
-    return Rollout(input_ids=torch.zeros(N, 3 + C, dtype=torch.long), attention_mask=torch.ones(N, 3 + C),
-                   completion_mask=mask, sample_logp=torch.zeros(N, C), prompt_length=3,
-                   group_ids=torch.arange(N) // G, num_calls=t(calls),
-                   num_calls_no_obs=t(incomplete), incomplete_calls=t(incomplete), tool_errors=t([0] * N),
-                   num_generated=t(tokens), truncated=t([False] * N), texts=list(texts), queries=[[]] * N)
-
-
-def test_tool_step_metrics_by_hand():
-    m = tool_step_metrics(fake_rollout(), BATCH, 2, REWARDS)
-    expected = {
-        "tools/search_rate": 2 / 4, "tools/incomplete_per_sample": 1 / 4,
-        "tools/productivity": 2 / 3,                 # 2 right answers (EM ignores "the") / 3 executed calls
-        "tools/memory/calls_per_sample": 0.5, "tools/memory/search_rate": 0.5, "tools/memory/productivity": 2.0,
-        "rollout/memory/tokens_per_sample": 7.5, "reward/memory/mean": 1.175,
-        "tools/lookup/calls_per_sample": 1.0, "tools/lookup/search_rate": 0.5, "tools/lookup/productivity": 0.0,
-        "rollout/lookup/tokens_per_sample": 14.0, "reward/lookup/mean": -0.85,
-    }
-    assert m.keys() == expected.keys()
-    for k, v in expected.items():
-        assert m[k] == pytest.approx(v), k
-
-
-def test_undefined_ratios_are_not_logged():
-    """No call in the step: no productivity; a kind absent from the batch: no tags of that kind."""
-    m = tool_step_metrics(fake_rollout(TEXTS[:2], [0, 0], [0, 0], [5, 10]), BATCH[:1], 2)
-    assert m["tools/search_rate"] == 0.0 and "tools/memory/calls_per_sample" in m
-    assert not [k for k in m if "productivity" in k or "lookup" in k or k.startswith("reward/")]
-    with pytest.raises(ValueError, match="expected len\\(batch\\) \\* group_size"):
-        tool_step_metrics(fake_rollout(), BATCH[:1], 2)
+def fake_rollout(texts=TEXTS, calls=CALLS, incomplete=INCOMPLETE, tokens=TOKENS) -> Rollout:
+    return fakes.fake_rollout(texts, calls, no_obs=incomplete, incomplete=incomplete, tokens=tokens, G=2)
 
 
 def test_callback_logs_ratios_of_global_sums():
@@ -64,7 +38,8 @@ def test_callback_logs_ratios_of_global_sums():
     not means of per-rank ratios (productivity 2/3, where the mean of 2.0 and 0.0 would be 1.0)."""
     full = fake_rollout()
     rank0 = fake_rollout(TEXTS[:2], CALLS[:2], INCOMPLETE[:2], TOKENS[:2])
-    rank1 = step_sums(fake_rollout(TEXTS[2:], CALLS[2:], INCOMPLETE[2:], TOKENS[2:]), BATCH[1:], 2, REWARDS[2:])
+    rank1 = step_sums(fake_rollout(TEXTS[2:], CALLS[2:], INCOMPLETE[2:], TOKENS[2:]), KINDS[2:], CORRECT[2:],
+                      REWARDS[2:])
     other = torch.tensor([rank1[g][q] for g in ("all", MEMORY, LOOKUP) for q in rank1["all"]], dtype=torch.float64)
     logged = {}
     logger = SimpleNamespace(log_metrics=lambda d, step: logged.update(d))
@@ -72,8 +47,10 @@ def test_callback_logs_ratios_of_global_sums():
                               is_global_zero=True, loggers=[logger],
                               fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=1)))
     module = SimpleNamespace(device=torch.device("cpu"))
-    ToolMetrics().on_train_batch_end(trainer, module, {"rollout": rank0, "rewards": REWARDS[:2]}, BATCH[:1], 0)
-    assert logged == pytest.approx(tool_step_metrics(full, BATCH, 2, REWARDS))
+    outputs = {"rollout": rank0, "rewards": REWARDS[:2], "correct": CORRECT[:2]}
+    ToolMetrics().on_train_batch_end(trainer, module, outputs, BATCH[:1], 0)
+    assert logged == pytest.approx(tool_metrics(step_sums(full, KINDS, CORRECT, REWARDS)))
+    assert logged["tools/productivity"] == pytest.approx(2 / 3)
 
 
 def test_transcripts_show_tags_verbatim():

@@ -45,7 +45,7 @@ def make_sft_adapter(folder, dtype: str = "float32") -> str:
 
 
 def grpo_policy(init_adapter: str | None, dtype: str = "float32"):
-    """The GRPO policy as `PolicyModule.configure_model` builds it, its fresh adapters moved (rank 2, α 4)."""
+    """The GRPO policy as `AgentModule.configure_model` builds it, its fresh adapters moved (rank 2, α 4)."""
     with torch.random.fork_rng():
         torch.manual_seed(2)
         policy = add_lora(load_model_and_tokenizer("tiny", dtype)[0], r=2, alpha=4, init_adapter=init_adapter)

@@ -38,9 +38,13 @@ def test_dot_override_reaches_the_module(flag):
     assert cli.model.hparams.beta == 0.1
 
 
-def test_bad_override_names_the_option():
-    with pytest.raises(ValueError, match="model.group_size=1"):
-        main(["-c", "configs/tiny.yaml", "--model.init_args.group_size", "1"], run=False)
+@pytest.mark.parametrize("args, message", [
+    (["--model.init_args.group_size", "1"], "model.group_size=1"),
+    (["--model.init_args.lr=-1e-3"], "model.lr=-0.001"),
+])
+def test_bad_override_names_the_option(args, message):
+    with pytest.raises(ValueError, match=message):
+        main(["-c", "configs/tiny.yaml", *args], run=False)
 
 
 def test_tiny_fit_runs_and_logs(tmp_path):

@@ -1,4 +1,5 @@
-"""Tests of the data layer: the HotpotQA loader and the offline GeoNames task.
+"""Tests of the data layer: the HotpotQA loader, the offline GeoNames task, atomic folder writes
+(the datamodule's are tests/test_datamodule.py).
 
 The real-data tests read ../shared/data/hotpotqa/ (beside the repository) and skip when
 it is absent. Nothing here downloads anything: the hub path is tested with a mock.
@@ -21,6 +22,7 @@ from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import build_offline_task, memory_candidates, summary
 from data.types import LOOKUP, MEMORY
 from envs.base import Document
+from tests.fakes import HOTPOTQA_ROWS, without, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_HOTPOTQA = REPO.parent / "shared" / "data" / "hotpotqa"
@@ -38,17 +40,7 @@ def contains(text: str, answer: str) -> bool:
 
 # --------------------------------------------------------------------------- HotpotQA: small files
 
-ROWS = [
-    {"id": "q1", "question": "Which band did the singer of Song X found?", "answer": "Band Y",
-     "type": "bridge", "level": "easy",
-     "supporting_facts": [["Song X", 1], ["Band Y", 0], ["Song X", 0]],
-     "context": [["Band Y", [" Band Y is a band.", " It was founded by Ann."]],
-                 ["Song X", ["Song X is a song.", " It is sung by Ann."]]]},
-    {"id": "q2", "question": "Is A older than B?", "answer": "yes", "type": "comparison", "level": None,
-     "supporting_facts": [["A", 0]], "supporting_titles": ["B", "A"],
-     "context": [["A", ["A was born in 1900."]], ["B", ["B was born in 1950."]],
-                 ["Song X", ["Song X is a song.", "It is sung by Ann."]]]},  # same text, other spacing
-]
+ROWS = HOTPOTQA_ROWS
 
 
 def to_columns(row: dict) -> dict:
@@ -59,11 +51,6 @@ def to_columns(row: dict) -> dict:
     col["supporting_facts"] = {"title": [t for t, _ in row["supporting_facts"]],
                                "sent_id": [i for _, i in row["supporting_facts"]]}
     return col
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_row_and_column_formats_give_identical_examples(tmp_path):
@@ -93,14 +80,10 @@ def test_documents_are_unique_paragraphs_in_first_seen_order(tmp_path):
                     Document("A", "A was born in 1900."), Document("B", "B was born in 1950.")]
 
 
-def _without(row: dict, field: str) -> dict:
-    return {k: v for k, v in row.items() if k != field}
-
-
 BAD_RECORDS = [  # (second record of the file, words the error must contain)
-    (_without(ROWS[0], "question"), ["line 2", "'question'"]),
-    (_without(ROWS[0], "answer"), ["line 2", "'answer'"]),
-    (_without(ROWS[0], "context"), ["line 2", "'context'"]),
+    (without(ROWS[0], "question"), ["line 2", "'question'"]),
+    (without(ROWS[0], "answer"), ["line 2", "'answer'"]),
+    (without(ROWS[0], "context"), ["line 2", "'context'"]),
     ({**ROWS[0], "question": 7}, ["line 2", "'question'"]),
     ({**ROWS[0], "answer": "  "}, ["line 2", "'answer'"]),
     ({**ROWS[0], "context": "Band Y is a band."}, ["line 2", "'context'"]),
@@ -161,7 +144,7 @@ def test_hub_name_goes_through_datasets_load_dataset(monkeypatch):
     load_hotpotqa("hotpotqa/hotpot_qa:fullwiki")
     assert calls[-1] == ("hotpotqa/hotpot_qa", "fullwiki", "train")
 
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: [_without(to_columns(ROWS[0]), "answer")])
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: [without(to_columns(ROWS[0]), "answer")])
     with pytest.raises(ValueError, match=r"'hotpotqa/hotpot_qa'.*row 0: missing required field 'answer'"):
         load_hotpotqa("hotpotqa/hotpot_qa")
 
@@ -317,19 +300,6 @@ def test_summary_counts_every_split():
     for name, split in (("train", task.train), ("validation", task.validation), ("test", task.test)):
         line = next(line for line in text.splitlines() if line.startswith(name + " "))
         assert int(line.split()[1]) == len(split)
-
-
-def test_hotpotqa_cold_start_traces_are_made_from_the_training_file(tmp_path):
-    """task=hotpotqa with a missing traces file: multihop traces of the training file are written."""
-    from data.datamodule import QADataModule
-
-    train = write_jsonl(tmp_path / "train.jsonl", ROWS)
-    dm = QADataModule(task="hotpotqa", train_path=str(train), batch_size=1, traces=str(tmp_path / "t.jsonl"),
-                      num_traces=2)
-    dm.setup()
-    assert (tmp_path / "t.jsonl").exists() and dm.train_traces
-    assert {t.style for t in dm.train_traces} == {"multihop"}
-    assert {t.question for t in dm.train_traces} <= {r["question"] for r in ROWS}
 
 
 def test_atomic_write_dir_replaces_the_folder_or_leaves_the_old_one(tmp_path):

@@ -1,4 +1,4 @@
-"""GRPO loss pieces against numbers worked out by hand. Shapes: N samples, T tokens."""
+"""GRPO loss pieces against numbers worked out by hand. Shapes: N samples, C completion tokens."""
 import math
 
 import pytest
@@ -106,7 +106,7 @@ def test_clipped_tokens_have_no_gradient():
 
 # --------------------------------------------------------------------------------------- aggregation
 
-X = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]])   # (N=2, T=4)
+X = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]])   # (N=2, C=4)
 M = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])                   # lengths 4 and 1
 
 
@@ -130,7 +130,7 @@ def test_aggregation_all_zero_mask_is_zero():
 
 # --------------------------------------------------------------------------------------- grpo_loss
 
-LOGP = torch.zeros(2, 2)                                  # (N=2, T=2), μ = 1 so ratio = 1
+LOGP = torch.zeros(2, 2)                                  # (N=2, C=2), μ = 1 so ratio = 1
 REF = torch.tensor([[-1.0, 0.0], [0.0, 5.0]])             # k3: [[e^-1, 0], [0, masked]]
 ADV = torch.tensor([1.0, -1.0])                           # (N,)
 MASK = torch.tensor([[1, 1], [1, 0]])                     # 3 completion tokens

@@ -1,48 +1,132 @@
-"""GRPOModule end to end on the tiny model: option checks, a smoke `fit`, and learning."""
+"""GRPOModule on the tiny model: option checks, learning, the step's plumbing (π_old, π_ref, the LR
+over μ updates, gradients), the reward of each sample, the token-level loss under DDP, and training
+through faults (failing tools, equal rewards, empty and truncated completions). What GRPO shares
+with SFT (schedule, sampler, evaluation) is tests/test_agent.py's; the real-process faults (SIGKILL,
+two ranks) are tests/test_kill_resume.py's and tests/test_ddp.py's."""
 from __future__ import annotations
 
+import functools
 import math
+import threading
 
 import lightning as L
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
+import grpo.agent
+import grpo.module
 from data.types import LOOKUP, QAExample
-from grpo.module import GRPOModule
-from grpo.policy import cosine_with_warmup, eval_metrics, schedule_length
+from grpo.agent import cosine_with_warmup
+from envs.protocol import parse_completion
+from grpo.losses import masked_mean_tokens
+from grpo.module import GRPOModule, ddp_token_scale
+from grpo.rewards import OTCWeights
+from grpo.rollout import rollout
+from models.tokenizer import ByteTokenizer
+from tests.fakes import fake_rollout
+
+TOK = ByteTokenizer()
+EOS = TOK.eos_token
+QUESTIONS = [QAExample(id=str(i), question=f"Question {i}?", answers=("yes",), kind=LOOKUP) for i in range(8)]
+FRANCE = [QAExample(id=f"q{i}", question="What is the capital of France?", answers=("Paris",), kind=LOOKUP)
+          for i in range(8)]
+BATCH = FRANCE[:2]  # B = 2 questions, both answered by "Paris"
+
+# --------------------------------------------------------------------------------------- a tiny fit
 
 
-def test_cosine_with_warmup_by_hand():
-    """10 steps, 20 % warm-up: 1/2, 2/2, then cosine from 1 down to 0 over the last 8 steps."""
-    f = [cosine_with_warmup(s, 10, 0.2) for s in range(10)]
-    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0)
-    assert f[2] == pytest.approx(1.0)                                     # progress 0/8
-    assert f[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))   # progress 4/8 -> 0.5
-    assert all(a >= b for a, b in zip(f[1:], f[2:]))
+class Record(L.Callback):
+    """What every training step returned, and the metrics logged by then (floats)."""
+
+    def __init__(self):
+        self.outputs, self.metrics = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.outputs.append(outputs)
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    @property
+    def rewards(self) -> list[float]:
+        return [m["reward/mean"] for m in self.metrics]
+
+
+class Biased(nn.Module):
+    """The tiny model with some token logits shifted (+ makes a token likely, - forbids it)."""
+
+    def __init__(self, model, bias: dict[str, float]):
+        super().__init__()
+        self.model = model
+        b = torch.zeros(len(TOK))                                                    # (V,)
+        for token, value in bias.items():
+            b[TOK.convert_tokens_to_ids(token)] = value
+        self.register_buffer("bias", b)
+
+    def forward(self, **kwargs):
+        out = self.model(**kwargs)
+        out.logits = out.logits + self.bias                                          # (rows, T, V)
+        return out
+
+
+def fit(module: GRPOModule, steps: int, env=lambda query: "nothing found", questions=QUESTIONS, batch_size: int = 2,
+        bias: dict[str, float] | None = None) -> Record:
+    """`steps` optimizer steps of `module` on `questions` (in order, repeated), its tool `env`, the
+    tiny model's logits shifted by `bias` if given: what each step returned and logged."""
+    if bias:
+        module.configure_model()
+        module.policy = Biased(module.policy, bias)
+    module.env = env
+    record = Record()
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[record])
+    trainer.fit(module, DataLoader(questions * 100, batch_size=batch_size, collate_fn=lambda b: b))
+    assert trainer.global_step == steps
+    record.trainer = trainer
+    return record
+
+
+def _module(**kwargs) -> GRPOModule:
+    L.seed_everything(0)
+    options = dict(model_name="tiny", group_size=4, max_new_tokens=16, max_obs_tokens=32, beta=0.0, lr=1e-2,
+                   warmup_ratio=0.0)
+    return GRPOModule(**(options | kwargs))
+
+
+def _trainable(module) -> list[torch.Tensor]:
+    """Copies of the policy's trainable weights (the policy is built first if needed)."""
+    module.configure_model()
+    return [p.detach().clone() for p in module.policy.parameters() if p.requires_grad]
+
+# --------------------------------------------------------------------------------------- options
 
 
 @pytest.mark.parametrize("option, value, message", [
     ("group_size", 1, "model.group_size=1"),
-    ("max_new_tokens", 0, "model.max_new_tokens=0"),
     ("temperature", -1.0, "model.temperature=-1.0"),
     ("top_p", 1.5, "model.top_p=1.5"),
     ("top_p", 0.9, "model.top_p=0.9: GRPO training must sample"),
-    ("eval_top_p", 0.0, "model.eval_top_p=0.0"),
     ("beta", -0.1, "model.beta=-0.1"),
     ("reward", "accuracy", "model.reward='accuracy'"),
-    ("model_name", "no-such-model", "model_name='no-such-model'"),
-    ("dtype", "int8", None),
+    ("clip_eps", 0.0, "model.clip_eps=0.0"),
+    ("clip_eps_high", -0.1, "model.clip_eps_high=-0.1"),  # an upper bound below 1 would be silently wrong
+    ("num_updates", 0, "model.num_updates=0"),
 ])
 def test_bad_options_fail_before_loading(option, value, message):
-    """A bad value raises at construction, naming the option; no model is loaded."""
-    if option == "dtype":  # checked when the weights load; only the name is validated up front
-        m = GRPOModule(model_name="tiny", dtype=value)
-        with pytest.raises(ValueError, match="dtype='int8'"):
-            m.configure_model()
-        return
+    """A bad value of a GRPO option raises at construction, naming the option; no model is loaded.
+    (The options shared with SFT: tests/test_agent.py.)"""
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         GRPOModule(**{"model_name": "tiny", option: value})
+
+
+def test_grpo_on_the_raw_smollm2_is_refused_before_loading():
+    """SmolLM2 writes no tags without a cold start: fit without init_adapter fails at setup, naming both."""
+    m = GRPOModule(model_name="smollm2-135m-instruct")
+    with pytest.raises(ValueError, match="model.init_adapter=None"):
+        m.setup("fit")
+    assert m.policy is None
+
+# --------------------------------------------------------------------------------------- learning
 
 
 class _EasyReward(GRPOModule):
@@ -50,15 +134,7 @@ class _EasyReward(GRPOModule):
 
     def compute_rewards(self, ro, batch):
         r = torch.tensor([float("<answer>" in t) + float("yes</answer>" in t) for t in ro.texts])
-        return r, {"tags": r}
-
-
-class _Record(L.Callback):
-    def __init__(self):
-        self.rewards = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.rewards.append(float(trainer.callback_metrics["reward/mean"]))
+        return r, {"tags": r}, r == 2
 
 
 def test_grpo_learns_an_easy_reward():
@@ -71,31 +147,11 @@ def test_grpo_learns_an_easy_reward():
     L.seed_everything(0)
     module = _EasyReward(model_name="tiny", lora=False, group_size=8, max_new_tokens=8, lr=3e-3,
                          warmup_ratio=0.0, beta=0.04)
-    module.env = lambda query: "nothing found"
     questions = [QAExample(id=str(i), question="Say yes.", answers=("yes",), kind=LOOKUP) for i in range(4)]
-    record = _Record()
-    trainer = L.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[record])
-    trainer.fit(module, DataLoader(questions * 100, batch_size=4, collate_fn=lambda b: b))
+    record = fit(module, 30, questions=questions, batch_size=4)
     before, after = sum(record.rewards[:5]) / 5, sum(record.rewards[-5:]) / 5
     print(f"learning test: mean reward, first 5 steps {before:.3f}, last 5 steps {after:.3f}")  # pytest -s
     assert after > before + 0.3, f"mean reward did not rise: first 5 steps {before:.3f}, last 5 {after:.3f}"
-
-
-def test_eval_metrics_by_hand():
-    """3 questions: memory right without a call (10 tokens), lookup right with 2 calls (30),
-    lookup wrong with 1 call (20)."""
-    rows = [dict(kind="memory", em=1.0, f1=1.0, well_formed=1.0, calls=0.0, tokens=10.0),
-            dict(kind="lookup", em=1.0, f1=1.0, well_formed=1.0, calls=2.0, tokens=30.0),
-            dict(kind="lookup", em=0.0, f1=0.5, well_formed=0.0, calls=1.0, tokens=20.0)]
-    m = eval_metrics(rows)
-    assert m["eval/em"] == pytest.approx(2 / 3) and m["eval/f1"] == pytest.approx(2.5 / 3)
-    assert m["eval/search_rate"] == pytest.approx(2 / 3) and m["eval/calls_per_sample"] == pytest.approx(1.0)
-    assert m["eval/productivity"] == pytest.approx(2 / 3)      # 2 correct / 3 calls
-    assert m["eval/cost_of_pass"] == pytest.approx(60 / 2)     # 60 tokens / 2 correct
-    assert m["eval/lookup/em"] == pytest.approx(0.5) and m["eval/memory/search_rate"] == 0.0
-    assert "eval/memory/productivity" not in m                  # no call: undefined, not 0
-
 
 # --------------------------------------------------------------------------------------- the step's plumbing
 
@@ -105,7 +161,7 @@ class _RandomReward(GRPOModule):
 
     def compute_rewards(self, ro, batch):
         r = torch.rand(len(ro.texts), generator=torch.Generator().manual_seed(self.global_step))
-        return r, {"random": r}
+        return r, {"random": r}, r > 0.5
 
 
 class _LRs(_RandomReward):
@@ -123,38 +179,17 @@ class _LRs(_RandomReward):
         self.rollouts += 1
         return super().rollout(*a, **kw)
 
-
-def _fit(module, max_steps, batch_size=2, questions=None):
-    module.env = lambda query: "nothing found"
-    questions = questions or [QAExample(id=str(i), question=f"Question {i}?", answers=("yes",), kind=LOOKUP)
-                              for i in range(8)]
-    record = _Record()
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[record])
-    trainer.fit(module, DataLoader(questions * 10, batch_size=batch_size, collate_fn=lambda b: b))
-    return trainer
-
-
 @pytest.mark.parametrize("num_updates", [1, 2])
 def test_lr_of_every_update_follows_the_schedule(num_updates):
     """max_steps counts optimizer updates (μ per rollout): max_steps 4 with μ = 2 is 2 rollouts, and the
     LR used by update k is lr·cosine_with_warmup(k, 4, 0.25) = lr·(1, 1, 0.75, 0.25), ending at 0."""
     L.seed_everything(0)
     m = _LRs(model_name="tiny", group_size=2, max_new_tokens=4, lr=1e-3, warmup_ratio=0.25, num_updates=num_updates)
-    trainer = _fit(m, max_steps=4)
+    trainer = fit(m, 4).trainer
     assert m.rollouts == 4 // num_updates and trainer.global_step == 4
     assert m.lrs == pytest.approx([1e-3 * f for f in (1.0, 1.0, 0.75, 0.25)])
     assert m.lrs == pytest.approx([1e-3 * cosine_with_warmup(k, 4, 0.25) for k in range(4)])
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the schedule's end
-
-
-def test_schedule_length():
-    """Optimizer steps of a run: μ·batches·epochs, capped by max_steps; a max_steps μ does not divide is refused."""
-    assert schedule_length(1, 7, 7, None, 10) == 7                     # μ = 1: Lightning's own estimate
-    assert schedule_length(2, 10, -1, 3, 10) == 60                     # 3 epochs of 10 batches, 2 updates each
-    assert schedule_length(2, 10, 8, 3, 10) == 8                       # max_steps first
-    with pytest.raises(ValueError, match="trainer.max_steps=5 is not a multiple of model.num_updates=2"):
-        schedule_length(2, 5, 5, None, 10)
 
 
 class _LastUpdate(_RandomReward):
@@ -179,7 +214,7 @@ def test_second_update_sees_the_old_policy():
     L.seed_everything(0)
     m = _LastUpdate(model_name="tiny", lora=False, group_size=4, max_new_tokens=8, lr=5e-2, warmup_ratio=0.0,
                     num_updates=2, beta=0.0, clip_eps=0.05)
-    _fit(m, max_steps=4)
+    fit(m, 4)
     assert max(abs(r - 1) for r in m.ratios) > 1e-2 and max(m.clip_fracs) > 0, (m.ratios, m.clip_fracs)
 
 
@@ -196,7 +231,7 @@ def test_reference_is_the_starting_policy(lora):
                     beta=0.1, lora_r=4, temperature=0.7)
     m.configure_model()
     start = deepcopy(m.policy).eval()
-    _fit(m, max_steps=3)
+    fit(m, 3)
     assert m.kls[-1] > 1e-4, m.kls
     ro = m.rollout([QAExample(id="a", question="Hi?", answers=("x",), kind=LOOKUP)], 0.7, 4)
     mask = ro.completion_mask.bool()
@@ -207,90 +242,13 @@ def test_reference_is_the_starting_policy(lora):
     torch.testing.assert_close(ref[mask], want[mask], atol=1e-5, rtol=1e-5)
 
 
-def test_rollout_sampler_follows_the_module_device(monkeypatch):
-    """torch.multinomial needs its generator on the logits' device: the sampler is made on the module's
-    device (a CUDA device is faked here: no GPU), seeded per rank, and rebuilt when the module moves."""
-    made = []
-
-    class RecordingGenerator:
-        def __init__(self, device="cpu"):
-            self.device, self.seed = torch.device(device), None
-            made.append(self)
-
-        def manual_seed(self, seed):
-            self.seed = seed
-            return self
-
-    m = GRPOModule(model_name="tiny", seed=7)
-    monkeypatch.setattr(torch, "Generator", RecordingGenerator)
-    assert m.sampler.device == torch.device("cpu") and m.sampler.seed == 7
-    monkeypatch.setattr(m, "_device", torch.device("cuda", 0))
-    g = m.sampler
-    assert g.device == torch.device("cuda", 0) and g.seed == 7 and len(made) == 2
-    assert m.sampler is g  # kept while the device stays
-
-
-def test_sampler_state_from_another_device_type_restarts_with_a_warning():
-    m = GRPOModule(model_name="tiny", seed=3)
-    state = torch.Generator().manual_seed(123).get_state()
-    m.on_load_checkpoint({"sampler_rng": [state], "sampler_device": "cpu"})
-    assert torch.equal(m.sampler.get_state(), state)  # same device type: resumed exactly
-    m.on_load_checkpoint({"sampler_rng": [torch.zeros(16, dtype=torch.uint8)], "sampler_device": "cuda"})
-    with pytest.warns(UserWarning, match="saved on 'cuda'"):
-        g = m.sampler
-    assert torch.equal(g.get_state(), torch.Generator().manual_seed(3).get_state())
-
-
-def _fake_rollout(texts, calls, no_obs, G):
-    from grpo.rollout import Rollout
-    N = len(texts)
-    z = torch.zeros(N, dtype=torch.long)
-    return Rollout(input_ids=torch.zeros(N, 2, dtype=torch.long), attention_mask=torch.ones(N, 2),
-                   completion_mask=torch.ones(N, 1), sample_logp=torch.zeros(N, 1), prompt_length=1,
-                   group_ids=torch.arange(N // G).repeat_interleave(G), num_calls=torch.tensor(calls),
-                   num_calls_no_obs=torch.tensor(no_obs), incomplete_calls=z, tool_errors=z, num_generated=z,
-                   truncated=z.bool(), texts=texts, queries=[[] for _ in texts])
-
-
-def test_rewards_go_to_their_own_question():
-    """Sample n answers question n // G: B = 2, G = 2, golds Paris then Rome. VOI totals by hand:
-    correct direct 1.0 + 0.1 + 0.1 = 1.2; wrong direct -0.5 + 0.1 = -0.4."""
-    m = GRPOModule(model_name="tiny", group_size=2)
-    batch = [QAExample(id="fr", question="Capital of France?", answers=("Paris",), kind=LOOKUP),
-             QAExample(id="it", question="Capital of Italy?", answers=("Rome",), kind=LOOKUP)]
-    texts = ["<answer>Paris</answer>", "<answer>Rome</answer>", "<answer>Rome</answer>", "<answer>Paris</answer>"]
-    rewards, parts = m.compute_rewards(_fake_rollout(texts, [0] * 4, [0] * 4, 2), batch)
-    assert rewards.tolist() == pytest.approx([1.2, -0.4, 1.2, -0.4])
-    assert parts["correct"].tolist() == pytest.approx([1.0, -0.5, 1.0, -0.5])
-
-
-def test_otc_charges_refused_calls():
-    """OTC counts every attempted call: a correct sample with 1 executed + 2 refused calls has m = 3
-    against n = 1, so r_tool = sin(f·π/2) with f = 2·1·3/(1+3) = 1.5: sin(0.75π) = 0.707 (not 1)."""
-    m = GRPOModule(model_name="tiny", group_size=2, reward="otc")
-    batch = [QAExample(id="fr", question="Capital of France?", answers=("Paris",), kind=LOOKUP)]
-    done = "<call>x</call><obs>o</obs><answer>Paris</answer>"
-    refused = "<call>x</call><obs>o</obs><call>y</call><obs>o</obs><call>z</call><obs>o</obs><answer>Paris</answer>"
-    rewards, parts = m.compute_rewards(_fake_rollout([done, refused], [1, 1], [0, 2], 2), batch)
-    assert parts["tool_factor"].tolist() == pytest.approx([1.0, math.sin(0.75 * math.pi)])
-    assert rewards.tolist() == pytest.approx([1.1, math.sin(0.75 * math.pi) + 0.1])
-
-
-def test_grpo_on_the_raw_smollm2_is_refused_before_loading():
-    """SmolLM2 writes no tags without a cold start: fit without init_adapter fails at setup, naming both."""
-    m = GRPOModule(model_name="smollm2-135m-instruct")
-    with pytest.raises(ValueError, match="model.init_adapter=None"):
-        m.setup("fit")
-    assert m.policy is None
-
-
 def test_first_update_ratio_is_one_at_the_sampling_temperature():
     """μ = 1, fp32, T = 0.7: at the first update π_θ is the policy that sampled, so ρ = π_θ/π_old is 1
     up to rounding on every token and nothing is clipped. Fails if the loss scores another temperature
     or other positions than the sampler did, or takes π_old from anything but the sampler."""
     L.seed_everything(0)
     m = _LastUpdate(model_name="tiny", group_size=4, max_new_tokens=12, temperature=0.7, lr=1e-3, clip_eps=1e-3)
-    _fit(m, max_steps=1)
+    fit(m, 1)
     assert abs(m.ratios[0] - 1) < 1e-4 and m.clip_fracs[0] == 0.0, (m.ratios, m.clip_fracs)
 
 
@@ -309,10 +267,10 @@ def test_gradients_are_clipped_to_max_grad_norm():
     the raw norms larger: the first, unclipped run shows it)."""
     raw = _GradNorms(model_name="tiny", lora=False, group_size=4, max_new_tokens=8, max_grad_norm=0.0, lr=1e-3)
     L.seed_everything(0)
-    _fit(raw, max_steps=2)
+    fit(raw, 2)
     clipped = _GradNorms(model_name="tiny", lora=False, group_size=4, max_new_tokens=8, max_grad_norm=1e-3, lr=1e-3)
     L.seed_everything(0)
-    _fit(clipped, max_steps=2)
+    fit(clipped, 2)
     assert min(raw.norms) > 1e-3 and max(clipped.norms) <= 1e-3 * (1 + 1e-4), (raw.norms, clipped.norms)
 
 
@@ -337,25 +295,192 @@ class _OwnGradients(_RandomReward):
 def test_each_update_uses_only_its_own_gradient():
     L.seed_everything(0)
     m = _OwnGradients(model_name="tiny", group_size=4, max_new_tokens=8, num_updates=2, max_grad_norm=0.0, lr=1e-2)
-    _fit(m, max_steps=4)
+    fit(m, 4)
     assert len(m.errors) == 4 and max(m.errors) < 1e-6, m.errors
 
+# --------------------------------------------------------------------------------------- the reward of each sample
 
-def test_evaluation_rollouts_use_the_eval_settings(monkeypatch):
-    """validation_step samples with eval_temperature, eval_top_p and eval_max_new_tokens, one completion
-    per question, not with the training temperature; its rows score each question against its own gold."""
-    m = GRPOModule(model_name="tiny", temperature=0.9, eval_temperature=0.0, eval_top_p=0.5, max_new_tokens=10,
-                   eval_max_new_tokens=7)
-    seen = []
 
-    def fake_rollout(batch, temperature, group_size, max_new_tokens=None, top_p=1.0):
-        seen.append((temperature, group_size, max_new_tokens, top_p))
-        return _fake_rollout(["<answer>Paris</answer>", "<call>x</call><obs>o</obs><answer>Rome</answer>"],
-                             [0, 1], [0, 0], 1)
+def test_rewards_go_to_their_own_question():
+    """Sample n answers question n // G: B = 2, G = 2, golds Paris then Rome. VOI totals by hand:
+    correct direct 1.0 + 0.1 + 0.1 = 1.2; wrong direct -0.5 + 0.1 = -0.4."""
+    m = GRPOModule(model_name="tiny", group_size=2)
+    batch = [QAExample(id="fr", question="Capital of France?", answers=("Paris",), kind=LOOKUP),
+             QAExample(id="it", question="Capital of Italy?", answers=("Rome",), kind=LOOKUP)]
+    texts = ["<answer>Paris</answer>", "<answer>Rome</answer>", "<answer>Rome</answer>", "<answer>Paris</answer>"]
+    rewards, parts, correct = m.compute_rewards(fake_rollout(texts, G=2), batch)
+    assert rewards.tolist() == pytest.approx([1.2, -0.4, 1.2, -0.4])
+    assert parts["correct"].tolist() == pytest.approx([1.0, -0.5, 1.0, -0.5])
+    assert correct.tolist() == [True, False, True, False]
 
-    monkeypatch.setattr(m, "rollout", fake_rollout)
-    batch = [QAExample(id="fr", question="Capital of France?", answers=("Paris",), kind="memory"),
-             QAExample(id="es", question="Capital of Spain?", answers=("Madrid",), kind=LOOKUP)]
-    m.validation_step(batch, 0)
-    assert seen == [(0.0, 1, 7, 0.5)]
-    assert [(r["em"], r["calls"], r["kind"]) for r in m._eval_rows] == [(1.0, 0.0, "memory"), (0.0, 1.0, "lookup")]
+
+def test_otc_charges_refused_calls():
+    """OTC counts every attempted call: a correct sample with 1 executed + 2 refused calls has m = 3
+    against n = 1, so r_tool = sin(f·π/2) with f = 2·1·3/(1+3) = 1.5: sin(0.75π) = 0.707 (not 1)."""
+    m = GRPOModule(model_name="tiny", group_size=2, reward="otc")
+    batch = [QAExample(id="fr", question="Capital of France?", answers=("Paris",), kind=LOOKUP)]
+    done = "<call>x</call><obs>o</obs><answer>Paris</answer>"
+    refused = "<call>x</call><obs>o</obs><call>y</call><obs>o</obs><call>z</call><obs>o</obs><answer>Paris</answer>"
+    rewards, parts, correct = m.compute_rewards(fake_rollout([done, refused], [1, 1], [0, 2], G=2), batch)
+    assert parts["tool_factor"].tolist() == pytest.approx([1.0, math.sin(0.75 * math.pi)])
+    assert rewards.tolist() == pytest.approx([1.1, math.sin(0.75 * math.pi) + 0.1]) and correct.all()
+
+
+def test_nan_reward_names_the_sample_and_the_component(monkeypatch):
+    """GRPOModule.compute_rewards stops on a NaN component, naming `<question id>#<sample>` and the key."""
+    module = GRPOModule(model_name="tiny", group_size=4)
+    real = grpo.module.voi_reward
+    calls = []
+
+    def voi_with_a_nan(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        calls.append(args)
+        if len(calls) == 6:                       # sample 5 = question q1, its sample #1
+            parts["correct"] = math.nan
+        return parts
+
+    monkeypatch.setattr(grpo.module, "voi_reward", voi_with_a_nan)
+    with pytest.raises(ValueError, match=r"reward component 'correct' of sample q1#1 \(index 5\) is nan"):
+        module.compute_rewards(fake_rollout(["<answer>Paris</answer>"] * 8, G=4), BATCH)
+    monkeypatch.setattr(grpo.module, "voi_reward", real)
+    rewards, parts, _ = module.compute_rewards(fake_rollout(["<answer>Paris</answer>"] * 8, G=4), BATCH)
+    assert rewards.tolist() == pytest.approx([1.2] * 8) and set(parts) == {
+        "correct", "format", "tool_cost", "no_obs_penalty", "direct_bonus"}
+
+
+def test_infinite_reward_weight_is_caught_through_the_otc_reward():
+    """OTC with alpha = inf: the correct sample's term is inf and a wrong one's inf * 0 = NaN."""
+    module = GRPOModule(model_name="tiny", group_size=2, reward="otc", otc_weights=OTCWeights(alpha=math.inf))
+    texts = ["<answer>Lyon</answer>", "<answer>Paris</answer>", "<answer>Paris</answer>", "<answer>x</answer>"]
+    with pytest.raises(ValueError, match=r"component 'correct' of sample q0#0 \(index 0\) is nan"):
+        module.compute_rewards(fake_rollout(texts, G=2), BATCH)
+
+# --------------------------------------------------------------------------------------- the token-level loss under DDP
+
+
+def test_ddp_token_scale_by_hand():
+    # T_r = 3 and 1 tokens, W = 2: T = 4, scales 3*2/4 = 1.5 and 1*2/4 = 0.5 (they sum to W)
+    scales = ddp_token_scale(torch.tensor([3.0, 1.0]), torch.tensor(4.0), 2)
+    assert scales.tolist() == [1.5, 0.5]
+    assert ddp_token_scale(torch.tensor(5.0), torch.tensor(10.0), 2).item() == 1.0   # equal counts: 1
+    assert ddp_token_scale(torch.tensor(0.0), torch.tensor(0.0), 2).item() == 0.0    # no tokens anywhere: 0, not NaN
+
+
+def test_ddp_token_scale_makes_the_gradient_average_the_global_token_mean():
+    """Two simulated ranks with 5 and 1 completion tokens: averaging the ranks' gradients (what DDP
+    does) of the rescaled local token means gives the gradient of the token mean over both ranks'
+    tokens; without the rescaling it does not (the one token of rank 1 would weigh 5 times more)."""
+    theta = torch.tensor(0.5, requires_grad=True)
+    a = [torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 5.0, 9.0, 9.0]]), torch.tensor([[10.0, 7.0, 7.0, 7.0]])]
+    m = [torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), torch.tensor([[1, 0, 0, 0]])]      # (N_r, C): T_r = 5, 1
+    x = [theta ** 2 * a_r for a_r in a]                                                  # per-token losses
+    T = sum(m_r.sum() for m_r in m).float()
+    want, = torch.autograd.grad(masked_mean_tokens(torch.cat(x), torch.cat(m)), theta, retain_graph=True)
+
+    def ddp_grad(scaled: bool):
+        grads = []
+        for x_r, m_r in zip(x, m):
+            s = ddp_token_scale(m_r.sum().float(), T, 2) if scaled else 1.0
+            grads.append(torch.autograd.grad(masked_mean_tokens(x_r, m_r) * s, theta, retain_graph=True)[0])
+        return sum(grads) / 2                                                            # DDP: mean over ranks
+
+    # by hand: Σ a over unmasked tokens = 1+2+3+4+5 + 10 = 25, T = 6, d/dθ θ² = 2θ = 1 -> 25/6
+    assert want.item() == pytest.approx(25 / 6)
+    assert ddp_grad(scaled=True).item() == pytest.approx(25 / 6)
+    assert ddp_grad(scaled=False).item() == pytest.approx((15 / 5 + 10 / 1) / 2)  # 6.5: not the token mean
+
+# --------------------------------------------------------------------------------------- training through faults
+
+
+class FlakyEnv:
+    """Call 1 raises, call 2 hangs past the timeout, call 3 returns 5 MB; every other call answers."""
+
+    def __init__(self):
+        self.calls, self.release = 0, threading.Event()
+
+    def __call__(self, query: str) -> str:
+        self.calls += 1
+        if self.calls == 1:
+            raise ConnectionError("search backend down")
+        if self.calls == 2:
+            self.release.wait(60)
+            return "too late"
+        if self.calls == 3:
+            return "x" * 5_000_000
+        return "[Paris] Paris is the capital of France."
+
+
+def test_training_goes_on_through_failing_tools(monkeypatch):
+    """Two GRPO steps with a tool that raises, hangs and floods on its first three calls: the three
+    samples get error observations and are counted in tool_errors (and in tools/errors_per_sample),
+    the other samples get real observations, and both steps train with a finite loss."""
+    monkeypatch.setattr(grpo.agent, "rollout", functools.partial(rollout, tool_timeout=0.3))
+    env = FlakyEnv()
+    module = _module()
+    before = _trainable(module)
+    try:
+        record = fit(module, 2, env, FRANCE, bias={"<call>": 6.0, "</call>": 6.0})
+    finally:
+        env.release.set()
+    assert env.calls > 3, "the set-up needs healthy calls after the faulty ones"
+    errors = torch.cat([o["rollout"].tool_errors for o in record.outputs])                 # (2N,)
+    texts = [t for o in record.outputs for t in o["rollout"].texts]
+    assert int(errors.sum()) == 3
+    for err, text in zip(errors.tolist(), texts):
+        assert ("Tool error" in text or "<obs>" + "x" * 32 + "</obs>" in text) == bool(err)
+    assert sum("[Paris]" in t for t in texts) >= 1
+    for o, m in zip(record.outputs, record.metrics):
+        assert math.isfinite(float(o["loss"]))
+        assert m["tools/errors_per_sample"] == pytest.approx(o["rollout"].tool_errors.float().mean().item())
+    after = _trainable(module)
+    assert len(after) == len(before) and any(not torch.equal(b, a) for b, a in zip(before, after)), "no update"
+
+
+class ConstantReward(GRPOModule):
+    """Every sample gets -0.45 (VOI: wrong after one call): every group has zero spread. In float32
+    the mean of three -0.45 is not exactly -0.45, so (r - mean) / (std + eps) is ~3e-4, not 0,
+    unless zero-spread groups are set to 0 (grpo.losses.group_advantages)."""
+
+    def compute_rewards(self, ro, batch):
+        r = torch.full((len(ro.texts),), -0.45)
+        return r, {"constant": r}, torch.zeros(len(ro.texts), dtype=torch.bool)
+
+
+def test_all_equal_rewards_give_zero_advantages_and_leave_the_weights_unchanged():
+    """β = 0 and every advantage 0: the loss is exactly 0 (no NaN from the zero std) and AdamW moves
+    nothing (zero gradients, no weight decay), though the completions have real lengths."""
+    L.seed_everything(0)
+    module = ConstantReward(model_name="tiny", group_size=3, max_new_tokens=12, beta=0.0, lr=1e-2, warmup_ratio=0.0)
+    before = _trainable(module)
+    record = fit(module, 2, lambda q: "nothing", FRANCE)
+    for o, m in zip(record.outputs, record.metrics):
+        assert float(o["loss"]) == 0.0 and m["loss/total"] == 0.0
+        assert m["reward/frac_zero_std"] == 1.0 and m["reward/std"] == pytest.approx(0.0, abs=1e-6)  # rounding
+        assert o["rollout"].completion_mask.sum() > 6 * 4, "completions must have real lengths"
+    after = _trainable(module)
+    assert len(after) == len(before) and all(torch.equal(b, a) for b, a in zip(before, after))
+
+
+def test_empty_completions_just_eos_train_with_finite_values():
+    """The model says EOS at once: one sampled token per completion, reward finite (-1: no answer,
+    malformed), not truncated, loss finite."""
+    record = fit(_module(), 1, lambda q: "nothing", FRANCE, bias={EOS: 30.0})
+    (o,), (m,) = record.outputs, record.metrics
+    ro = o["rollout"]
+    assert ro.texts == [EOS] * 8 and ro.num_generated.tolist() == [1] * 8
+    assert ro.completion_mask.sum(1).tolist() == [1] * 8 and not ro.truncated.any()
+    assert o["rewards"].tolist() == pytest.approx([-1.0] * 8)
+    assert math.isfinite(float(o["loss"])) and m["rollout/tokens_per_sample"] == 1.0
+
+
+def test_completions_that_hit_the_token_budget_without_an_answer():
+    """No EOS, no <answer>: every completion runs to max_new_tokens, is marked truncated, and still
+    gets a finite reward (its calls still count) and a finite loss."""
+    record = fit(_module(max_new_tokens=12), 1, lambda q: "nothing", FRANCE,
+                  bias={EOS: -1e4, "<answer>": -1e4, "</answer>": -1e4, "<call>": 2.0, "</call>": 2.0})
+    (o,), (m,) = record.outputs, record.metrics
+    ro = o["rollout"]
+    assert ro.truncated.all() and ro.num_generated.tolist() == [12] * 8
+    assert all(parse_completion(t).answer is None for t in ro.texts)
+    assert torch.isfinite(o["rewards"]).all() and (o["rewards"] <= -1.0).all()
+    assert math.isfinite(float(o["loss"])) and m["rollout/truncated_frac"] == 1.0

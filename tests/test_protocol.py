@@ -8,7 +8,7 @@ import time
 import pytest
 
 from envs.protocol import parse_completion
-from tests.test_rewards import KENYA
+from tests.fakes import KENYA
 
 # --------------------------------------------------------------------------------------- parser
 

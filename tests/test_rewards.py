@@ -1,16 +1,17 @@
-"""Rewards: hand-computed values for every VOI row, OTC; property tests (of the parser too)."""
+"""Rewards: hand-computed values for every VOI row, OTC; property tests (of the parser too): finite and
+bounded for any text, linear time on megabytes of malformed output."""
 import math
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from envs.protocol import BUDGET_OBSERVATION, parse_completion
-from grpo.rewards import (OTCWeights, VOIWeights, check_finite_rewards, otc_group_rewards, otc_optimal_calls,
+from grpo.rewards import (OTCWeights, VOIWeights, check_finite_rewards, judge, otc_group_rewards, otc_optimal_calls,
                           otc_tool_factor, voi_reward, voi_reward_bounds)
+from tests.fakes import KENYA
 
-KENYA = ("<thought>I need the population.</thought><call>Kenya</call>"
-         "<obs>[Kenya] Kenya has 53 million people.</obs><answer>53 million</answer>")
 TWO_CALLS = ("<call>Kenya</call><obs>[Kenya] ...</obs><call>Kenya population</call>"
              "<obs>[Kenya] 53 million</obs><answer>53 million</answer>")
 
@@ -18,7 +19,21 @@ TWO_CALLS = ("<call>Kenya</call><obs>[Kenya] ...</obs><call>Kenya population</ca
 
 
 def _voi(text, calls, no_obs, golds=("53 million",)):
-    return voi_reward(text, list(golds), calls, no_obs)
+    return voi_reward(*judge(text, list(golds)), calls, no_obs)
+
+
+def _otc(texts, golds, num_calls, weights=OTCWeights()):
+    """OTC rewards of a group of completion texts (each judged against `golds`)."""
+    correct, well_formed = zip(*(judge(t, golds) for t in texts))
+    return otc_group_rewards(correct, well_formed, num_calls, weights)
+
+
+def test_judge_reads_correctness_and_format():
+    assert judge(KENYA, ["53 million"]) == (True, True)
+    assert judge("<answer>the 53 Million.</answer>", ["53 million"]) == (True, True)  # HotpotQA normalisation
+    assert judge("<answer>12 million</answer>", ["53 million"]) == (False, True)
+    assert judge("53 million", ["53 million"]) == (False, False)                      # no answer: not correct
+    assert judge("<call>Kenya<answer>53 million</answer>", ["53 million"]) == (True, False)
 
 
 @pytest.mark.parametrize("text, calls, no_obs, expected", [
@@ -59,7 +74,7 @@ def test_voi_bounds_hand_computed():
 
 def test_voi_rejects_negative_counts():
     with pytest.raises(ValueError, match="num_calls=-1"):
-        voi_reward("<answer>x</answer>", ["x"], -1, 0)
+        voi_reward(True, True, -1, 0)
 
 # --------------------------------------------------------------------------------------- OTC
 
@@ -87,7 +102,7 @@ def test_otc_tool_factor_peaks_at_n_and_decreases(n, c):
 
 def test_otc_group_rewards_n_zero():
     texts = ["<answer>53 million</answer>", TWO_CALLS, KENYA.replace("53", "12"), "53 million"]
-    out = otc_group_rewards(texts, ["53 million"], [0, 2, 1, 0])
+    out = _otc(texts, ["53 million"], [0, 2, 1, 0])
     assert otc_optimal_calls([True, True, False, False], [0, 2, 1, 0]) == 0
     # n = 0, default c = 6: correct direct 1*1 + 0.1; correct with 2 calls cos(2pi/(4+6)) + 0.1;
     # wrong 0 + 0.1; no answer 0 - 0.5
@@ -98,13 +113,13 @@ def test_otc_group_rewards_n_zero():
 
 def test_otc_group_rewards_n_one_and_alpha():
     three = KENYA.replace("<answer>", "<call>a</call><obs>o</obs><call>b</call><obs>o</obs><answer>")
-    out = otc_group_rewards([KENYA, three], ["53 million"], [1, 3], OTCWeights(alpha=2.0))
+    out = _otc([KENYA, three], ["53 million"], [1, 3], OTCWeights(alpha=2.0))
     # n = 1: m = 1 -> 2*1 + 0.1 = 2.1; m = 3 -> 2*sin(3pi/4) + 0.1 = 1.5142
     assert [r["total"] for r in out] == pytest.approx([2.1, 2 * math.sqrt(0.5) + 0.1])
 
 
 def test_otc_group_no_correct_sample_gives_format_only():
-    out = otc_group_rewards(["<answer>1</answer>", "<answer>2"], ["53 million"], [3, 0])
+    out = _otc(["<answer>1</answer>", "<answer>2"], ["53 million"], [3, 0])
     assert otc_optimal_calls([False, False], [3, 0]) is None
     assert [r["total"] for r in out] == pytest.approx([0.1, -0.5])
     assert all(r["tool_factor"] == 1.0 and r["correct"] == 0.0 for r in out)
@@ -144,8 +159,47 @@ def test_parse_never_raises_and_is_consistent(text):
                                      max_size=3),
        calls=st.integers(0, 5), no_obs=st.integers(0, 3))
 def test_voi_never_raises_and_within_bounds(text, golds, calls, no_obs):
-    r = voi_reward(text, golds, calls, no_obs)
+    r = voi_reward(*judge(text, golds), calls, no_obs)
     check_finite_rewards([r])
     lo, hi = voi_reward_bounds(VOIWeights(), max_tool_calls=5, max_no_obs=3)
     assert lo - 1e-9 <= r["total"] <= hi + 1e-9
     assert r["total"] == pytest.approx(sum(v for k, v in r.items() if k != "total"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(any_text, min_size=1, max_size=6), golds=st.lists(st.sampled_from(["Paris", "53 million"])
+                                                                         | st.text(max_size=8), max_size=3),
+       calls=st.data(), alpha=st.floats(0.0, 5.0), c=st.floats(0.1, 10.0))
+def test_otc_rewards_are_finite_and_bounded(texts, golds, calls, alpha, c):
+    """total = correct + format with 0 <= correct <= alpha and format in {malformed, well_formed};
+    tool_factor in [0, 1]."""
+    w = OTCWeights(alpha=alpha, c=c)
+    num_calls = calls.draw(st.lists(st.integers(0, 8), min_size=len(texts), max_size=len(texts)))
+    correct, well_formed = zip(*(judge(t, golds) for t in texts))
+    for r in otc_group_rewards(correct, well_formed, num_calls, w):
+        assert all(math.isfinite(v) for v in r.values())
+        assert 0.0 <= r["tool_factor"] <= 1.0 and -1e-12 <= r["correct"] <= alpha + 1e-12
+        assert r["format"] in (w.well_formed, w.malformed)
+        lo, hi = min(w.malformed, w.well_formed), alpha + max(w.malformed, w.well_formed)
+        assert lo - 1e-12 <= r["total"] <= hi + 1e-12
+
+
+@pytest.mark.parametrize("text", [
+    "<thought><answer><call>" * 100_000,                 # nested openings, never closed
+    "<call>q</call><obs>" * 60_000,                      # every observation left open
+    "</answer></call></obs>" * 60_000,                   # stray closing tags only
+    "<answer>x</answer>" * 60_000,                       # 60k answers
+    "<call>" + "a" * 1_000_000,                          # one unclosed call, a megabyte query
+    "<answer>" + "Paris " * 200_000 + "<|im_end|>" * 50_000,  # unclosed megabyte answer, end markers
+], ids=["nested", "open-obs", "stray-closes", "many-answers", "long-call", "long-answer"])
+def test_megabyte_malformed_outputs_are_scored_fast(text):
+    """parse_completion, judge (EM of a megabyte answer) and both rewards stay linear on megabytes of
+    nested or unclosed tags."""
+    t0 = time.perf_counter()
+    p = parse_completion(text)
+    correct, well_formed = judge(text, ["Paris"])
+    voi = voi_reward(correct, well_formed, 0, 0)
+    (otc,) = otc_group_rewards([correct], [well_formed], [0])
+    assert time.perf_counter() - t0 < 5.0  # quadratic behaviour would take minutes
+    assert not p.well_formed and voi["format"] == -0.5 and otc["format"] == -0.5
+    assert all(math.isfinite(v) for v in (*voi.values(), *otc.values()))

@@ -1,8 +1,9 @@
 """Rollout: a scripted model (no weights) checks forced observations, masks, stopping, tool
-budget and that every token is fed once; the tiny Llama checks cache == no-cache, that packed,
-left-padded rows give the logits of each sequence alone, and that those are the logits each token
-was sampled from. Shapes: B prompts, G group
-size, N = B*G rows, P prompt tokens, C completion tokens, L new tokens of a step, V vocab."""
+budget, failing tools and that every token is fed once; the tiny Llama checks cache == no-cache,
+that packed, left-padded rows give the logits of each sequence alone, and that those are the logits
+each token was sampled from. Shapes (`grpo/__init__.py`): B, G, N = B*G rows, P, C, L new tokens of
+a step, V."""
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -10,15 +11,16 @@ import torch
 from torch import nn
 
 from envs.protocol import BUDGET_OBSERVATION
-from grpo.rollout import position_ids_from_mask, rollout, sample_next
+from grpo.kvcache import position_ids_from_mask
+from grpo.rollout import OBS_CHARS_PER_TOKEN, rollout, sample_next
 from models.loading import load_model_and_tokenizer
 from models.tokenizer import ByteTokenizer
+from tests.fakes import ENV_TEXT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOK = ByteTokenizer()
 EOS = "<|im_end|>"
-ENV_TEXT = "Paris is the capital of France."
 
 # --------------------------------------------------------------------------------------- scripted model
 
@@ -265,6 +267,50 @@ def test_env_error_only_affects_its_sample():
     assert r.completion_mask[0, :len(completion(r, 0))].tolist() == [1] * 7 + [0] * n_obs + [1] * 3
     assert r.tool_errors.tolist() == [1, 0] and r.num_calls.tolist() == [1, 1] and env.queries == ["boom", "fine"]
 
+class CountingTokenizer(ByteTokenizer):
+    """Records the length of every text it encodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.lengths = []
+
+    def encode(self, text, add_special_tokens=False):
+        self.lengths.append(len(text))
+        return super().encode(text, add_special_tokens)
+
+
+def test_failing_tools_only_affect_their_own_samples(faulty_env):
+    """B=2 prompts, G=3: samples 0, 1, 2 call a tool that raises, hangs, floods; samples 3-5 are the
+    same with a healthy tool. Each faulty sample gets a short observation, is counted in
+    tool_errors and goes on to its answer; samples 3-5 are token for token what a rollout with a
+    healthy env gives; no megabyte string is ever tokenized."""
+    scripts = [f"<thought><call>{q}</call><answer>a{i}</answer>" for i, q in enumerate(["boom", "hang", "huge"])]
+    scripts += ["<thought><call>fine</call><answer>b</answer>", "<thought><answer>c</answer>",
+                "<thought><call>also fine</call><call>again</call><answer>d</answer>"]
+    max_obs_tokens = 32
+
+    def run(env, tokenizer):
+        return rollout(ScriptedLM(scripts, 3), tokenizer, ["Q1", "Q2"], env, group_size=3, max_new_tokens=64,
+                       max_obs_tokens=max_obs_tokens, generator=torch.Generator().manual_seed(0), tool_timeout=0.3)
+
+    tok = CountingTokenizer()
+    t0 = time.perf_counter()
+    r = run(faulty_env, tok)
+    assert time.perf_counter() - t0 < 10
+    healthy = run(lambda q: ENV_TEXT, TOK)
+
+    assert r.tool_errors.tolist() == [1, 1, 1, 0, 0, 0]
+    assert r.num_calls.tolist() == healthy.num_calls.tolist() == [1, 1, 1, 1, 0, 2]
+    observations = [t.split("<obs>")[1].split("</obs>")[0] for t in r.texts[:3]]
+    assert observations == ["Tool error: ConnectionError", "Tool error: timeout", "x" * max_obs_tokens]
+    for i in range(3):
+        assert r.texts[i].endswith(f"</obs><answer>a{i}</answer>"), "the faulty sample must go on to its answer"
+    for i in range(3, 6):
+        assert completion(r, i) == completion(healthy, i) and r.texts[i] == healthy.texts[i]
+        n = len(completion(r, i))
+        assert torch.equal(r.completion_mask[i, :n], healthy.completion_mask[i, :n])
+    assert max(tok.lengths) <= OBS_CHARS_PER_TOKEN * max_obs_tokens
+
 # --------------------------------------------------------------------------------------- tiny Llama
 
 
@@ -451,11 +497,11 @@ def test_refused_call_is_well_formed_and_charged():
     """Over the budget the env answers with the budget observation: the text parses as well-formed,
     and the refused call is charged through num_calls_no_obs (VOI: 1.0 + 0.1 - 0.05 - 0.2 = 0.85)."""
     from envs.protocol import parse_completion
-    from grpo.rewards import voi_reward
+    from grpo.rewards import judge, voi_reward
 
     r, _, _ = run(["<call>q1</call><call>q2</call><answer>a</answer>"], ["Q"], group_size=1, max_tool_calls=1)
     assert parse_completion(r.texts[0]).well_formed
-    total = voi_reward(r.texts[0], ["a"], int(r.num_calls[0]), int(r.num_calls_no_obs[0]))["total"]
+    total = voi_reward(*judge(r.texts[0], ["a"]), int(r.num_calls[0]), int(r.num_calls_no_obs[0]))["total"]
     assert total == pytest.approx(0.85)
 
 # --------------------------------------------------------------------------------------- closing tags
@@ -522,7 +568,7 @@ def test_growing_layer_matches_dynamic_layer():
     across reallocations and after its tensors are replaced (the rollout's cache surgery)."""
     from transformers.cache_utils import DynamicLayer
 
-    from grpo.rollout import GrowingLayer
+    from grpo.kvcache import GrowingLayer
 
     g = torch.Generator().manual_seed(0)
     ref = DynamicLayer()

@@ -1,4 +1,4 @@
-"""MockSearchEnv: the three tiers, ranking, caps, 'no results', and never raising."""
+"""LocalSearchEnv: the three tiers, ranking, caps, 'no results', and never raising."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from envs.base import Document, Tool
-from envs.search import MockSearchEnv, normalize, normalize_title, truncate
+from envs.search import LocalSearchEnv, normalize, normalize_title, truncate
 
 DOCS = [
     Document("The Beatles", "The Beatles were an English rock band formed in Liverpool in 1960."),
@@ -21,11 +21,11 @@ DOCS = [
 
 
 @pytest.fixture
-def env() -> MockSearchEnv:
-    return MockSearchEnv(DOCS)
+def env() -> LocalSearchEnv:
+    return LocalSearchEnv(DOCS)
 
 
-def titles(env: MockSearchEnv, query: str) -> list[str]:
+def titles(env: LocalSearchEnv, query: str) -> list[str]:
     return [doc.title for doc in env.search(query)]
 
 
@@ -76,7 +76,7 @@ def test_query_inside_titles_of_equal_length_ranks_alphabetically(env):
 
 
 def test_query_inside_title_ranks_shorter_title_first():
-    env = MockSearchEnv([Document("Ann Obama Presidential Library", "x"), Document("Obama Center", "y")])
+    env = LocalSearchEnv([Document("Ann Obama Presidential Library", "x"), Document("Obama Center", "y")])
     assert titles(env, "obama") == ["Obama Center", "Ann Obama Presidential Library"]
 
 
@@ -91,7 +91,7 @@ def test_partial_match_needs_whole_words(env):
 
 def test_more_words_in_common_rank_first():
     docs = [Document("Obama", "a"), Document("Barack Obama Sr", "b")]
-    env = MockSearchEnv(docs)
+    env = LocalSearchEnv(docs)
     # query inside "Barack Obama Sr" (2 words in common) beats "Obama" inside the query (1 word)
     assert titles(env, "barack obama") == ["Barack Obama Sr", "Obama"]
 
@@ -110,7 +110,7 @@ def test_content_fills_up_after_title_hits(env):
 
 def test_content_ties_go_to_the_earlier_document():
     docs = [Document(f"Doc {i}", "same words here") for i in range(5)]
-    env = MockSearchEnv(docs, top_k=3)
+    env = LocalSearchEnv(docs, top_k=3)
     assert titles(env, "same words") == ["Doc 0", "Doc 1", "Doc 2"]
 
 
@@ -125,24 +125,24 @@ def test_observation_format(env):
 def test_same_query_gives_identical_output(env):
     first = env("liverpool football club")
     assert all(env("liverpool football club") == first for _ in range(5))
-    assert MockSearchEnv(DOCS)("liverpool football club") == first  # a rebuilt index too
+    assert LocalSearchEnv(DOCS)("liverpool football club") == first  # a rebuilt index too
 
 
 def test_top_k_limits_hits():
-    env = MockSearchEnv(DOCS, top_k=1)
+    env = LocalSearchEnv(DOCS, top_k=1)
     assert titles(env, "liverpool") == ["Liverpool"]
     assert len(env("liverpool").splitlines()) == 1
-    assert len(MockSearchEnv(DOCS, top_k=10).search("liverpool")) == 3  # 2 titles + 1 text
+    assert len(LocalSearchEnv(DOCS, top_k=10).search("liverpool")) == 3  # 2 titles + 1 text
 
 
 def test_snippet_is_cut_at_word_boundary():
-    env = MockSearchEnv([Document("Long", "word " * 100)], snippet_chars=22)
+    env = LocalSearchEnv([Document("Long", "word " * 100)], snippet_chars=22)
     assert env("long") == "[Long] word word word word…"
 
 
 def test_observation_is_capped_at_max_chars():
     docs = [Document(f"Topic {i}", "alpha " * 60) for i in range(3)]
-    env = MockSearchEnv(docs, max_chars=100, snippet_chars=60)
+    env = LocalSearchEnv(docs, max_chars=100, snippet_chars=60)
     out = env("alpha")
     assert len(out) <= 100
     lines = out.splitlines()
@@ -152,7 +152,7 @@ def test_observation_is_capped_at_max_chars():
 
 
 def test_tiny_max_chars_still_shows_the_first_hit():
-    out = MockSearchEnv(DOCS, max_chars=12)("beatles")
+    out = LocalSearchEnv(DOCS, max_chars=12)("beatles")
     assert out == "[The…"
 
 
@@ -183,9 +183,9 @@ def test_non_string_queries_do_not_raise(env):
 
 
 def test_empty_collection_has_no_results():
-    env = MockSearchEnv([])
+    env = LocalSearchEnv([])
     assert env("beatles") == "No results for 'beatles'."
-    assert MockSearchEnv([Document("", "")])("anything") == "No results for 'anything'."
+    assert LocalSearchEnv([Document("", "")])("anything") == "No results for 'anything'."
 
 
 # --- duplicates, construction -------------------------------------------------------
@@ -205,11 +205,11 @@ def test_tool_protocol_and_description(env):
                                            ("top_k", 2.5)])
 def test_bad_options_raise_naming_the_option(option, value):
     with pytest.raises(ValueError, match=rf"{option} .*{value}"):
-        MockSearchEnv(DOCS, **{option: value})
+        LocalSearchEnv(DOCS, **{option: value})
 
 
 @settings(max_examples=300, deadline=None)
 @given(query=st.text(), max_chars=st.integers(1, 700))
 def test_any_text_query_returns_a_capped_string(query, max_chars):
-    out = MockSearchEnv(DOCS, max_chars=max_chars)(query)
+    out = LocalSearchEnv(DOCS, max_chars=max_chars)(query)
     assert isinstance(out, str) and 0 < len(out) <= max_chars

@@ -27,7 +27,7 @@ from data.types import LOOKUP, MEMORY
 from envs.base import Document
 from envs.protocol import parse_completion
 from envs.sandbox import run_tool
-from envs.search import MockSearchEnv
+from envs.search import LocalSearchEnv
 
 REPO = Path(__file__).resolve().parents[1]
 HOTPOTQA_TRAIN = REPO.parent / "shared" / "data" / "hotpotqa" / "train_distractor_100.jsonl"
@@ -43,7 +43,7 @@ def task():
 
 @pytest.fixture(scope="module")
 def env(task):
-    return MockSearchEnv(task.documents)
+    return LocalSearchEnv(task.documents)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_every_trace_well_formed_with_the_style_call_count(traces, by_id):
 
 
 def test_every_observation_is_what_the_env_returns(task, traces):
-    fresh = MockSearchEnv(task.documents)
+    fresh = LocalSearchEnv(task.documents)
     checked = 0
     for trace in traces:
         query = None
@@ -171,7 +171,7 @@ def test_offline_search_traces_hold_the_gold_in_their_observations(traces):
 
 def test_gold_missing_from_the_observations_is_skipped_and_counted(task):
     currency = [ex for ex in task.train if ex.type == "currency"][:5]
-    blank = MockSearchEnv([Document(d.title, "No facts here.") for d in task.documents])
+    blank = LocalSearchEnv([Document(d.title, "No facts here.") for d in task.documents])
     with pytest.warns(UserWarning) as caught:
         traces, report = draw_traces(currency, blank, {"search": 5}, seed=0)
     assert [str(w.message).split(" (")[0] for w in caught] == ["only 0 search traces of the 5 requested",
@@ -342,7 +342,7 @@ def test_hotpotqa_traces_query_the_supporting_titles():
     from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 
     examples = {ex.id: ex for ex in load_hotpotqa(str(HOTPOTQA_TRAIN))}
-    fresh = MockSearchEnv(hotpotqa_documents(examples.values()))
+    fresh = LocalSearchEnv(hotpotqa_documents(examples.values()))
     traces = hotpotqa_traces(str(HOTPOTQA_TRAIN), n=20, seed=0)
     assert len(traces) == 20
     for trace in traces:

@@ -1,9 +1,11 @@
-"""`PolicyModule`: what the GRPO and SFT LightningModules share.
+"""`AgentModule`: the Lightning base of a tool-using agent, what the GRPO and SFT modules share.
 
-The policy network (LoRA adapters or every weight) and its tokenizer, AdamW with a cosine
-schedule after a linear warm-up, agentic rollouts (`grpo.rollout`) and their evaluation on
-held-out questions, and checkpoints that hold the trainable weights only plus every rank's
-rollout RNG. The algorithm itself is in `grpo.module.GRPOModule.training_step`.
+The agent is a policy network (LoRA adapters or every weight) with its tokenizer and its search
+tool (`env`, taken from the datamodule). This class holds what both ways of training it need:
+AdamW with a cosine schedule after a linear warm-up, agentic rollouts (`grpo.rollout`) and their
+evaluation on held-out questions (gathered over DDP ranks), and checkpoints that hold the trainable
+weights only plus every rank's rollout RNG. It has no `training_step`: GRPO's is
+`grpo.module.GRPOModule.training_step`, SFT's `grpo.sft.SFTModule.training_step`.
 """
 from __future__ import annotations
 
@@ -13,43 +15,12 @@ import warnings
 import lightning as L
 import torch
 
-from data.answers import exact_match, f1_score
 from data.types import QAExample
-from envs.protocol import build_prompt, parse_completion
+from envs.protocol import build_prompt
+from grpo.metrics import eval_metrics, eval_rows
 from grpo.rollout import Rollout, rollout
-from models.loading import (DEFAULT_LORA_TARGETS, SMOLLM2, add_lora, check_4bit, check_model_name, frozen_copy,
-                           load_model_and_tokenizer)
-
-
-def eval_metrics(rows: list[dict]) -> dict[str, float]:
-    """Means of the per-question evaluation rows, overall and per kind (memory / lookup).
-
-    eval/em, eval/f1        answer quality (HotpotQA EM / F1)
-    eval/well_formed        share of completions that are well-formed and end in an answer
-    eval/calls_per_sample   executed tool calls per question
-    eval/search_rate        share of questions with at least one call
-    eval/tokens_per_sample  sampled tokens per question
-    eval/productivity       correct answers / executed tool calls (OTC's tool productivity)
-    eval/cost_of_pass       sampled tokens / correct answers (tokens spent per correct answer)
-    (the last two are left out when their denominator is 0)
-    """
-    def means(rs):
-        n = len(rs)
-        m = {"em": sum(r["em"] for r in rs) / n, "f1": sum(r["f1"] for r in rs) / n,
-             "well_formed": sum(r["well_formed"] for r in rs) / n,
-             "calls_per_sample": sum(r["calls"] for r in rs) / n,
-             "search_rate": sum(r["calls"] > 0 for r in rs) / n,
-             "tokens_per_sample": sum(r["tokens"] for r in rs) / n}
-        correct, calls = sum(r["em"] for r in rs), sum(r["calls"] for r in rs)
-        if calls:
-            m["productivity"] = correct / calls
-        if correct:
-            m["cost_of_pass"] = sum(r["tokens"] for r in rs) / correct
-        return m
-    out = {f"eval/{k}": v for k, v in means(rows).items()}
-    for kind in sorted({r["kind"] for r in rows}):
-        out |= {f"eval/{kind}/{k}": v for k, v in means([r for r in rows if r["kind"] == kind]).items()}
-    return out
+from models.loading import (DEFAULT_LORA_TARGETS, SMOLLM2, add_lora, check_4bit, check_model_name,
+                            load_model_and_tokenizer)
 
 
 def cosine_with_warmup(step: int, total_steps: int, warmup_ratio: float) -> float:
@@ -116,7 +87,7 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"model.{name}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
 
 
-class PolicyModule(L.LightningModule):
+class AgentModule(L.LightningModule):
     """What GRPO and SFT share: the policy (LoRA or full) and tokenizer, the optimizer and schedule,
     agentic rollouts and their evaluation, and checkpoints of the trainable weights only.
 
@@ -162,37 +133,27 @@ class PolicyModule(L.LightningModule):
         """
         super().__init__()
         check_model_name(model_name)
-        for name in ("max_new_tokens", "max_obs_tokens"):
+        check_4bit(load_in_4bit)
+        for name in ("max_new_tokens", "max_obs_tokens", "lr", *(("lora_r", "lora_alpha") if lora else ()),
+                     *(("eval_max_new_tokens",) if eval_max_new_tokens is not None else ())):
             check_positive(name, locals()[name])
-        check_positive("max_tool_calls", max_tool_calls, allow_zero=True)
-        check_positive("eval_temperature", eval_temperature, allow_zero=True)
+        for name in ("max_tool_calls", "eval_temperature", "weight_decay", "max_grad_norm"):
+            check_positive(name, locals()[name], allow_zero=True)
         if not 0 < eval_top_p <= 1:
             raise ValueError(f"model.eval_top_p={eval_top_p}: must be in (0, 1]")
-        check_4bit(load_in_4bit)
-        if lora:
-            check_positive("lora_r", lora_r)
-            check_positive("lora_alpha", lora_alpha)
-        check_positive("lr", lr)
-        check_positive("weight_decay", weight_decay, allow_zero=True)
-        check_positive("max_grad_norm", max_grad_norm, allow_zero=True)
-        if eval_max_new_tokens is not None:
-            check_positive("eval_max_new_tokens", eval_max_new_tokens)
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"model.lora_dropout={lora_dropout!r}: must be in [0, 1)")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"model.warmup_ratio={warmup_ratio!r}: must be in [0, 1)")
         self.save_hyperparameters()  # this class's options and the subclass's own (Lightning collects both)
         self.policy = None  # built in configure_model, after every option has been checked
-        self.ref_model = None
         self.tokenizer = None
         self.strict_loading = False  # checkpoints hold the trainable weights only
         self.automatic_optimization = False
         self._sampler: torch.Generator | None = None  # the rollout's RNG (see `sampler`), saved in checkpoints
         self._sampler_state: tuple[str, torch.Tensor] | None = None  # (device type, state) from a checkpoint
         self.env = None  # the search tool; taken from the datamodule in setup()
-        self._eval_rows: list[dict] = []
-        self.last_eval: dict[str, float] = {}  # metrics of the latest evaluation (read by callbacks)
-        self.last_eval_rows: list[dict] = []
+        self._eval_rows: list[dict] = []  # this rank's rows of the current evaluation
 
     @property
     def sampler(self) -> torch.Generator:
@@ -215,8 +176,8 @@ class PolicyModule(L.LightningModule):
 
     @property
     def updates_per_batch(self) -> int:
-        """Optimizer steps per training batch: μ for GRPO, 1 for SFT."""
-        return getattr(self.hparams, "num_updates", 1)
+        """Optimizer steps per training batch (GRPO: μ)."""
+        return 1
 
     def setup(self, stage: str) -> None:
         self._sampler = None  # every run starts its rank's stream from the seed (or the checkpoint's state)
@@ -235,8 +196,6 @@ class PolicyModule(L.LightningModule):
                                                          init_adapter=hp.init_adapter)
         if hp.lora:
             model = add_lora(model, hp.lora_r, hp.lora_alpha, hp.lora_dropout, tuple(hp.lora_targets))
-        elif getattr(hp, "beta", 0) > 0:
-            self.ref_model = frozen_copy(model)  # full fine-tuning: π_ref is a frozen copy
         self.policy = model.train()  # HF loads in eval mode; LoRA dropout (if any) should act in training
 
     def configure_optimizers(self):
@@ -278,20 +237,17 @@ class PolicyModule(L.LightningModule):
         return ro
 
     # ---- evaluation: agentic rollouts on held-out questions
-    def validation_step(self, batch: list[QAExample], batch_idx: int) -> None:
-        """Rollouts at `eval_temperature` (0: greedy): accuracy, format, tokens and tool use."""
+    def validation_step(self, batch: list[QAExample], batch_idx: int) -> list[dict]:
+        """Rollouts at `eval_temperature` (0: greedy), one per question: its row of accuracy, format,
+        tokens and tool use (`grpo.metrics.eval_rows`). The rows are returned, for callbacks
+        (`on_validation_batch_end`: the evaluation report), and kept for the epoch's metrics."""
         hp = self.hparams
         ro = self.rollout(batch, temperature=hp.eval_temperature, group_size=1,
                           max_new_tokens=hp.eval_max_new_tokens or hp.max_new_tokens,
                           top_p=hp.eval_top_p)
-        for i, ex in enumerate(batch):
-            parsed = parse_completion(ro.texts[i])
-            self._eval_rows.append({
-                "kind": ex.kind, "em": exact_match(parsed.answer or "", ex.answers),
-                "f1": f1_score(parsed.answer or "", ex.answers),
-                "well_formed": float(parsed.well_formed and parsed.answer is not None),
-                "calls": float(ro.num_calls[i]), "tokens": float(ro.completion_mask[i].sum()),
-                "id": ex.id, "question": ex.question, "text": ro.texts[i]})
+        rows = eval_rows(batch, ro)
+        self._eval_rows += rows
+        return rows
 
     test_step = validation_step
 
@@ -300,7 +256,6 @@ class PolicyModule(L.LightningModule):
         if not rows:
             return
         metrics = eval_metrics(rows)
-        self.last_eval, self.last_eval_rows = metrics, rows
         self.log_dict(metrics, sync_dist=True)  # already equal on every rank: the mean over ranks keeps them
         if not self.trainer.sanity_checking:
             self.print(f"[eval step {self.global_step}] " + "  ".join(

@@ -1,0 +1,129 @@
+"""AgentModule (grpo/agent.py), what GRPO and SFT share: the LR schedule, the checks of the shared
+options, the rollout sampler's device and saved state, evaluation rollouts, and evaluation rows
+gathered over DDP ranks. GRPO's own: tests/test_module.py."""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from data.types import LOOKUP, QAExample
+from grpo.agent import cosine_with_warmup, gather_eval_rows, schedule_length
+from grpo.module import GRPOModule
+from grpo.sft import SFTModule
+from tests.fakes import fake_rollout
+
+# --------------------------------------------------------------------------------------- the LR schedule
+
+
+def test_cosine_with_warmup_by_hand():
+    """10 steps, 20 % warm-up: 1/2, 2/2, then cosine from 1 down to 0 over the last 8 steps."""
+    f = [cosine_with_warmup(s, 10, 0.2) for s in range(10)]
+    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0)
+    assert f[2] == pytest.approx(1.0)                                     # progress 0/8
+    assert f[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))   # progress 4/8 -> 0.5
+    assert all(a >= b for a, b in zip(f[1:], f[2:]))
+
+
+def test_schedule_length():
+    """Optimizer steps of a run: μ·batches·epochs, capped by max_steps; a max_steps μ does not divide is refused."""
+    assert schedule_length(1, 7, 7, None, 10) == 7                     # μ = 1: Lightning's own estimate
+    assert schedule_length(2, 10, -1, 3, 10) == 60                     # 3 epochs of 10 batches, 2 updates each
+    assert schedule_length(2, 10, 8, 3, 10) == 8                       # max_steps first
+    with pytest.raises(ValueError, match="trainer.max_steps=5 is not a multiple of model.num_updates=2"):
+        schedule_length(2, 5, 5, None, 10)
+
+# --------------------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("option, value", [
+    ("max_new_tokens", 0), ("max_obs_tokens", 0), ("max_tool_calls", -1), ("eval_temperature", -0.5),
+    ("eval_top_p", 0.0), ("eval_max_new_tokens", 0), ("lr", 0.0), ("warmup_ratio", 1.0), ("weight_decay", -0.1),
+    ("max_grad_norm", -1.0), ("lora_r", 0), ("lora_alpha", 0), ("lora_dropout", 1.5),
+])
+def test_bad_options_fail_before_loading(option, value):
+    """A bad value of a shared option raises at construction (SFT's as GRPO's), naming `model.<option>=<value>`;
+    no model is loaded. (Unchecked, eval_max_new_tokens=0 would silently be the training budget, and
+    lora_dropout, weight_decay and max_grad_norm would fail only after the model loaded.)"""
+    for module in (SFTModule, GRPOModule):
+        with pytest.raises(ValueError, match=rf"model\.{option}={re.escape(repr(value))}"):
+            module(model_name="tiny", **{option: value})
+
+
+def test_model_name_and_dtype_are_checked():
+    with pytest.raises(ValueError, match="model_name='no-such-model'"):
+        SFTModule(model_name="no-such-model")
+    m = SFTModule(model_name="tiny", dtype="int8")  # checked when the weights load; only the name up front
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        m.configure_model()
+
+# --------------------------------------------------------------------------------------- the rollout sampler
+
+
+def test_rollout_sampler_follows_the_module_device(monkeypatch):
+    """torch.multinomial needs its generator on the logits' device: the sampler is made on the module's
+    device (a CUDA device is faked here: no GPU), seeded per rank, and rebuilt when the module moves."""
+    made = []
+
+    class RecordingGenerator:
+        def __init__(self, device="cpu"):
+            self.device, self.seed = torch.device(device), None
+            made.append(self)
+
+        def manual_seed(self, seed):
+            self.seed = seed
+            return self
+
+    m = GRPOModule(model_name="tiny", seed=7)
+    monkeypatch.setattr(torch, "Generator", RecordingGenerator)
+    assert m.sampler.device == torch.device("cpu") and m.sampler.seed == 7
+    monkeypatch.setattr(m, "_device", torch.device("cuda", 0))
+    g = m.sampler
+    assert g.device == torch.device("cuda", 0) and g.seed == 7 and len(made) == 2
+    assert m.sampler is g  # kept while the device stays
+
+
+def test_sampler_state_from_another_device_type_restarts_with_a_warning():
+    m = GRPOModule(model_name="tiny", seed=3)
+    state = torch.Generator().manual_seed(123).get_state()
+    m.on_load_checkpoint({"sampler_rng": [state], "sampler_device": "cpu"})
+    assert torch.equal(m.sampler.get_state(), state)  # same device type: resumed exactly
+    m.on_load_checkpoint({"sampler_rng": [torch.zeros(16, dtype=torch.uint8)], "sampler_device": "cuda"})
+    with pytest.warns(UserWarning, match="saved on 'cuda'"):
+        g = m.sampler
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(3).get_state())
+
+# --------------------------------------------------------------------------------------- evaluation
+
+
+def test_evaluation_rollouts_use_the_eval_settings(monkeypatch):
+    """validation_step samples with eval_temperature, eval_top_p and eval_max_new_tokens, one completion
+    per question, not with the training temperature; its rows score each question against its own gold."""
+    m = GRPOModule(model_name="tiny", temperature=0.9, eval_temperature=0.0, eval_top_p=0.5, max_new_tokens=10,
+                   eval_max_new_tokens=7)
+    seen = []
+
+    def recorded_rollout(batch, temperature, group_size, max_new_tokens=None, top_p=1.0):
+        seen.append((temperature, group_size, max_new_tokens, top_p))
+        return fake_rollout(["<answer>Paris</answer>", "<call>x</call><obs>o</obs><answer>Rome</answer>"], [0, 1])
+
+    monkeypatch.setattr(m, "rollout", recorded_rollout)
+    batch = [QAExample(id="fr", question="Capital of France?", answers=("Paris",), kind="memory"),
+             QAExample(id="es", question="Capital of Spain?", answers=("Madrid",), kind=LOOKUP)]
+    rows = m.validation_step(batch, 0)
+    assert seen == [(0.0, 1, 7, 0.5)]
+    assert [(r["em"], r["calls"], r["kind"]) for r in rows] == [(1.0, 0.0, "memory"), (0.0, 1.0, "lookup")]
+
+
+def test_gather_eval_rows_counts_each_question_once(tmp_path):
+    """One-process gloo group: the rows come back once each, the padded repeat dropped, order kept."""
+    rows = [{"id": "a", "question": "A?", "em": 1.0}, {"id": "b", "question": "B?", "em": 0.0},
+            {"id": "a", "question": "A?", "em": 1.0}]          # DistributedSampler's padding repeats "a"
+    assert gather_eval_rows(rows) is rows                          # not distributed: unchanged
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        assert gather_eval_rows(rows) == rows[:2]
+    finally:
+        torch.distributed.destroy_process_group()

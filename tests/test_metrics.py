@@ -1,0 +1,102 @@
+"""grpo/metrics.py: every formula of its table against numbers worked out by hand."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data.types import LOOKUP, MEMORY, QAExample
+from grpo.losses import GRPOLossOutput
+from grpo.metrics import eval_metrics, eval_rows, rates, step_metrics, step_sums, sums_by_kind, tool_metrics
+from tests.fakes import fake_rollout
+
+# 2 questions (memory, lookup), G = 2: right without a call; right with 1 call; wrong with 2 calls;
+# an unclosed call (no answer). Correctness is what compute_rewards judged (tests/test_rewards.py).
+TEXTS = ["<answer>Paris</answer>",
+         "<call>France capital</call><obs>Paris is the capital</obs><answer>the Paris</answer>",
+         "<call>X</call><obs>41 people</obs><call>X census</call><obs>?</obs><answer>41</answer>",
+         "<call>X popul"]
+CALLS, INCOMPLETE, TOKENS = [0, 1, 2, 0], [0, 0, 0, 1], [5, 10, 20, 8]
+CORRECT = torch.tensor([True, True, False, False])
+REWARDS = torch.tensor([1.2, 1.15, -0.5, -1.2])
+KINDS = [MEMORY, MEMORY, LOOKUP, LOOKUP]
+
+
+def rollout(n=4):
+    return fake_rollout(TEXTS[:n], CALLS[:n], no_obs=INCOMPLETE[:n], incomplete=INCOMPLETE[:n], tokens=TOKENS[:n],
+                        G=2)
+
+
+def test_tool_metrics_by_hand():
+    m = tool_metrics(step_sums(rollout(), KINDS, CORRECT, REWARDS))
+    expected = {
+        "tools/search_rate": 2 / 4, "tools/incomplete_per_sample": 1 / 4,
+        "tools/productivity": 2 / 3,                 # 2 right answers / 3 executed calls
+        "tools/memory/calls_per_sample": 0.5, "tools/memory/search_rate": 0.5, "tools/memory/productivity": 2.0,
+        "rollout/memory/tokens_per_sample": 7.5, "reward/memory/mean": 1.175,
+        "tools/lookup/calls_per_sample": 1.0, "tools/lookup/search_rate": 0.5, "tools/lookup/productivity": 0.0,
+        "rollout/lookup/tokens_per_sample": 14.0, "reward/lookup/mean": -0.85,
+    }
+    assert m.keys() == expected.keys()
+    for k, v in expected.items():
+        assert m[k] == pytest.approx(v), k
+
+
+def test_undefined_ratios_are_not_logged():
+    """No call in the step: no productivity; a kind absent from the batch: no tags of that kind."""
+    ro = fake_rollout(TEXTS[:2], [0, 0], tokens=[5, 10], G=2)
+    m = tool_metrics(step_sums(ro, KINDS[:2], CORRECT[:2]), with_reward=False)
+    assert m["tools/search_rate"] == 0.0 and "tools/memory/calls_per_sample" in m
+    assert not [k for k in m if "productivity" in k or "lookup" in k or k.startswith("reward/")]
+    with pytest.raises(ValueError, match="rollout has 4 completions, but 2 kinds"):
+        step_sums(rollout(), KINDS[:2], CORRECT)
+
+
+def test_sums_and_rates_by_hand():
+    sums = sums_by_kind([MEMORY, LOOKUP, LOOKUP], {"correct": [1, 1, 0], "calls": [0, 2, 1], "tokens": [10, 30, 20]})
+    assert sums["all"]["samples"] == 3 and sums[LOOKUP]["calls"] == 3 and sums[MEMORY]["reward"] == 0.0
+    r = rates(sums["all"])
+    assert r["em"] == pytest.approx(2 / 3) and r["calls_per_sample"] == 1.0 and r["tokens_per_sample"] == 20.0
+    assert r["productivity"] == pytest.approx(2 / 3) and r["cost_of_pass"] == 30.0   # 3 calls, 60 tokens, 2 right
+    assert "productivity" not in rates(sums[MEMORY])                                    # no call
+    assert "cost_of_pass" not in rates(sums_by_kind([LOOKUP], {"tokens": [5]})["all"])  # nothing correct
+
+
+def test_step_metrics_by_hand():
+    """Means over the N = 4 samples; token means scaled by token_scale (here 2)."""
+    out = GRPOLossOutput(loss=torch.tensor(0.5), policy_loss=torch.tensor(0.25), kl=torch.tensor(0.1),
+                         clip_frac=torch.tensor(0.0), ratio_mean=torch.tensor(1.0))
+    ro = rollout()
+    ro.truncated = torch.tensor([False, False, False, True])
+    m = step_metrics(ro, REWARDS, {"correct": torch.tensor([1.0, 1.0, -0.5, -0.5])},
+                     torch.tensor([False, True]), out, token_scale=2.0)
+    assert m["loss/policy"] == 0.5 and m["loss/kl"] == pytest.approx(0.2) and m["loss/total"] == 1.0
+    assert m["reward/mean"] == pytest.approx(0.1625) and m["reward/correct"] == pytest.approx(0.25)
+    assert m["reward/frac_zero_std"] == 0.5 and m["tools/calls_per_sample"] == 0.75
+    assert m["tools/no_obs_per_sample"] == 0.25 and m["rollout/tokens_per_sample"] == pytest.approx(43 / 4)
+    assert m["rollout/truncated_frac"] == 0.25
+
+
+def test_eval_metrics_by_hand():
+    """3 questions: memory right without a call (10 tokens), lookup right with 2 calls (30),
+    lookup wrong with 1 call (20)."""
+    rows = [dict(kind="memory", em=1.0, f1=1.0, well_formed=1.0, calls=0.0, tokens=10.0),
+            dict(kind="lookup", em=1.0, f1=1.0, well_formed=1.0, calls=2.0, tokens=30.0),
+            dict(kind="lookup", em=0.0, f1=0.5, well_formed=0.0, calls=1.0, tokens=20.0)]
+    m = eval_metrics(rows)
+    assert m["eval/em"] == pytest.approx(2 / 3) and m["eval/f1"] == pytest.approx(2.5 / 3)
+    assert m["eval/search_rate"] == pytest.approx(2 / 3) and m["eval/calls_per_sample"] == pytest.approx(1.0)
+    assert m["eval/productivity"] == pytest.approx(2 / 3)      # 2 correct / 3 calls
+    assert m["eval/cost_of_pass"] == pytest.approx(60 / 2)     # 60 tokens / 2 correct
+    assert m["eval/lookup/em"] == pytest.approx(0.5) and m["eval/memory/search_rate"] == 0.0
+    assert "eval/memory/productivity" not in m                  # no call: undefined, not 0
+    assert not [k for k in m if "incomplete" in k or "reward" in k]
+
+
+def test_eval_rows_score_each_question_against_its_own_gold():
+    batch = [QAExample(id="fr", question="Capital of France?", answers=("Paris",), kind=MEMORY),
+             QAExample(id="es", question="Capital of Spain?", answers=("Madrid",), kind=LOOKUP)]
+    texts = ["<answer>Paris</answer>", "<call>x</call><obs>o</obs><answer>Madrid city"]   # 2nd: unclosed answer
+    rows = eval_rows(batch, fake_rollout(texts, [0, 1], tokens=[4, 9]))
+    assert [(r["id"], r["kind"], r["em"], r["calls"], r["tokens"]) for r in rows] == [
+        ("fr", MEMORY, 1.0, 0.0, 4.0), ("es", LOOKUP, 0.0, 1.0, 9.0)]
+    assert rows[0]["well_formed"] == 1.0 and rows[1]["well_formed"] == 0.0 and 0 < rows[1]["f1"] < 1
