@@ -20,10 +20,9 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from callbacks.report import _num, pareto_frontier
+from callbacks.report import _num, pareto_frontier, pareto_plot
 from data.files import atomic_write
 
 # (title, key in eval.json's metrics, format)
@@ -78,22 +77,9 @@ def compare_markdown(rows: Sequence[dict], baseline: str | None = None) -> str:
 
 def compare_figure(rows: Sequence[dict]) -> Figure:
     """EM against calls per question, labelled points, the (max EM, min calls) frontier."""
-    fig = Figure(figsize=(6, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
     xs, ys = [r["eval/calls_per_sample"] for r in rows], [r["eval/em"] for r in rows]
-    ax.scatter(xs, ys, color="tab:blue", zorder=3)
-    for r, x, y in zip(rows, xs, ys):
-        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    frontier = sorted((x, y) for (x, y), on in zip(zip(xs, ys), pareto_frontier(list(zip(xs, ys)))) if on)
-    ax.plot([x for x, _ in frontier], [y for _, y in frontier], color="tab:orange", label="Pareto frontier")
-    ax.set_xlabel("tool calls per question")
-    ax.set_ylabel("accuracy (exact match)")
-    ax.set_title("accuracy vs tool calls, same questions")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    return fig
+    return pareto_plot(xs, ys, [r["label"] for r in rows], pareto_frontier(list(zip(xs, ys))),
+                       "tool calls per question", "accuracy vs tool calls, same questions")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -130,20 +130,28 @@ def report_markdown(points: Sequence[dict], baseline: float | None, frontier: Se
 
 def pareto_figure(points: Sequence[dict], frontier: Sequence[bool], baseline: float | None) -> Figure:
     """Accuracy vs tokens per question, points labelled by step, frontier line, baseline line (Agg canvas)."""
+    return pareto_plot([p["tokens"] for p in points], [p["em"] for p in points], [str(p["step"]) for p in points],
+                       frontier, "sampled tokens per question", "accuracy vs token cost (labels: training step)",
+                       baseline, f"always-search baseline ({baseline:.1f} tokens)" if baseline is not None else "")
+
+
+def pareto_plot(xs: Sequence[float], ys: Sequence[float], labels: Sequence[str], frontier: Sequence[bool],
+                xlabel: str, title: str, vline: float | None = None, vline_label: str = "") -> Figure:
+    """Accuracy (y) against a cost (x): labelled points, the frontier as a line, an optional dashed
+    vertical line (a baseline's cost). On an Agg canvas: no display needed."""
     fig = Figure(figsize=(6, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.scatter([p["tokens"] for p in points], [p["em"] for p in points], color="tab:blue", zorder=3,
-               label="evaluated checkpoints")
-    for p in points:
-        ax.annotate(f"{p['step']}", (p["tokens"], p["em"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    front = sorted((p["tokens"], p["em"]) for p, on in zip(points, frontier) if on)
-    ax.plot([t for t, _ in front], [a for _, a in front], color="tab:orange", marker="o", label="Pareto frontier")
-    if baseline is not None:
-        ax.axvline(baseline, color="gray", linestyle="--", label=f"always-search baseline ({baseline:.1f} tokens)")
-    ax.set_xlabel("sampled tokens per question")
+    ax.scatter(xs, ys, color="tab:blue", zorder=3, label="evaluated")
+    for label, x, y in zip(labels, xs, ys):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    front = sorted((x, y) for x, y, on in zip(xs, ys, frontier) if on)
+    ax.plot([x for x, _ in front], [y for _, y in front], color="tab:orange", marker="o", label="Pareto frontier")
+    if vline is not None:
+        ax.axvline(vline, color="gray", linestyle="--", label=vline_label)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (exact match)")
-    ax.set_title("accuracy vs token cost (labels: training step)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
