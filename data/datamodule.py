@@ -37,7 +37,10 @@ class QADataModule(L.LightningDataModule):
             batch_size: B, prompts per training step (each sampled G times by the module).
             seed: seed of the offline task's splits and of the training order.
             train_path: HotpotQA training source: a local .json/.jsonl file or a hub name
-                (e.g. "hotpotqa/hotpot_qa"); required for task="hotpotqa".
+                (e.g. "hotpotqa/hotpot_qa"); required for task="hotpotqa". Offline: a question file
+                (see `data.questions`) replacing the task's training split, e.g. a balanced one
+                (`python -m data.questions --split train`), so that memory questions are not
+                outnumbered ~7 to 1 by lookups in the GRPO prompts.
             val_path: the questions of validation and test: HotpotQA: a file or hub name (split
                 "validation"); offline: a question file (.jsonl, see `data.questions`) replacing the
                 task's own validation and test splits, e.g. a balanced test set.
@@ -58,8 +61,9 @@ class QADataModule(L.LightningDataModule):
         for name, value in (("train_limit", train_limit), ("val_limit", val_limit)):
             if value is not None and value < 1:
                 raise ValueError(f"data.{name}={value}: must be >= 1 or null")
-        if task == "offline" and val_path is not None and not Path(val_path).is_file():
-            raise FileNotFoundError(f"data.val_path={val_path!r}: no such question file")
+        for name, path in (("train_path", train_path), ("val_path", val_path)):
+            if task == "offline" and path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"data.{name}={path!r}: no such question file")
         if task == "hotpotqa":
             if train_path is None:
                 raise ValueError("data.train_path is required for task='hotpotqa' (a .jsonl file or a hub name)")
@@ -82,6 +86,8 @@ class QADataModule(L.LightningDataModule):
         if hp.task == "offline":
             task = build_offline_task(seed=hp.seed)
             self.train_set, self.val_set, self.test_set = task.train, task.validation, task.test
+            if hp.train_path:
+                self.train_set = read_questions(hp.train_path)
             if hp.val_path:
                 self.val_set = self.test_set = read_questions(hp.val_path)
             self.documents = task.documents

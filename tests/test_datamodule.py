@@ -79,3 +79,19 @@ def test_batch_larger_than_the_training_split_fails_before_the_model_loads(tmp_p
     with pytest.raises(ValueError, match=r"data.batch_size=3 x 1 device\(s\) is more than the 2 training items"):
         _trainer().fit(module, _hotpot(tmp_path, batch_size=3))  # 2 training questions
     assert module.policy is None
+
+
+def test_offline_train_path_replaces_the_training_split(tmp_path):
+    from data.datamodule import QADataModule
+    from data.questions import write_questions
+    from data.types import LOOKUP, MEMORY, QAExample
+
+    qs = [QAExample("capital/KE", "What is the capital of Kenya?", ("Nairobi",), MEMORY, "capital"),
+          QAExample("population/KE", "How many people live in Kenya?", ("1",), LOOKUP, "population")]
+    write_questions(qs, tmp_path / "train.jsonl")
+    dm = QADataModule(task="offline", batch_size=2, train_path=str(tmp_path / "train.jsonl"))
+    dm.setup("fit")
+    assert [ex.id for ex in dm.train_set] == ["capital/KE", "population/KE"]
+    assert dm.val_set and dm.documents  # validation split and documents still the task's own
+    with pytest.raises(FileNotFoundError, match=r"data.train_path=.*nope.jsonl': no such question file"):
+        QADataModule(task="offline", train_path=str(tmp_path / "nope.jsonl"))
