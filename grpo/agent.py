@@ -21,6 +21,7 @@ from grpo.metrics import eval_metrics, eval_rows
 from grpo.rollout import Rollout, rollout
 from models.loading import (DEFAULT_LORA_TARGETS, SMOLLM2, add_lora, check_4bit, check_model_name,
                             load_model_and_tokenizer)
+from models.lora import merged_lora
 
 
 def cosine_with_warmup(step: int, total_steps: int, warmup_ratio: float) -> float:
@@ -227,9 +228,12 @@ class AgentModule(L.LightningModule):
         prompts = [build_prompt(self.tokenizer, ex.question) for ex in batch]
         was_training = self.policy.training
         self.policy.eval()
-        # bf16 autocast makes CPU decoding ~4x slower here (small matmuls): decode in the weights' dtype
-        with torch.autocast(self.device.type, enabled=self.device.type == "cuda" and torch.is_autocast_enabled()):
-            ro = rollout(self.policy, self.tokenizer, prompts, self.env, group_size,
+        # LoRA merged into the weights while decoding (one matmul per adapted Linear, not three), restored
+        # bit-identical after (`models.lora.merged_lora`: when it merges and when it cannot); bf16 autocast
+        # makes CPU decoding ~4x slower here (small matmuls): decode in the weights' dtype
+        with merged_lora(self.policy) as policy, torch.autocast(
+                self.device.type, enabled=self.device.type == "cuda" and torch.is_autocast_enabled()):
+            ro = rollout(policy, self.tokenizer, prompts, self.env, group_size,
                          max_new_tokens or self.hparams.max_new_tokens, temperature, top_p,
                          self.hparams.max_tool_calls, self.hparams.max_obs_tokens, generator=self.sampler,
                          show_budget=self.hparams.get("show_budget", False))
