@@ -213,11 +213,12 @@ def merged_lora(model: nn.Module):
                     continue
                 parent, _, attr = name.rpartition(".")
                 base = layer.base_layer
-                W = base.weight.data                                                    # (d_out, d_in)
-                delta = sum(layer.scaling[a] * (layer.lora_B[a].weight @ layer.lora_A[a].weight)
-                            for a in layer.active_adapters if a in layer.lora_A)        # (d_out, d_in)
+                W = merged = base.weight.data                                           # (d_out, d_in)
+                for a in (a for a in layer.active_adapters if a in layer.lora_A):      # W + s·B @ A, a new tensor
+                    merged = torch.addmm(merged, layer.lora_B[a].weight, layer.lora_A[a].weight,
+                                         alpha=layer.scaling[a])                       # (d_out, d_in)
                 swapped.append((model.get_submodule(parent), attr, layer, W))
-                base.weight.data = W + delta                                            # a new tensor: W is kept
+                base.weight.data = merged                                               # W is kept aside
                 setattr(swapped[-1][0], attr, base)
         yield model
     finally:
