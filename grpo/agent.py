@@ -210,17 +210,28 @@ class AgentModule(L.LightningModule):
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
     def optimize(self, loss: torch.Tensor) -> None:
-        """One optimizer step on `loss` (manual optimization), then one step of the LR schedule.
+        """One optimizer step on `loss` (manual optimization), then one step of the LR schedule."""
+        self.accumulate_grad(loss)
+        self.step_optimizer()
+
+    def accumulate_grad(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """Add ∇loss to the gradients (they accumulate until `step_optimizer`). Under DDP the gradients are
+        averaged over ranks only when `sync`: a step accumulated over micro-batches syncs at its last one
+        (every rank then makes one all-reduce per step, whatever its number of micro-batches)."""
+        with self.optimizers().toggle_model(sync_grad=sync):
+            self.manual_backward(loss)
+
+    def step_optimizer(self) -> None:
+        """Clip the accumulated gradients, one optimizer step, clear the gradients, one LR step.
 
         The schedule steps with every optimizer step, so it spans the run's `schedule_length` updates
         whatever μ is, and the LR of update k is lr · cosine_with_warmup(k, total, warmup_ratio).
         """
         opt = self.optimizers()
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
         if self.hparams.max_grad_norm:
             self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
         opt.step()
+        opt.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
 
     def rollout(self, batch: list[QAExample], temperature: float, group_size: int,

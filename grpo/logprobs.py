@@ -91,6 +91,39 @@ def length_buckets(lengths: list[int], forward_cost: int = FORWARD_COST_TOKENS) 
     return buckets[::-1]
 
 
+def group_micro_batches(group_tokens: list[int], budget: int) -> list[range]:
+    """Consecutive groups cut into micro-batches of at most `budget` tokens: ranges of group indices.
+
+    Greedy: a micro-batch takes the next group while its total stays within the budget; a group
+    larger than the budget is a micro-batch alone. Every group once, in order.
+    """
+    out, start, total = [], 0, 0
+    for g, tokens in enumerate(group_tokens):
+        if g > start and total + tokens > budget:
+            out.append(range(start, g))
+            start, total = g, 0
+        total += tokens
+    return out + [range(start, len(group_tokens))] if group_tokens else out
+
+
+def loss_micro_batches(ro: Rollout, tokens_per_micro_batch: int) -> list[Tensor]:
+    """The rollout's rows in micro-batches of whole groups for the loss passes: (n,) row indices each,
+    together every row once, in order (`group_micro_batches`).
+
+    A group counts the tokens its loss pass feeds: its prompt once and its G completions (sampled and
+    observation tokens), no padding. The memory a pass with gradient keeps for its backward grows with
+    that count (benchmarks/PERF.md, "micro-batches"), so the budget bounds it.
+    """
+    P = ro.prompt_length
+    _, counts = torch.unique_consecutive(ro.group_ids, return_counts=True)            # (B,) rows per group
+    group = torch.repeat_interleave(torch.arange(len(counts)), counts.cpu())           # (N,) group of each row
+    first = torch.cumsum(counts, 0) - counts                                            # (B,) first row of each group
+    completion = ro.attention_mask[:, P:].sum(1).cpu()                                  # (N,)
+    tokens = ro.attention_mask[first, :P].sum(1).cpu().index_add(0, group, completion)  # (B,)
+    rows = torch.arange(len(group), device=ro.input_ids.device).split(counts.tolist())  # B tensors of rows
+    return [torch.cat(rows[r.start:r.stop]) for r in group_micro_batches(tokens.tolist(), tokens_per_micro_batch)]
+
+
 def _chunk_logprobs(head, hidden: Tensor, targets: Tensor, temperature: float) -> Tensor:
     """z_y / T - logsumexp(z / T) with z = head(hidden), in fp32. hidden (n, d), targets (n,) -> (n,)."""
     z = head(hidden).float() / temperature                          # (n, V) fp32
