@@ -11,7 +11,7 @@ nudge looks only at each row's own last input token, so it acts the same whateve
 
 `--merged` times this checkout's rollout twice more on the same policy, as `AgentModule.rollout` runs
 it now: with the LoRA update merged into the weights (`models.lora.merged_lora`) against the peft
-LoRA model (base + A + B matmuls per adapted Linear), alternating (lora, merged, lora, merged...),
+LoRA model (base + A + B matmuls per adapted Linear), alternating (lora, merged, merged, lora, ...),
 same seed; prints the median time of each and their ratio, whether the sampled completions are the
 same, and the largest gaps between the two runs' recorded log-probs and the loss pass's
 (`completion_logprobs` on the LoRA model: the fp32 noise between two ways of computing them). The policy is SmolLM2 with the
@@ -138,6 +138,7 @@ if __name__ == "__main__":
     model, tok = load_model_and_tokenizer("smollm2-135m-instruct", dtype=args.dtype)
     adapter = Path(args.adapter).exists()
     if adapter or args.merged:
+        torch.manual_seed(args.seed)  # the fresh LoRA's A (peft draws it from the global RNG)
         model = add_lora(model, init_adapter=args.adapter if adapter else None)
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(args.seed)
@@ -155,8 +156,8 @@ if __name__ == "__main__":
           f"max_tool_wait={args.max_tool_wait}, T={args.temperature}, threads {torch.get_num_threads()}, "
           f"adapter {args.adapter if adapter else None}, nudge {not adapter}")
     results, seconds = {}, {name: [] for name, *_ in impls}
-    for _ in range(args.repeats):
-        for name, fn, merge in impls:
+    for r in range(args.repeats):
+        for name, fn, merge in impls if r % 2 == 0 or not args.merged else impls[::-1]:  # --merged: ABBA order
             results[name] = measure(name, fn, model, tok, prompts, dm.search_env(), args, merge)
             seconds[name].append(results[name].seconds)
     if args.merged:

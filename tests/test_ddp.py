@@ -145,9 +145,9 @@ def test_micro_batched_run_matches_the_straight_run(straight, tmp_path_factory):
     """Rank 1 takes its loss passes one group per micro-batch (two backward passes per update), rank 0 in
     one: the run neither hangs (each rank all-reduces its gradients once per update, at its last
     micro-batch) nor drifts. Every step's gradient (each parameter's norm) is the same on both ranks
-    (averaged over them) and the straight run's (fp32 rounding); the rollouts are the same. (The weights are not compared
-    tightly: AdamW divides by √v, which turns rounding-level gradient differences into weight
-    differences of a few % of lr.)"""
+    (averaged over them) and the straight run's (fp32 rounding); the rollouts are the same. The
+    weights are not compared tightly: AdamW divides by √v, which turns rounding-level gradient
+    differences into weight differences of a few % of lr (measured: 1.9e-5 at lr 1e-3)."""
     run = _fit(tmp_path_factory.mktemp("ddp_micro"), model_class="tests.run_helpers.RankMicroBatches")
     for step in range(1, STEPS + 1):
         for rank in range(WORLD):

@@ -136,7 +136,7 @@ def test_length_buckets_cover_rows_and_are_optimal():
                    for k in range(6) for cuts in itertools.combinations(range(1, 6), k))
         assert total == best
     assert length_buckets(lengths, 0) == [[4], [2], [0], [3], [1, 5]]   # no padding at all
-    assert length_buckets(lengths, 10_000) == [[4, 2, 0, 3, 1, 5]]      # one micro-batch
+    assert length_buckets(lengths, 10_000) == [[4, 2, 0, 3, 1, 5]]      # one bucket
 
 
 def test_group_micro_batches_by_hand():
