@@ -21,6 +21,7 @@ from grpo.metrics import eval_metrics, eval_rows
 from grpo.rollout import Rollout, rollout
 from models.loading import (DEFAULT_LORA_TARGETS, SMOLLM2, add_lora, check_4bit, check_model_name,
                             load_model_and_tokenizer)
+from models.lora import merged_lora
 
 
 def cosine_with_warmup(step: int, total_steps: int, warmup_ratio: float) -> float:
@@ -209,17 +210,28 @@ class AgentModule(L.LightningModule):
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
     def optimize(self, loss: torch.Tensor) -> None:
-        """One optimizer step on `loss` (manual optimization), then one step of the LR schedule.
+        """One optimizer step on `loss` (manual optimization), then one step of the LR schedule."""
+        self.accumulate_grad(loss)
+        self.step_optimizer()
+
+    def accumulate_grad(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """Add ∇loss to the gradients (they accumulate until `step_optimizer`). Under DDP the gradients are
+        averaged over ranks only when `sync`: a step accumulated over micro-batches syncs at its last one
+        (every rank then makes one all-reduce per step, whatever its number of micro-batches)."""
+        with self.optimizers().toggle_model(sync_grad=sync):
+            self.manual_backward(loss)
+
+    def step_optimizer(self) -> None:
+        """Clip the accumulated gradients, one optimizer step, clear the gradients, one LR step.
 
         The schedule steps with every optimizer step, so it spans the run's `schedule_length` updates
         whatever μ is, and the LR of update k is lr · cosine_with_warmup(k, total, warmup_ratio).
         """
         opt = self.optimizers()
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
         if self.hparams.max_grad_norm:
             self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
         opt.step()
+        opt.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
 
     def rollout(self, batch: list[QAExample], temperature: float, group_size: int,
@@ -227,9 +239,12 @@ class AgentModule(L.LightningModule):
         prompts = [build_prompt(self.tokenizer, ex.question) for ex in batch]
         was_training = self.policy.training
         self.policy.eval()
-        # bf16 autocast makes CPU decoding ~4x slower here (small matmuls): decode in the weights' dtype
-        with torch.autocast(self.device.type, enabled=self.device.type == "cuda" and torch.is_autocast_enabled()):
-            ro = rollout(self.policy, self.tokenizer, prompts, self.env, group_size,
+        # LoRA merged into the weights while decoding (one matmul per adapted Linear, not three), restored
+        # bit-identical after (`models.lora.merged_lora`: when it merges and when it cannot); bf16 autocast
+        # makes CPU decoding ~4x slower here (small matmuls): decode in the weights' dtype
+        with merged_lora(self.policy) as policy, torch.autocast(
+                self.device.type, enabled=self.device.type == "cuda" and torch.is_autocast_enabled()):
+            ro = rollout(policy, self.tokenizer, prompts, self.env, group_size,
                          max_new_tokens or self.hparams.max_new_tokens, temperature, top_p,
                          self.hparams.max_tool_calls, self.hparams.max_obs_tokens, generator=self.sampler,
                          show_budget=self.hparams.get("show_budget", False))

@@ -13,7 +13,7 @@ log-softmax in fp32 one sample at a time.
      of each group (cache rows selected by group id), instead of the prompt being recomputed
      G times. Gradient flows back into the prompt through the shared keys/values.
   2. no padded completion positions: completions are sorted by length and cut into
-     micro-batches (`length_buckets`) whose padding costs less than one more forward would.
+     buckets (`length_buckets`) whose padding costs less than one more forward would.
   3. the log-prob of the sampled token only, at sampled positions only (observation and
      padding positions get 0: the completion mask removes them from the loss), from the final
      hidden states h in chunks of positions:
@@ -21,8 +21,12 @@ log-softmax in fp32 one sample at a time.
      in fp32 per chunk, under activation checkpointing: no (N, C, V) tensor is kept for the
      backward, each chunk's logits are recomputed from h instead.
 
+`loss_micro_batches` cuts a rollout into micro-batches of whole groups under a token budget:
+`GRPOModule` computes the loss passes one micro-batch at a time (a backward each), so that their
+memory is bounded by the budget, not by B*G.
+
 Both use the sampling temperature (PITFALLS: the loss must see the distribution that sampled
-the tokens, trl #4159). Shapes: B, G, N = B*G, P, C, L (the tokens of a micro-batch), V (see
+the tokens, trl #4159). Shapes: B, G, N = B*G, P, C, L (the tokens of a length bucket), V (see
 `grpo/__init__.py`); here also M sampled tokens (Σ completion_mask) and d the hidden size.
 """
 from __future__ import annotations
@@ -37,7 +41,7 @@ from grpo.kvcache import position_ids_from_mask
 from grpo.rollout import Rollout
 
 CHUNK_POSITIONS = 512   # positions per LM-head chunk: a (512, V) fp32 block is 100 MB for SmolLM2
-FORWARD_COST_TOKENS = 32  # a micro-batch forward costs about as much as this many more tokens (overhead)
+FORWARD_COST_TOKENS = 32  # a bucket's forward costs about as much as this many more tokens (overhead)
 
 
 # --------------------------------------------------------------------------- plain reference
@@ -68,14 +72,14 @@ def completion_logprobs_padded(model, ro: Rollout, temperature: float = 1.0) -> 
 # --------------------------------------------------------------------------- pure helpers
 
 def length_buckets(lengths: list[int], forward_cost: int = FORWARD_COST_TOKENS) -> list[list[int]]:
-    """Cut rows into micro-batches of similar length, minimising computed positions + overhead.
+    """Cut rows into buckets of similar length, minimising computed positions + overhead.
 
-    Rows are sorted by length; a micro-batch of consecutive sorted rows i..j is padded to the
+    Rows are sorted by length; a bucket of consecutive sorted rows i..j is padded to the
     longest, so it computes (j - i + 1)·len_j positions and costs `forward_cost` more (the
     per-forward overhead, in tokens). Dynamic programming over the cut points finds the split
     of least total cost:  cost(j) = min_i cost(i-1) + forward_cost + (j - i + 1)·len_j.
-    forward_cost = 0 gives one micro-batch per distinct length (no padding at all); a huge one
-    gives a single micro-batch. Rows of length 0 are left out. Returns lists of row indices.
+    forward_cost = 0 gives one bucket per distinct length (no padding at all); a huge one
+    gives a single bucket. Rows of length 0 are left out. Returns lists of row indices.
     """
     order = sorted((n for n, L in enumerate(lengths) if L > 0), key=lambda n: lengths[n])
     best, cut = [0.0], [0]  # best[j]: least cost of the first j sorted rows; cut[j]: where its last bucket starts
@@ -89,6 +93,39 @@ def length_buckets(lengths: list[int], forward_cost: int = FORWARD_COST_TOKENS) 
         buckets.append(order[cut[j]:j])
         j = cut[j]
     return buckets[::-1]
+
+
+def group_micro_batches(group_tokens: list[int], budget: int) -> list[range]:
+    """Consecutive groups cut into micro-batches of at most `budget` tokens: ranges of group indices.
+
+    Greedy: a micro-batch takes the next group while its total stays within the budget; a group
+    larger than the budget is a micro-batch alone. Every group once, in order.
+    """
+    out, start, total = [], 0, 0
+    for g, tokens in enumerate(group_tokens):
+        if g > start and total + tokens > budget:
+            out.append(range(start, g))
+            start, total = g, 0
+        total += tokens
+    return out + [range(start, len(group_tokens))] if group_tokens else out
+
+
+def loss_micro_batches(ro: Rollout, tokens_per_micro_batch: int) -> list[Tensor]:
+    """The rollout's rows in micro-batches of whole groups for the loss passes: (n,) row indices each,
+    together every row once, in order (`group_micro_batches`).
+
+    A group counts the tokens its loss pass feeds: its prompt once and its G completions (sampled and
+    observation tokens), no padding. The memory a pass with gradient keeps for its backward grows with
+    that count (SmolLM2, fp32, LoRA: ~2.3 MB per token; benchmarks/PERF.md), so the budget bounds it.
+    """
+    P = ro.prompt_length
+    _, counts = torch.unique_consecutive(ro.group_ids, return_counts=True)            # (B,) rows per group
+    group = torch.repeat_interleave(torch.arange(len(counts)), counts.cpu())           # (N,) group of each row
+    first = torch.cumsum(counts, 0) - counts                                            # (B,) first row of each group
+    completion = ro.attention_mask[:, P:].sum(1).cpu()                                  # (N,)
+    tokens = ro.attention_mask[first, :P].sum(1).cpu().index_add(0, group, completion)  # (B,)
+    rows = torch.arange(len(group), device=ro.input_ids.device).split(counts.tolist())  # B tensors of rows
+    return [torch.cat(rows[r.start:r.stop]) for r in group_micro_batches(tokens.tolist(), tokens_per_micro_batch)]
 
 
 def _chunk_logprobs(head, hidden: Tensor, targets: Tensor, temperature: float) -> Tensor:

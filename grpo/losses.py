@@ -15,13 +15,16 @@ al. 2025 §3.1, names the length bias of 1/|o_i| and divides by a constant inste
 The loss minimised is -J. Sums run over completion tokens only (completion_mask = 1): prompt,
 tool observations and padding never reach the loss, the KL or any metric.
 
-Where we depart: the token count Σ_i |o_i| is over the N samples of the batch passed in, so under
-gradient accumulation weight each micro-batch's loss by its share of the accumulated token count
-(ms-swift #10117); ε_high (DAPO's clip-higher) defaults to ε.
+Micro-batches: a batch's loss can be computed (and back-propagated) a micro-batch of samples at a
+time, with the denominators of the WHOLE batch (`Normaliser.of` its completion mask: M tokens, N'
+sequences): each micro-batch's `grpo_loss` is then its share of the batch's, and the shares (loss,
+gradient and every diagnostic) add up to the one-pass values (`sum_losses`). Normalising each
+micro-batch by its own count instead would weigh its tokens by the size of their micro-batch
+(PITFALLS; ms-swift #10117). ε_high (DAPO's clip-higher) defaults to ε.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -101,30 +104,50 @@ def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip
 # Aggregation over tokens
 
 
-def masked_mean_tokens(x: Tensor, mask: Tensor) -> Tensor:
-    """Token-level mean: Σ_i Σ_t m_it x_it / Σ_i Σ_t m_it (DAPO §3.3; avoids Dr. GRPO's length bias).
+@dataclass(frozen=True)
+class Normaliser:
+    """The denominators of a batch's means, counted on its whole completion mask m (N, C):
+
+        tokens     M  = Σ_i Σ_t m_it               (token-level loss, clip_frac, ratio_mean)
+        sequences  N' = #{i : Σ_t m_it > 0}        (per-sequence loss)
+
+    Given to `grpo_loss` with one micro-batch of the batch, it makes that micro-batch's loss its share
+    of the batch's loss (see the module docstring)."""
+    tokens: Tensor     # () M
+    sequences: Tensor  # () N'
+
+    @classmethod
+    def of(cls, completion_mask: Tensor) -> "Normaliser":
+        m = completion_mask.bool()                                           # (N, C)
+        return cls(tokens=m.sum(), sequences=(m.sum(dim=1) > 0).sum())
+
+
+def masked_mean_tokens(x: Tensor, mask: Tensor, tokens: Tensor | None = None) -> Tensor:
+    """Token-level mean: Σ_i Σ_t m_it x_it / M, M = Σ_i Σ_t m_it (DAPO §3.3; avoids Dr. GRPO's length bias).
 
     Every completion token of the batch weighs the same. Masked values never enter, even inf or
-    NaN ones. 0 when the mask is all zero. x, mask (N, C) -> scalar.
+    NaN ones. 0 when the mask is all zero. `tokens`: M of the whole batch when x, mask are one
+    micro-batch of it (`Normaliser`), else this mask's own. x, mask (N, C) -> scalar.
     """
     m = mask.bool()                                                          # (N, C)
     total = torch.where(m, x, torch.zeros_like(x)).sum()                     # ()
-    return total / m.sum().clamp(min=1)                                      # ()
+    return total / (m.sum() if tokens is None else tokens).clamp(min=1)      # ()
 
 
-def masked_mean_per_sequence(x: Tensor, mask: Tensor) -> Tensor:
+def masked_mean_per_sequence(x: Tensor, mask: Tensor, sequences: Tensor | None = None) -> Tensor:
     """Sequence-level mean, the original GRPO: 1/N' Σ_i ( Σ_t m_it x_it / Σ_t m_it ).
 
-    N' counts the sequences with at least one token (0 when the mask is all zero). Length bias
-    (Dr. GRPO §3.1): a token of sequence i weighs 1/(N'|o_i|), so a long wrong answer (Â < 0)
-    spreads its penalty thinly and is penalised less per token, while a short correct answer
+    N' counts the sequences with at least one token (0 when the mask is all zero); `sequences`: N'
+    of the whole batch when x, mask are one micro-batch of it (`Normaliser`), else this mask's own.
+    Length bias (Dr. GRPO §3.1): a token of sequence i weighs 1/(N'|o_i|), so a long wrong answer
+    (Â < 0) spreads its penalty thinly and is penalised less per token, while a short correct answer
     (Â > 0) gets a large per-token push: short correct answers are favoured and wrong answers
     drift longer. x, mask (N, C) -> scalar.
     """
     m = mask.bool()                                                          # (N, C)
     lengths = m.sum(dim=1)                                                   # (N,)
     per_seq = torch.where(m, x, torch.zeros_like(x)).sum(dim=1) / lengths.clamp(min=1)  # (N,)
-    return per_seq.sum() / (lengths > 0).sum().clamp(min=1)                  # ()
+    return per_seq.sum() / ((lengths > 0).sum() if sequences is None else sequences).clamp(min=1)  # ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +166,8 @@ class GRPOLossOutput:
 
 def grpo_loss(logp: Tensor, old_logp: Tensor | None, ref_logp: Tensor | None, advantages: Tensor,
               completion_mask: Tensor, clip_eps: float = 0.2, clip_eps_high: float | None = None,
-              beta: float = 0.04, token_level: bool = True, kl_clamp: float = 10.0) -> GRPOLossOutput:
+              beta: float = 0.04, token_level: bool = True, kl_clamp: float = 10.0,
+              normaliser: Normaliser | None = None) -> GRPOLossOutput:
     """GRPO loss -J (see the module docstring) on completion tokens only.
 
     logp, old_logp, ref_logp, completion_mask: (N, C); advantages: (N,).
@@ -154,6 +178,9 @@ def grpo_loss(logp: Tensor, old_logp: Tensor | None, ref_logp: Tensor | None, ad
     before any arithmetic, so any value there (even inf/NaN) changes neither loss nor gradients.
     token_level=True: token-level mean (DAPO/Dr. GRPO); False: per-sequence mean (original GRPO).
     policy_loss and kl use the same aggregation as the loss; clip_frac and ratio_mean are token means.
+    normaliser: the denominators M and N' of the whole batch when these N rows are one micro-batch of
+    it (every returned value is then this micro-batch's share: `sum_losses` adds them up); None: this
+    batch's own (`Normaliser.of(completion_mask)`).
     """
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
@@ -167,7 +194,12 @@ def grpo_loss(logp: Tensor, old_logp: Tensor | None, ref_logp: Tensor | None, ad
     logp = torch.where(mask, logp, zeros)                                    # (N, C)
     old = logp.detach() if old_logp is None else torch.where(mask, old_logp.detach(), zeros)  # (N, C)
     adv = advantages.detach()                                                # (N,)
-    aggregate = masked_mean_tokens if token_level else masked_mean_per_sequence
+    norm = Normaliser.of(mask) if normaliser is None else normaliser
+
+    def aggregate(x: Tensor) -> Tensor:                                      # (N, C) -> ()
+        if token_level:
+            return masked_mean_tokens(x, mask, norm.tokens)
+        return masked_mean_per_sequence(x, mask, norm.sequences)
 
     # 1. clipped surrogate
     pg_loss, clipped = clipped_policy_loss(logp, old, adv, clip_eps, clip_eps_high)  # (N, C), (N, C)
@@ -179,13 +211,20 @@ def grpo_loss(logp: Tensor, old_logp: Tensor | None, ref_logp: Tensor | None, ad
         if beta > 0:
             per_token = per_token + beta * kl                                # (N, C)
     # 3. aggregate over completion tokens
-    loss = aggregate(per_token, mask)                                        # ()
+    loss = aggregate(per_token)                                              # ()
     with torch.no_grad():
         ratio = torch.exp(logp - old)                                        # (N, C)
         return GRPOLossOutput(
             loss=loss,
-            policy_loss=aggregate(pg_loss, mask),
-            kl=aggregate(kl, mask),
-            clip_frac=masked_mean_tokens(clipped.float(), mask),
-            ratio_mean=masked_mean_tokens(ratio, mask),
+            policy_loss=aggregate(pg_loss),
+            kl=aggregate(kl),
+            clip_frac=masked_mean_tokens(clipped.float(), mask, norm.tokens),
+            ratio_mean=masked_mean_tokens(ratio, mask, norm.tokens),
         )
+
+
+def sum_losses(parts: list[GRPOLossOutput]) -> GRPOLossOutput:
+    """The batch's GRPOLossOutput from its micro-batches', each computed with the batch's `Normaliser`:
+    every value is then a sum over the batch divided by a count of the whole batch, so the parts add
+    up, field by field. The sum is detached (each part's loss has had its backward)."""
+    return GRPOLossOutput(**{f.name: sum(getattr(p, f.name).detach() for p in parts) for f in fields(GRPOLossOutput)})

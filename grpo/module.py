@@ -6,7 +6,9 @@
     2. reward       value-of-information (or OTC) reward of every completion, judged once
     3. advantages   Â_i = (r_i - mean_group) / (std_group + ε)
     4. log-probs    π_old: recorded by the rollout as it sampled; π_ref (only when β > 0), no gradient
-    5. update       μ steps on the clipped surrogate + β·KL(k3), completion tokens only
+    5. update       μ steps on the clipped surrogate + β·KL(k3), completion tokens only; each step's
+                    backward goes a micro-batch of whole groups at a time (memory bounded by
+                    `loss_tokens_per_micro_batch`), then one optimizer step
     6. log          the step's means (`grpo.metrics`); callbacks get the rollout and its judgements
 
 The maths lives in `grpo.losses`, `grpo.rewards` and `grpo.metrics` (pure, tested functions);
@@ -22,8 +24,8 @@ from torch import Tensor
 
 from data.types import QAExample
 from grpo.agent import AgentModule, check_positive
-from grpo.logprobs import completion_logprobs
-from grpo.losses import group_advantages, grpo_loss
+from grpo.logprobs import completion_logprobs, loss_micro_batches
+from grpo.losses import GRPOLossOutput, Normaliser, group_advantages, grpo_loss, sum_losses
 from grpo.metrics import step_metrics
 from grpo.rewards import OTCWeights, VOIWeights, check_finite_rewards, judge, otc_group_rewards, voi_reward
 from grpo.rollout import Rollout
@@ -51,7 +53,8 @@ class GRPOModule(AgentModule):
     def __init__(self, group_size: int = 8, temperature: float = 1.0, top_p: float = 1.0, reward: str = "voi",
                  voi_weights: VOIWeights | None = None, otc_weights: OTCWeights | None = None,
                  scale_by_std: bool = True, beta: float = 0.04, clip_eps: float = 0.2,
-                 clip_eps_high: float | None = None, token_level: bool = True, num_updates: int = 1, **kwargs):
+                 clip_eps_high: float | None = None, token_level: bool = True, num_updates: int = 1,
+                 loss_tokens_per_micro_batch: int = 2048, **kwargs):
         """
         Args:
             group_size: G, completions sampled per question.
@@ -68,13 +71,20 @@ class GRPOModule(AgentModule):
             token_level: average the loss over all completion tokens of the batch (True) or per sequence first.
             num_updates: μ, policy updates per rollout batch (each is one optimizer step: trainer.max_steps
                 counts them).
+            loss_tokens_per_micro_batch: the loss passes (π_ref, and the policy's forward + backward) take the
+                batch in micro-batches of whole groups of at most this many tokens (prompts once, completions
+                with their observations, no padding; a larger group goes alone). Gradient, loss and logged
+                values are those of one pass over the batch; only memory changes. Peak memory grows with the
+                largest micro-batch: SmolLM2, fp32, LoRA: ~1.25 GB + ~2.3 MB per token (measured,
+                benchmarks/PERF.md), so the default 2048 keeps a B = 8, G = 8 batch under ~6 GB, where one pass
+                needed ~20 GB. Smaller budgets cost little time (groups of ~230 tokens: no slower, measured).
         """
         if top_p != 1.0:
             raise ValueError(f"model.top_p={top_p}: GRPO training must sample the distribution its loss scores (the "
                              f"full softmax at model.temperature); use model.eval_top_p for evaluation rollouts")
         if group_size < 2:
             raise ValueError(f"model.group_size={group_size}: GRPO needs at least 2 completions per group")
-        for name in ("temperature", "clip_eps", "num_updates"):
+        for name in ("temperature", "clip_eps", "num_updates", "loss_tokens_per_micro_batch"):
             check_positive(name, locals()[name])
         check_positive("beta", beta, allow_zero=True)
         if clip_eps_high is not None:
@@ -98,15 +108,13 @@ class GRPOModule(AgentModule):
         # 3. group-relative advantages
         advantages, zero_std = group_advantages(rewards, G, hp.scale_by_std)                # (N,), (B,)
         # 4. log-probs: π_old is what the rollout sampled from; π_ref (β > 0 only), no gradient
+        micro = loss_micro_batches(ro, hp.loss_tokens_per_micro_batch)                      # [(n,) rows], whole groups
         old_logp = ro.sample_logp                                                           # (N, C)
-        ref_logp = self.reference_logprobs(ro)                                              # (N, C) or None
+        ref_logp = self.reference_logprobs(ro, micro)                                       # (N, C) or None
         # 5. μ policy updates: clipped surrogate + β·KL on the sampled tokens only
         token_scale = self.token_scale(ro.completion_mask)                                  # (), 1 on one process
         for _ in range(hp.num_updates):
-            logp = completion_logprobs(self.policy, ro, hp.temperature)                     # (N, C)
-            out = grpo_loss(logp, old_logp, ref_logp, advantages, ro.completion_mask, hp.clip_eps,
-                            hp.clip_eps_high, hp.beta, hp.token_level)
-            self.optimize(out.loss * token_scale)                                           # + one LR step
+            out = self.policy_update(ro, micro, old_logp, ref_logp, advantages, token_scale)  # + one LR step
         # 6. log the step's means, over ranks too (grpo.metrics: every metric and its formula)
         metrics = step_metrics(ro, rewards, parts, zero_std, out, token_scale)
         metrics |= {"time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0}
@@ -154,16 +162,42 @@ class GRPOModule(AgentModule):
         return ddp_token_scale(local_tokens, global_tokens, world_size)
 
     @torch.no_grad()
-    def reference_logprobs(self, ro: Rollout) -> torch.Tensor | None:
+    def reference_logprobs(self, ro: Rollout, micro: list[Tensor] | None = None) -> torch.Tensor | None:
         """log π_ref of the completion tokens (N, C), or None when β = 0 (no KL term, no pass).
 
         π_ref is the frozen copy (full fine-tuning) or the policy with its LoRA adapters disabled:
         the SFT policy when GRPO starts from a cold-start adapter, never the policy being trained.
+        Computed a micro-batch of rows at a time (`micro`: in order, every row once; None: in one).
         """
         if self.hparams.beta == 0:
             return None
+        micro = [torch.arange(len(ro.texts), device=ro.input_ids.device)] if micro is None else micro
         with reference_policy(self.policy, self.ref_model) as ref:
-            return completion_logprobs(ref, ro, self.hparams.temperature)
+            return torch.cat([completion_logprobs(ref, ro.select(rows), self.hparams.temperature)
+                              for rows in micro])                                           # (N, C)
+
+    def policy_update(self, ro: Rollout, micro: list[Tensor], old_logp: Tensor, ref_logp: Tensor | None,
+                      advantages: Tensor, token_scale: Tensor) -> GRPOLossOutput:
+        """One update of step 5: the gradient of the batch's loss -J, accumulated a micro-batch of whole
+        groups at a time, then one optimizer step (and one LR step). Returns the batch's loss output.
+
+        Each micro-batch's `grpo_loss` is normalised by the whole batch's counts (`Normaliser`: M tokens
+        or N' sequences), so its loss is its share of the batch's; the shares' gradients add up to the
+        gradient of one pass, while only one micro-batch's graph is held at a time. Under DDP the
+        gradients are averaged over ranks once, at the last micro-batch (whatever each rank's count).
+        """
+        hp = self.hparams
+        normaliser = Normaliser.of(ro.completion_mask)                                      # M, N' of the batch
+        parts = []
+        for i, rows in enumerate(micro):
+            logp = completion_logprobs(self.policy, ro.select(rows), hp.temperature)        # (n, C)
+            part = grpo_loss(logp, old_logp[rows], None if ref_logp is None else ref_logp[rows], advantages[rows],
+                             ro.completion_mask[rows], hp.clip_eps, hp.clip_eps_high, hp.beta, hp.token_level,
+                             normaliser=normaliser)
+            self.accumulate_grad(part.loss * token_scale, sync=i == len(micro) - 1)         # gradients add up
+            parts.append(part)
+        self.step_optimizer()
+        return sum_losses(parts)
 
     # ------------------------------------------------------------------ plumbing
     @property

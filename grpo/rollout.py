@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -81,6 +81,19 @@ class Rollout:
     @property
     def group_size(self) -> int:
         return int((self.group_ids == self.group_ids[0]).sum())
+
+    def select(self, rows: Tensor) -> "Rollout":
+        """The samples `rows` (n,) of this rollout, in that order (a micro-batch of the loss passes).
+        Widths P and C are kept: the micro-batch's (n, C) log-probs line up with the batch's."""
+        N, keep = self.input_ids.shape[0], rows.tolist()
+
+        def pick(value):
+            if isinstance(value, Tensor):
+                return value[rows.to(value.device)]                          # (n, ...)
+            if isinstance(value, list) and len(value) == N:
+                return [value[i] for i in keep]
+            return value                                                     # P; stop_reasons when not recorded
+        return Rollout(**{f.name: pick(getattr(self, f.name)) for f in fields(self)})
 
 # --------------------------------------------------------------------------- sampling
 

@@ -1,5 +1,6 @@
 """LoRA adapters as plain tensors: read them off a PEFT model, stack two into one, write one as a
-PEFT folder that `PeftModel.from_pretrained(base, folder)` loads.
+PEFT folder that `PeftModel.from_pretrained(base, folder)` loads; merge them into the weights for
+decoding (`merged_lora`).
 
 Why: GRPO from the SFT cold start merges the SFT adapter into the base weights and trains fresh
 adapters on top (`models.loading.merge_adapter`, then `add_lora`), so each adapted Linear of the
@@ -19,7 +20,9 @@ Shapes: r rank, d_in / d_out the in / out features of the adapted Linear.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,3 +158,70 @@ def export_lora(policy: nn.Module, folder: Path) -> None:
     fresh = lora_deltas(policy, policy.active_adapter)
     dtype = next(iter(fresh.values())).A.dtype
     write_adapter(stack_lora(init, fresh), folder, dtype, config.base_model_name_or_path, config.lora_dropout)
+
+
+# --------------------------------------------------------------------------- merged for decoding
+
+def _mergeable(layer: nn.Module, uses: Counter) -> bool:
+    """True for a peft LoRA Linear whose update can be merged exactly: plain LoRA (no variant such as
+    DoRA, no bias, no active dropout), enabled and not merged by peft, on an fp32 `nn.Linear` whose
+    weight no other module uses (`uses`: how many times each parameter appears in the model)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if not isinstance(layer, LoraLinear) or layer.disable_adapters or layer.merged or layer.fan_in_fan_out:
+        return False
+    base = layer.base_layer
+    if type(base) is not nn.Linear or base.weight.dtype != torch.float32 or uses[id(base.weight)] != 1:
+        return False
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    return all(a not in layer.lora_variant and layer.lora_B[a].bias is None
+               and not (isinstance(layer.lora_dropout[a], nn.Dropout) and layer.lora_dropout[a].training
+                        and layer.lora_dropout[a].p > 0)
+               for a in active)
+
+
+@contextlib.contextmanager
+def merged_lora(model: nn.Module):
+    """`model` with its LoRA updates merged into the weights they adapt, for decoding (no gradient):
+
+        W ← W + Σ_a s_a·B_a A_a   (every active adapter a),   each peft LoRA Linear → its base nn.Linear
+
+    so that a decode step makes one matmul per adapted Linear instead of three (base, A, B), without
+    peft's Python wrapper around it. The merged model computes the same function up to fp32 rounding.
+    On exit every module is put back and every W is the very tensor it was (kept aside, not restored
+    by subtracting the update, which would drift in floating point over thousands of steps): every
+    parameter is bit-identical to before, also when the body raises. Memory: one more copy of the
+    adapted weights while inside (~0.4 GB for SmolLM2 in fp32).
+
+    Layers left unmerged (they run as usual: still exact, only not faster), and why:
+      * no LoRA at all (full fine-tuning): the weights are the policy, nothing to merge;
+      * a base that is not a plain fp32 `nn.Linear`: 4-bit (bitsandbytes) weights would have to be
+        requantized; bf16/fp16 weights would round W + ΔW, and an update smaller than the weight's
+        rounding step (early in training, with a small lr) would be lost, not just rounded;
+      * a LoRA variant (DoRA...), a LoRA bias, fan_in_fan_out, dropout that acts (training mode):
+        not W + s·BA;
+      * adapters disabled (`reference_policy`) or already merged by peft;
+      * a weight another module shares (an adapted LM head tied to the embeddings).
+    Under DDP each rank merges its own copy; nothing is synchronised.
+    """
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    swapped = []  # (parent module, attribute, LoRA layer, original weight tensor)
+    try:
+        with torch.no_grad():
+            for name, layer in list(model.named_modules()):
+                if not name or not _mergeable(layer, uses):
+                    continue
+                parent, _, attr = name.rpartition(".")
+                base = layer.base_layer
+                W = merged = base.weight.data                                           # (d_out, d_in)
+                for a in (a for a in layer.active_adapters if a in layer.lora_A):      # W + s·B @ A, a new tensor
+                    merged = torch.addmm(merged, layer.lora_B[a].weight, layer.lora_A[a].weight,
+                                         alpha=layer.scaling[a])                       # (d_out, d_in)
+                swapped.append((model.get_submodule(parent), attr, layer, W))
+                base.weight.data = merged                                               # W is kept aside
+                setattr(swapped[-1][0], attr, base)
+        yield model
+    finally:
+        for parent, attr, layer, W in reversed(swapped):
+            layer.base_layer.weight.data = W
+            setattr(parent, attr, layer)

@@ -6,8 +6,10 @@
     Pace(seconds)          callback: sleep after every training step (a window for an outside SIGKILL)
     KillDuringSave(nth)    callback: SIGKILL this process halfway through writing the nth `last.ckpt`
     Probe(out_dir)         callback: record, per rank, what each step saw and every checkpoint write
+    RankMicroBatches       GRPOModule taking its loss passes one group per micro-batch on rank 1 only
 
-The callbacks change nothing the training computes.
+The callbacks change nothing the training computes; neither does RankMicroBatches (only how the
+gradient is accumulated).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import yaml
 
 from grpo.agent import gather_eval_rows
 from grpo.metrics import eval_metrics
+from grpo.module import GRPOModule
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -117,7 +120,8 @@ class KillDuringSave(L.Callback):
 
 class Probe(L.Callback):
     """Per rank: `rank<r>.json` in `out_dir` with one record per training step (questions, group ids,
-    texts, local and logged mean reward, token count and scale), the evaluation rows of each
+    texts, local and logged mean reward, token count and scale, the norm of each parameter's gradient
+    at its (last) optimizer step), the evaluation rows of each
     validation, the checkpoint files this rank wrote, and a digest of the rollout sampler's state
     when training starts.
     """
@@ -140,9 +144,13 @@ class Probe(L.Callback):
         self._record_saves(trainer)
         self.sampler_digest = hashlib.sha256(pl_module.sampler.get_state().numpy().tobytes()).hexdigest()
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # the gradient the step uses (all-reduced)
+        self._grad = [float(p.grad.norm()) for p in pl_module.parameters() if p.grad is not None]
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         ro = outputs["rollout"]
         self.steps.append({
+            "grad": getattr(self, "_grad", []),
             "step": trainer.global_step, "questions": [ex.id for ex in batch],
             "group_ids": ro.group_ids.tolist(), "texts": ro.texts,
             "local_reward": float(outputs["rewards"].mean()),
@@ -170,3 +178,12 @@ class Probe(L.Callback):
         record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "steps": self.steps,
                   "evals": self.evals, "saves": self.saves, "sampler_digest": self.sampler_digest}
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class RankMicroBatches(GRPOModule):
+    """GRPOModule whose loss passes go one group per micro-batch on rank 1 and in one pass on rank 0:
+    under DDP the two ranks then make different numbers of backward passes per update."""
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.hparams.loss_tokens_per_micro_batch = 1 if self.global_rank == 1 else 10**9

@@ -1,6 +1,6 @@
 """AgentModule (grpo/agent.py), what GRPO and SFT share: the LR schedule, the checks of the shared
-options, the rollout sampler's device and saved state, evaluation rollouts, and evaluation rows
-gathered over DDP ranks. GRPO's own: tests/test_module.py."""
+options, the rollout sampler's device and saved state, decoding with LoRA merged, evaluation
+rollouts, and evaluation rows gathered over DDP ranks. GRPO's own: tests/test_module.py."""
 from __future__ import annotations
 
 import math
@@ -94,6 +94,43 @@ def test_sampler_state_from_another_device_type_restarts_with_a_warning():
     with pytest.warns(UserWarning, match="saved on 'cuda'"):
         g = m.sampler
     assert torch.equal(g.get_state(), torch.Generator().manual_seed(3).get_state())
+
+# --------------------------------------------------------------------------------------- decoding with LoRA merged
+
+
+def test_rollout_decodes_with_lora_merged_and_samples_from_the_adapter_policy():
+    """The rollout decodes with the LoRA update merged into the weights (no LoRA matmul runs), yet what it
+    records as π_old is the adapter policy's: its sample_logp equals `completion_logprobs` of the same
+    ids on the unmerged policy (fp32 rounding); afterwards every parameter is bit-identical and the
+    adapters run again. Full fine-tuning (nothing to merge) gives the same agreement."""
+    from grpo.logprobs import completion_logprobs
+
+    batch = [QAExample(id="a", question="Hi?", answers=("x",), kind=LOOKUP),
+             QAExample(id="b", question="What is the capital of France?", answers=("Paris",), kind=LOOKUP)]
+    for lora in (True, False):
+        m = GRPOModule(model_name="tiny", lora=lora, lora_r=4, group_size=4, max_new_tokens=24, temperature=0.7)
+        m.env = lambda query: "nothing found"
+        m.configure_model()
+        with torch.no_grad(), torch.random.fork_rng():  # a fresh LoRA has B = 0: give the update weight
+            torch.manual_seed(1)
+            for name, p in m.policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.2)
+        before = {n: p.detach().clone() for n, p in m.policy.named_parameters()}
+        calls = []
+        for name, module in m.policy.named_modules():
+            if name.endswith("lora_A.default"):
+                module.register_forward_hook(lambda *_: calls.append(1))
+        ro = m.rollout(batch, temperature=0.7, group_size=4)
+        assert not calls, "a LoRA matmul ran during the rollout"
+        assert m.policy.training  # the rollout gives the policy back in training mode
+        assert all(torch.equal(p, before[n]) for n, p in m.policy.named_parameters())
+        mask = ro.completion_mask.bool()
+        assert mask.sum() > 30
+        with torch.no_grad():
+            logp = completion_logprobs(m.policy, ro, 0.7)                            # (N, C) adapters unmerged
+        assert calls or not lora
+        torch.testing.assert_close(ro.sample_logp[mask], logp[mask], atol=1e-5, rtol=1e-5)
 
 # --------------------------------------------------------------------------------------- evaluation
 

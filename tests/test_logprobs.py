@@ -12,8 +12,8 @@ import itertools
 import pytest
 import torch
 
-from grpo.logprobs import (completion_logprobs, completion_logprobs_padded, length_buckets,
-                           sampled_token_logprobs)
+from grpo.logprobs import (completion_logprobs, completion_logprobs_padded, group_micro_batches, length_buckets,
+                           loss_micro_batches, sampled_token_logprobs)
 from grpo.rollout import Rollout
 from models.loading import add_lora, load_model_and_tokenizer, reference_policy
 
@@ -136,4 +136,26 @@ def test_length_buckets_cover_rows_and_are_optimal():
                    for k in range(6) for cuts in itertools.combinations(range(1, 6), k))
         assert total == best
     assert length_buckets(lengths, 0) == [[4], [2], [0], [3], [1, 5]]   # no padding at all
-    assert length_buckets(lengths, 10_000) == [[4, 2, 0, 3, 1, 5]]      # one micro-batch
+    assert length_buckets(lengths, 10_000) == [[4, 2, 0, 3, 1, 5]]      # one bucket
+
+
+def test_group_micro_batches_by_hand():
+    """Greedy over consecutive groups: [5, 3 | 4 | 10 (over the budget: alone) | 1] with a budget of 8."""
+    assert group_micro_batches([5, 3, 4, 10, 1], 8) == [range(0, 2), range(2, 3), range(3, 4), range(4, 5)]
+    assert group_micro_batches([5, 3, 4], 100) == [range(0, 3)]
+    assert group_micro_batches([], 8) == []
+
+
+def test_loss_micro_batches_count_each_prompt_once_and_keep_groups_whole():
+    """The hand-built rollout: group 0 feeds its 5-token prompt once + completions 7 + 12 + 3 = 27 tokens,
+    group 1 9 + 10 + 1 + 12 = 32; together 59. The log-probs of the micro-batches are the batch's rows."""
+    policy, tok = _policy()
+    ro = _rollout(len(tok))
+    assert [r.tolist() for r in loss_micro_batches(ro, 59)] == [[0, 1, 2, 3, 4, 5]]
+    micro = loss_micro_batches(ro, 58)
+    assert [r.tolist() for r in micro] == [[0, 1, 2], [3, 4, 5]]
+    assert [r.tolist() for r in loss_micro_batches(ro, 1)] == [[0, 1, 2], [3, 4, 5]]
+    with torch.no_grad():
+        whole = completion_logprobs(policy, ro, T)                                   # (N, C)
+        parts = torch.cat([completion_logprobs(policy, ro.select(rows), T) for rows in micro])
+    torch.testing.assert_close(parts, whole, atol=1e-6, rtol=1e-6)

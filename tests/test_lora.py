@@ -46,3 +46,131 @@ def test_only_plain_lora_configs():
         check_lora_config({"peft_type": "PREFIX_TUNING"}, "here")
     with pytest.raises(ValueError, match="modules_to_save=\\['lm_head'\\], bias='all'"):
         check_lora_config({"peft_type": "LORA", "modules_to_save": ["lm_head"], "bias": "all"}, "here")
+
+# --------------------------------------------------------------------------------------- merged for decoding
+
+
+def _tiny_lora(dtype: str = "float32", targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj")):
+    """The tiny Llama with LoRA r 4, its B made non-zero (a fresh B is 0: merging it would change nothing)."""
+    from models.loading import add_lora, load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer("tiny", dtype=dtype)
+    policy = add_lora(model, r=4, alpha=8, target_modules=targets)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(1)
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return policy.eval()
+
+
+def _lora_calls(model) -> list[int]:
+    """A list that counts every call of a LoRA A matrix from now on (forward hooks)."""
+    calls = []
+    for name, m in model.named_modules():
+        if name.endswith("lora_A.default"):
+            m.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def _snapshot(model) -> dict[str, tuple[torch.Tensor, int]]:
+    return {n: (p.detach().clone(), p.data_ptr()) for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _assert_bit_identical(model, before) -> None:
+    now = dict(model.named_parameters(remove_duplicate=False))
+    assert now.keys() == before.keys()
+    for n, (value, ptr) in before.items():
+        assert torch.equal(now[n], value) and now[n].data_ptr() == ptr, n
+
+
+def test_merged_lora_is_the_adapter_model_and_restores_every_parameter_bit_identical():
+    """Inside `merged_lora`: the same logits as the adapter model (fp32 rounding), no LoRA matmul runs and
+    no peft LoRA layer is left; on exit (also when the body raises) every parameter is the same tensor
+    with the same bits and every module is back. A merge without the scale s = α/r, or a restore by
+    subtraction, fails."""
+    from peft.tuners.lora import LoraLayer
+
+    from models.lora import merged_lora
+
+    policy = _tiny_lora()
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = policy(input_ids=ids).logits                                          # (2, 12, V)
+    before, modules = _snapshot(policy), [type(m) for m in policy.modules()]
+    calls = _lora_calls(policy)
+    with torch.no_grad(), merged_lora(policy) as merged:
+        got = merged(input_ids=ids).logits
+        assert not any(isinstance(m, LoraLayer) for m in merged.modules())
+    assert not calls, "a LoRA matmul ran inside merged_lora"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _assert_bit_identical(policy, before)
+    assert [type(m) for m in policy.modules()] == modules
+    with pytest.raises(RuntimeError, match="in the middle"):
+        with merged_lora(policy):
+            raise RuntimeError("in the middle")
+    _assert_bit_identical(policy, before)
+    assert [type(m) for m in policy.modules()] == modules
+    with torch.no_grad():
+        policy(input_ids=ids)
+    assert calls, "the adapters no longer run after merged_lora"
+
+
+def test_merged_lora_leaves_alone_what_it_cannot_merge_exactly():
+    """Not merged, run as usual: a model without LoRA (full fine-tuning), bf16 weights (W + ΔW would be rounded to
+    bf16), adapters disabled (π_ref), an adapted LM head whose weight is tied to the embeddings (the other
+    adapted layers are merged)."""
+    from peft.tuners.lora import LoraLayer
+
+    from models.loading import load_model_and_tokenizer, reference_policy
+    from models.lora import merged_lora
+
+    def lora_layers(model):
+        return sum(isinstance(m, LoraLayer) for m in model.modules())
+
+    plain, _ = load_model_and_tokenizer("tiny")
+    before = _snapshot(plain)
+    with merged_lora(plain) as merged:
+        assert merged is plain
+        _assert_bit_identical(plain, before)
+    bf16 = _tiny_lora("bfloat16")
+    n = lora_layers(bf16)
+    with merged_lora(bf16) as merged:
+        assert lora_layers(merged) == n == 14
+    policy = _tiny_lora()
+    with reference_policy(policy) as ref, merged_lora(ref) as merged:
+        assert lora_layers(merged) == 14
+    with pytest.warns(UserWarning, match="tie_word_embeddings"):  # peft warns about an adapted tied layer
+        tied = _tiny_lora(targets=("q_proj", "lm_head"))
+    before = _snapshot(tied)
+    with merged_lora(tied) as merged:
+        assert [type(m.base_layer).__name__ for m in merged.modules() if isinstance(m, LoraLayer)] == ["Linear"]
+        assert merged.get_base_model().lm_head.weight is merged.get_base_model().model.embed_tokens.weight
+        assert not any(isinstance(m, LoraLayer) for m in merged.get_base_model().model.layers.modules())
+    _assert_bit_identical(tied, before)
+
+
+def test_merged_lora_leaves_4bit_layers_alone():
+    """bitsandbytes 4-bit base layers are not merged (the sum would have to be requantized)."""
+    pytest.importorskip("bitsandbytes")
+    import tempfile
+    import warnings
+
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from models.loading import add_lora, tiny_model
+    from models.lora import merged_lora
+
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny_model(vocab_size=300).save_pretrained(d)
+        q = AutoModelForCausalLM.from_pretrained(d, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    q = add_lora(q, r=4, alpha=8)
+    n = sum(isinstance(m, LoraLayer) for m in q.modules())
+    before = _snapshot(q)
+    with merged_lora(q) as merged:
+        assert sum(isinstance(m, LoraLayer) for m in merged.modules()) == n == 14
+    _assert_bit_identical(q, before)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from grpo.losses import (clipped_policy_loss, group_advantages, grpo_loss, k3_kl,
-                         masked_mean_per_sequence, masked_mean_tokens)
+from grpo.losses import (Normaliser, clipped_policy_loss, group_advantages, grpo_loss, k3_kl,
+                         masked_mean_per_sequence, masked_mean_tokens, sum_losses)
 
 # --------------------------------------------------------------------------------------- advantages
 
@@ -193,3 +193,45 @@ def test_grpo_loss_clip_frac_counts_completion_tokens():
 def test_grpo_loss_requires_reference_when_beta_positive():
     with pytest.raises(ValueError, match="ref_logp"):
         grpo_loss(LOGP, None, None, ADV, MASK, beta=0.04)
+
+
+# --------------------------------------------------------------------------------------- micro-batches
+
+
+def test_normaliser_counts_the_whole_batch():
+    # MASK: 3 tokens in 2 sequences; an empty third row counts for neither
+    norm = Normaliser.of(torch.cat([MASK, torch.zeros(1, 2, dtype=MASK.dtype)]))
+    assert norm.tokens.item() == 3 and norm.sequences.item() == 2
+
+
+@pytest.mark.parametrize("token_level", [True, False])
+def test_micro_batch_losses_are_shares_of_the_batch_loss(token_level):
+    """Rows 0 and 1 of the grpo_loss tests as two micro-batches, each with the batch's Normaliser (M = 3, N' = 2).
+    Token level: pg row 0 (-1 - 1)/3 = -2/3, row 1 1/3; kl e^-1/3 and 0; ratio_mean 2/3 and 1/3.
+    Per sequence: pg row 0 ((-1 - 1)/2)/2 = -1/2, row 1 (1/1)/2 = 1/2; kl (e^-1/2)/2 and 0.
+    They add up to the one-pass values (loss, diagnostics, gradient); row 1 normalised by its own
+    counts instead would weigh 1 (its one token) where its share is 1/3 (1/2 per sequence)."""
+    norm = Normaliser.of(MASK)
+    logp = LOGP.clone().requires_grad_()
+    parts = [grpo_loss(logp[rows], None, REF[rows], ADV[rows], MASK[rows], beta=0.04, token_level=token_level,
+                       normaliser=norm) for rows in (slice(0, 1), slice(1, 2))]
+    if token_level:
+        want_pg, want_kl = (-2 / 3, 1 / 3), (math.exp(-1) / 3, 0.0)
+    else:
+        want_pg, want_kl = (-1 / 2, 1 / 2), (math.exp(-1) / 4, 0.0)
+    for part, pg, kl in zip(parts, want_pg, want_kl):
+        assert part.policy_loss.item() == pytest.approx(pg) and part.kl.item() == pytest.approx(kl)
+        assert part.loss.item() == pytest.approx(pg + 0.04 * kl)
+    assert [p.ratio_mean.item() for p in parts] == pytest.approx([2 / 3, 1 / 3])
+    total = sum_losses(parts)
+    whole = grpo_loss(LOGP, None, REF, ADV, MASK, beta=0.04, token_level=token_level)
+    for name in ("loss", "policy_loss", "kl", "clip_frac", "ratio_mean"):
+        assert getattr(total, name).item() == pytest.approx(getattr(whole, name).item()), name
+    assert not total.loss.requires_grad
+    grad_parts, = torch.autograd.grad(sum(p.loss for p in parts), logp)
+    logp_whole = LOGP.clone().requires_grad_()
+    grad_whole, = torch.autograd.grad(grpo_loss(logp_whole, None, REF, ADV, MASK, beta=0.04,
+                                                token_level=token_level).loss, logp_whole)
+    assert torch.allclose(grad_parts, grad_whole)
+    own = grpo_loss(LOGP[1:], None, REF[1:], ADV[1:], MASK[1:], beta=0.04, token_level=token_level)
+    assert own.policy_loss.item() == pytest.approx(1.0)  # its own count: not its share

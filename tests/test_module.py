@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import grpo.agent
+import grpo.logprobs
 import grpo.module
 from data.types import LOOKUP, QAExample
 from grpo.agent import cosine_with_warmup
@@ -171,9 +172,9 @@ class _LRs(_RandomReward):
         super().__init__(**kw)
         self.lrs, self.rollouts = [], 0
 
-    def optimize(self, loss):
+    def step_optimizer(self):
         self.lrs.append(self.optimizers().param_groups[0]["lr"])
-        super().optimize(loss)
+        super().step_optimizer()
 
     def rollout(self, *a, **kw):
         self.rollouts += 1
@@ -275,28 +276,114 @@ def test_gradients_are_clipped_to_max_grad_norm():
 
 
 class _OwnGradients(_RandomReward):
-    """Checks that every optimizer step sees exactly the gradient of its own loss (nothing left over
-    from the previous update: μ = 2 makes two updates per batch)."""
+    """Checks that every optimizer step sees exactly the gradient of its own loss, the sum of its
+    micro-batches' (nothing left over from the previous update: μ = 2 makes two updates per batch)."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        self.errors = []
+        self.errors, self.micro_batches, self._expected = [], [], None
 
-    def optimize(self, loss):
+    def accumulate_grad(self, loss, sync=True):
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        self._expected = torch.autograd.grad(loss, params, retain_graph=True)
-        super().optimize(loss)
+        grads = torch.autograd.grad(loss, params, retain_graph=True)
+        self._expected = grads if self._expected is None else [e + g for e, g in zip(self._expected, grads)]
+        self.micro_batches[-1] += 1
+        super().accumulate_grad(loss, sync)
+
+    def policy_update(self, *args):
+        self.micro_batches.append(0)
+        return super().policy_update(*args)
 
     def on_before_optimizer_step(self, optimizer):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.errors.append(max(float((p.grad - g).abs().max()) for p, g in zip(params, self._expected)))
+        self._expected = None
 
 
-def test_each_update_uses_only_its_own_gradient():
+@pytest.mark.parametrize("tokens_per_micro_batch", [100_000, 1])  # one micro-batch / one per group
+def test_each_update_uses_only_its_own_gradient(tokens_per_micro_batch):
     L.seed_everything(0)
-    m = _OwnGradients(model_name="tiny", group_size=4, max_new_tokens=8, num_updates=2, max_grad_norm=0.0, lr=1e-2)
+    m = _OwnGradients(model_name="tiny", group_size=4, max_new_tokens=8, num_updates=2, max_grad_norm=0.0, lr=1e-2,
+                      loss_tokens_per_micro_batch=tokens_per_micro_batch)
     fit(m, 4)
     assert len(m.errors) == 4 and max(m.errors) < 1e-6, m.errors
+    assert m.micro_batches == [1 if tokens_per_micro_batch > 1 else 2] * 4  # B = 2 groups
+
+
+class _Spy(GRPOModule):
+    """policy_update without a trainer: backward only (no optimizer step), each event recorded."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.events = []
+
+    def accumulate_grad(self, loss, sync=True):
+        self.events.append(("backward", sync))
+        loss.backward()
+
+    def step_optimizer(self):
+        self.events.append(("step",))
+
+
+def _update(m: _Spy, ro, tokens_per_micro_batch: int, old_logp, ref_logp, advantages):
+    """(batch loss output, gradients, events) of one `policy_update` with this micro-batch budget."""
+    import grpo.logprobs
+
+    for p in m.policy.parameters():
+        p.grad = None
+    m.events = []
+    real = grpo.module.completion_logprobs
+
+    def spied(model, ro_mb, temperature):
+        m.events.append(("forward", ro_mb.group_ids.unique().tolist()))
+        return real(model, ro_mb, temperature)
+
+    micro = grpo.logprobs.loss_micro_batches(ro, tokens_per_micro_batch)
+    grpo.module.completion_logprobs = spied
+    try:
+        out = m.policy_update(ro, micro, old_logp, ref_logp, advantages, torch.ones(()))
+    finally:
+        grpo.module.completion_logprobs = real
+    return out, {n: p.grad.clone() for n, p in m.policy.named_parameters() if p.requires_grad}, m.events
+
+
+@pytest.mark.parametrize("token_level", [True, False])
+def test_micro_batched_update_is_the_one_pass_update(token_level):
+    """An update taken a micro-batch of groups at a time (forward, backward, next micro-batch) has the
+    gradient and the loss outputs (loss, loss/policy, loss/kl, clip_frac, ratio_mean) of one pass over
+    the batch: B = 3 groups of G = 4 on the tiny model with LoRA, π_old perturbed so that ratios differ
+    from 1 and the clip acts, β > 0. A micro-batch normalised by its own token (or sequence) count
+    instead of the batch's fails; so does a pass that is not split."""
+    L.seed_everything(0)
+    m = _Spy(model_name="tiny", lora_r=4, group_size=4, max_new_tokens=12, temperature=0.7, beta=0.1,
+             clip_eps=0.1, token_level=token_level)
+    m.env = lambda query: "nothing found"
+    m.configure_model()
+    with torch.no_grad():  # a fresh LoRA has B = 0: give the update weight
+        for name, p in m.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    batch = [QAExample(id=str(i), question=q, answers=("x",), kind=LOOKUP)
+             for i, q in enumerate(["Hi?", "What is the capital of France?", "Name a colour."])]
+    ro = m.rollout(batch, temperature=0.7, group_size=4)
+    g = torch.Generator().manual_seed(0)
+    old_logp = ro.sample_logp + 0.3 * torch.randn(ro.sample_logp.shape, generator=g)    # (N, C)
+    advantages = torch.randn(len(ro.texts), generator=g)                                # (N,)
+    ref_logp = m.reference_logprobs(ro)                                                 # (N, C) in one pass
+
+    one, one_grads, one_events = _update(m, ro, 100_000, old_logp, ref_logp, advantages)
+    assert one_events == [("forward", [0, 1, 2]), ("backward", True), ("step",)]
+    split, split_grads, events = _update(m, ro, 1, old_logp, ref_logp, advantages)      # one group per micro-batch
+    assert events == [("forward", [0]), ("backward", False), ("forward", [1]), ("backward", False),
+                      ("forward", [2]), ("backward", True), ("step",)]
+    assert 0 < float(one.clip_frac) < 1 and abs(float(one.ratio_mean) - 1) > 1e-3 and float(one.kl) > 0
+    for name in ("loss", "policy_loss", "kl", "clip_frac", "ratio_mean"):
+        torch.testing.assert_close(getattr(split, name), getattr(one, name), atol=1e-7, rtol=1e-6, msg=name)
+    for name, grad in one_grads.items():
+        torch.testing.assert_close(split_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    # the reference pass in micro-batches gives the same log-probs as in one
+    torch.testing.assert_close(m.reference_logprobs(ro, grpo.logprobs.loss_micro_batches(ro, 1)), ref_logp,
+                               atol=1e-6, rtol=1e-6)
 
 # --------------------------------------------------------------------------------------- the reward of each sample
 
