@@ -42,6 +42,10 @@ not something I know; I will search for Uganda."), so that both branches share a
 at the fact token, where the model's own confidence lives: a known capital's name outweighs "not",
 an unknown one's probability is spread over many names. "plain" gives them the generic search
 thoughts above, which fork at the thought's first token, before the model has recalled anything.
+"hedge-all" also hedges every other one-hop search at its fact ("The population of Kenya is not
+something I know; I will search for Kenya."): GRPO from "hedge" drifted to searching known capitals
+through the generic first-token fork that every lookup reinforces (results/economy/README.md), and
+with "hedge-all" no such fork is left. Not yet measured.
 Run `python -m data.traces --out outputs/traces.jsonl [--hotpotqa PATH]`.
 """
 from __future__ import annotations
@@ -85,7 +89,15 @@ RECALL_TEMPLATES = {"capital": "The capital of {c} is {a}.", "continent": "{c} i
 HEDGE_TEMPLATES = {"capital": "The capital of {c} is not something I know; I will search for {c}.",
                    "continent": "{c} is a country located in a part of the world I do not know; "
                                 "I will search for {c}."}
-UNKNOWN_THOUGHT_STYLES = ("hedge", "plain")
+# "hedge-all": every one-hop search hedges at its fact, so no search starts with a generic thought
+LOOKUP_HEDGE_TEMPLATES = {
+    "population": "The population of {c} is not something I know; I will search for {c}.",
+    "area": "The area of {c} is not something I know; I will search for {c}.",
+    "currency": "The currency of {c} is not something I know; I will search for {c}.",
+    "border": "The countries bordering {c} are not something I know; I will search for {c}.",
+    "bridge": "The country whose capital is {c} is not something I know; I will search for {c}.",
+}
+UNKNOWN_THOUGHT_STYLES = ("hedge", "plain", "hedge-all")
 
 
 # --------------------------------------------------------------------------- the record
@@ -184,7 +196,8 @@ def build_trace(example: QAExample, style: str, env, rng: random.Random,
     replies: None gives a direct trace the plain "I know this." thought; a mapping (even empty)
     gives it the recall sentence (`recall_sentence`) built from the model's own replies.
     unknown_thought: "hedge" gives a one-search trace of a capital/continent the model does not
-    know the hedged recall thought (HEDGE_TEMPLATES); "plain" the generic search thoughts.
+    know the hedged recall thought (HEDGE_TEMPLATES); "plain" the generic search thoughts;
+    "hedge-all" hedges every one-hop search at its fact (LOOKUP_HEDGE_TEMPLATES for the other types).
     """
     answer, queries = f"<answer>{example.answers[0]}</answer>", example.hops
     if style == "direct":
@@ -194,8 +207,10 @@ def build_trace(example: QAExample, style: str, env, rng: random.Random,
         first = SEARCH_THOUGHTS if style == "search" else MULTIHOP_THOUGHTS
         listed = queries[0] if len(queries) == 1 else ", ".join(queries[:-1]) + " and " + queries[-1]
         thought = rng.choice(first).format(q=queries[0], qs=listed)
-        if unknown_thought == "hedge" and style == "search" and unknown_memory(example):
+        if unknown_thought in ("hedge", "hedge-all") and style == "search" and unknown_memory(example):
             thought = HEDGE_TEMPLATES[example.type].format(c=queries[0])
+        elif unknown_thought == "hedge-all" and style == "search" and example.type in LOOKUP_HEDGE_TEMPLATES:
+            thought = LOOKUP_HEDGE_TEMPLATES[example.type].format(c=queries[0])
         segments = [("model", f"<thought>{thought}</thought><call>{queries[0]}</call>")]
         for i, query in enumerate(queries):
             segments.append(("obs", run_tool(env, query)[0]))
@@ -432,7 +447,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--unknown-share", type=float, default=DEFAULT_UNKNOWN_SHARE,
                         help="share of the search traces on capitals/continents the model does not know")
     parser.add_argument("--unknown-thought", choices=UNKNOWN_THOUGHT_STYLES, default="hedge",
-                        help="hedge: those searches start like a recall and give up at the fact; plain: generic")
+                        help="hedge: those searches start like a recall and give up at the fact; plain: generic; "
+                             "hedge-all: every one-hop search hedges at its fact")
     args = parser.parse_args(argv)
     if not 0 <= args.hotpotqa_share <= 1:
         parser.error(f"--hotpotqa-share must be in [0, 1], got {args.hotpotqa_share}")

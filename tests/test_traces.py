@@ -281,6 +281,22 @@ def test_hedged_searches_fork_from_the_recall_at_the_fact(task, env, by_id):
         make_traces(task.train, env, n=10, unknown_thought="shy")
 
 
+def test_hedge_all_leaves_no_generic_one_hop_search(task, env, by_id):
+    traces = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4,
+                         unknown_thought="hedge-all")
+    searches = [t for t in traces if t.style == "search"]
+    assert len(searches) == 160 and {t.type for t in searches} >= {"population", "currency", "bridge", "capital"}
+    for t in searches:
+        hop = example_of(t, by_id).hops[0]
+        thought = thought_of(t)
+        assert "not something I know" in thought or "part of the world" in thought, thought
+        assert thought.endswith(f"I will search for {hop}.") and not thought.startswith("I ")
+        assert not contains_gold(thought.replace(hop, " "), t.answers)
+    # direct and two-hop traces are those of "hedge"
+    hedge = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4)
+    assert [t.text for t in traces if t.style != "search"] == [t.text for t in hedge if t.style != "search"]
+
+
 def test_text_property_matches_the_segments(traces):
     trace = Trace("search/x", "Q?", ("B",), LOOKUP, "search",
                   (("model", "<thought>t</thought><call>A</call>"), ("obs", "[A] B."), ("model", "<answer>B</answer>")))
