@@ -1,6 +1,7 @@
 """Test doubles and sample data shared by several test files (no tests in here).
 
     fake_rollout(texts, ...)   a `Rollout` of given completions and counts, without a model
+    Biased(model, bias)        a model (byte tokenizer) with some token logits shifted
     FaultyEnv                  a search tool that raises, hangs or floods, by query
     KENYA                      a well-formed completion with one call (gold "53 million")
     HOTPOTQA_ROWS              two HotpotQA records in the row format; write_jsonl, without
@@ -13,8 +14,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from grpo.rollout import Rollout
+from models.tokenizer import ByteTokenizer
 
 ENV_TEXT = "Paris is the capital of France."
 KENYA = ("<thought>I need the population.</thought><call>Kenya</call>"
@@ -84,3 +87,22 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def without(row: dict, field: str) -> dict:
     return {k: v for k, v in row.items() if k != field}
+
+
+class Biased(nn.Module):
+    """A model of the byte tokenizer with some token logits shifted (+ makes a token likely, - forbids
+    it): the tiny random model then writes tags, so that calls and answers happen."""
+
+    def __init__(self, model, bias: dict[str, float]):
+        super().__init__()
+        self.model = model
+        tok = ByteTokenizer()
+        b = torch.zeros(len(tok))                                                    # (V,)
+        for token, value in bias.items():
+            b[tok.convert_tokens_to_ids(token)] = value
+        self.register_buffer("bias", b)
+
+    def forward(self, **kwargs):
+        out = self.model(**kwargs)
+        out.logits = out.logits + self.bias                                          # (rows, T or 1, V)
+        return out

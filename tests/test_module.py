@@ -12,7 +12,6 @@ import threading
 import lightning as L
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 import grpo.agent
@@ -26,7 +25,7 @@ from grpo.module import GRPOModule, ddp_token_scale
 from grpo.rewards import OTCWeights
 from grpo.rollout import rollout
 from models.tokenizer import ByteTokenizer
-from tests.fakes import fake_rollout
+from tests.fakes import Biased, fake_rollout
 
 TOK = ByteTokenizer()
 EOS = TOK.eos_token
@@ -51,23 +50,6 @@ class Record(L.Callback):
     @property
     def rewards(self) -> list[float]:
         return [m["reward/mean"] for m in self.metrics]
-
-
-class Biased(nn.Module):
-    """The tiny model with some token logits shifted (+ makes a token likely, - forbids it)."""
-
-    def __init__(self, model, bias: dict[str, float]):
-        super().__init__()
-        self.model = model
-        b = torch.zeros(len(TOK))                                                    # (V,)
-        for token, value in bias.items():
-            b[TOK.convert_tokens_to_ids(token)] = value
-        self.register_buffer("bias", b)
-
-    def forward(self, **kwargs):
-        out = self.model(**kwargs)
-        out.logits = out.logits + self.bias                                          # (rows, T, V)
-        return out
 
 
 def fit(module: GRPOModule, steps: int, env=lambda query: "nothing found", questions=QUESTIONS, batch_size: int = 2,

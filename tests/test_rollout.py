@@ -15,7 +15,7 @@ from grpo.kvcache import position_ids_from_mask
 from grpo.rollout import OBS_CHARS_PER_TOKEN, rollout, sample_next
 from models.loading import load_model_and_tokenizer
 from models.tokenizer import ByteTokenizer
-from tests.fakes import ENV_TEXT
+from tests.fakes import ENV_TEXT, Biased
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -314,21 +314,16 @@ def test_failing_tools_only_affect_their_own_samples(faulty_env):
 # --------------------------------------------------------------------------------------- tiny Llama
 
 
-class ToolBiased(nn.Module):
+class ToolBiased(Biased):
     """The tiny random model with the tag logits raised, so that calls and answers happen. It
     records the last-position logits of every call: the distributions the rollout sampled from."""
 
     def __init__(self, model, bias: dict[str, float]):
-        super().__init__()
-        self.model, self.step_logits = model, []
-        b = torch.zeros(len(TOK))                                                    # (V,)
-        for tag, value in bias.items():
-            b[TOK.convert_tokens_to_ids(tag)] = value
-        self.register_buffer("bias", b)
+        super().__init__(model, bias)
+        self.step_logits = []
 
     def forward(self, **kwargs):
-        out = self.model(**kwargs)
-        out.logits = out.logits + self.bias                                          # (rows, T or 1, V)
+        out = super().forward(**kwargs)
         self.step_logits.append(out.logits[:, -1].clone())                          # (rows, V)
         return out
 
