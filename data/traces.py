@@ -97,7 +97,10 @@ LOOKUP_HEDGE_TEMPLATES = {
     "border": "The countries bordering {c} are not something I know; I will search for {c}.",
     "bridge": "The country whose capital is {c} is not something I know; I will search for {c}.",
 }
-UNKNOWN_THOUGHT_STYLES = ("hedge", "plain", "hedge-all")
+# unknown_thought -> {type: thought} of the one-hop searches that hedge (the others: SEARCH_THOUGHTS).
+# A one-hop search of a capital/continent is always one the model does not know: known ones are direct.
+HEDGED_SEARCHES = {"plain": {}, "hedge": HEDGE_TEMPLATES, "hedge-all": HEDGE_TEMPLATES | LOOKUP_HEDGE_TEMPLATES}
+UNKNOWN_THOUGHT_STYLES = tuple(HEDGED_SEARCHES)
 
 
 # --------------------------------------------------------------------------- the record
@@ -190,7 +193,7 @@ def closed_book_replies(memory_file: str | Path = DEFAULT_MEMORY_FILE) -> dict[s
 
 
 def build_trace(example: QAExample, style: str, env, rng: random.Random,
-                replies: Mapping[str, str] | None = None, unknown_thought: str = "plain") -> Trace:
+                replies: Mapping[str, str] | None = None, unknown_thought: str = "hedge") -> Trace:
     """The trace of one example in one style; each observation is `run_tool(env, query)[0]`.
 
     replies: None gives a direct trace the plain "I know this." thought; a mapping (even empty)
@@ -206,11 +209,8 @@ def build_trace(example: QAExample, style: str, env, rng: random.Random,
     else:
         first = SEARCH_THOUGHTS if style == "search" else MULTIHOP_THOUGHTS
         listed = queries[0] if len(queries) == 1 else ", ".join(queries[:-1]) + " and " + queries[-1]
-        thought = rng.choice(first).format(q=queries[0], qs=listed)
-        if unknown_thought in ("hedge", "hedge-all") and style == "search" and unknown_memory(example):
-            thought = HEDGE_TEMPLATES[example.type].format(c=queries[0])
-        elif unknown_thought == "hedge-all" and style == "search" and example.type in LOOKUP_HEDGE_TEMPLATES:
-            thought = LOOKUP_HEDGE_TEMPLATES[example.type].format(c=queries[0])
+        hedged = HEDGED_SEARCHES[unknown_thought].get(example.type) if style == "search" else None
+        thought = hedged.format(c=queries[0]) if hedged else rng.choice(first).format(q=queries[0], qs=listed)
         segments = [("model", f"<thought>{thought}</thought><call>{queries[0]}</call>")]
         for i, query in enumerate(queries):
             segments.append(("obs", run_tool(env, query)[0]))
@@ -248,7 +248,7 @@ def quotas(n: int, mix: Sequence[float]) -> dict[str, int]:
 
 
 def _valid_traces(pool: list[QAExample], style: str, env, seed: int, verify_gold: bool, report: TraceReport,
-                  replies: Mapping[str, str] | None = None, unknown_thought: str = "plain") -> Iterator[Trace]:
+                  replies: Mapping[str, str] | None = None, unknown_thought: str = "hedge") -> Iterator[Trace]:
     """The traces of `pool` in order, skipping (and counting) the ones that fail a check."""
     for ex in pool:
         trace = build_trace(ex, style, env, random.Random(f"{seed}/{ex.id}"), replies, unknown_thought)
@@ -281,7 +281,7 @@ def draw_traces(examples: Sequence[QAExample], env, counts: dict[str, int], seed
     replies: the model's closed-book replies for recall thoughts (None: plain "I know this.").
     unknown_share: this share of counts["search"] is drawn first from the capital/continent
         questions the model does not know (0: the search pool is drawn uniformly).
-    unknown_thought: "hedge" or "plain", the thought of those searches (see the module docstring).
+    unknown_thought: "hedge", "plain" or "hedge-all", the thought of the searches (module docstring).
     """
     if not 0.0 <= unknown_share <= 1.0:
         raise ValueError(f"unknown_share must be in [0, 1], got {unknown_share!r}")
