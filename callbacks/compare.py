@@ -69,7 +69,7 @@ def compare_markdown(rows: Sequence[dict], baseline: str | None = None) -> str:
     for r in rows:
         cells = [_num(r[key], fmt) for _, key, fmt in COLUMNS]
         if baseline:
-            cells += [_num(r["em_gap"], "+.3f"), "n/a" if r["call_reduction"] is None else f"{r['call_reduction']:.0%}"]
+            cells += [_num(r["em_gap"], "+.3f"), _num(r["call_reduction"], ".0%")]
         lines.append(f"| {r['label']} | {r['n']} | " + " | ".join(cells) + " |")
     note = f"\nBaseline of the last two columns: {baseline}.\n" if baseline else ""
     return "\n".join(lines) + "\n" + note
