@@ -1,8 +1,8 @@
 """`EvalReport`: accuracy against token cost of every evaluated checkpoint, as a plot and a table.
 
-The callback collects the rows `validation_step` returns (one per question, `grpo.metrics.eval_rows`)
+The callback collects the rows `validation_step` returns (one per question, `grpo.evaluation.eval_rows`)
 in `on_validation_batch_end`; after each validation epoch (not the sanity check) it computes their
-metrics (`grpo.metrics.eval_metrics`, the very function the module logs with) and keeps one point
+metrics (`grpo.evaluation.eval_metrics`, the very function the module logs with) and keeps one point
 per evaluated step:
 
     step, em (eval/em), f1 (eval/f1), tokens (eval/tokens_per_sample), calls (eval/calls_per_sample),
@@ -27,7 +27,7 @@ A `validate` or `test` run (any checkpoint, any question file: `data.val_path`) 
     eval.json   the metrics (overall and per kind) and one row per question (answer text, EM, calls...)
     eval.md     the metrics as a table, one row for all questions and one per kind
 
-Under DDP the rows of every rank are gathered first (`grpo.agent.gather_eval_rows`, each question
+Under DDP the rows of every rank are gathered first (`grpo.evaluation.gather_eval_rows`, each question
 once), so the figures cover the whole validation set.
 """
 from __future__ import annotations
@@ -46,8 +46,7 @@ from matplotlib.figure import Figure
 
 from callbacks.metrics import logger_step
 from data.files import atomic_write
-from grpo.agent import gather_eval_rows
-from grpo.metrics import eval_metrics
+from grpo.evaluation import eval_metrics, gather_eval_rows
 
 ALWAYS_SEARCH_RATE = 0.99  # a point searching on at least this share of questions stands for "always search"
 _STEP_IN_NAME = re.compile(r"step=(\d+)")

@@ -49,7 +49,7 @@ BUGS = [  # (name, file, correct code, planted bug)
     ('positions ignore holes', 'grpo/kvcache.py',
      'return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)',
      'return torch.arange(attention_mask.shape[-1], device=attention_mask.device).expand_as(attention_mask)'),
-    ('eval at train temperature', 'grpo/agent.py',
+    ('eval at train temperature', 'grpo/evaluation.py',
      'ro = self.rollout(batch, temperature=hp.eval_temperature,',
      'ro = self.rollout(batch, temperature=1.0,'),
     ('OTC executed calls only', 'grpo/module.py',

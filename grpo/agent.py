@@ -2,9 +2,9 @@
 
 The agent is a policy network (LoRA adapters or every weight) with its tokenizer and its search
 tool (`env`, taken from the datamodule). This class holds what both ways of training it need:
-AdamW with a cosine schedule after a linear warm-up, agentic rollouts (`grpo.rollout`) and their
-evaluation on held-out questions (gathered over DDP ranks), and checkpoints that hold the trainable
-weights only plus every rank's rollout RNG. It has no `training_step`: GRPO's is
+AdamW with a cosine schedule after a linear warm-up, agentic rollouts (`grpo.rollout`), their
+evaluation on held-out questions (`grpo.evaluation.EvaluationHooks`), and checkpoints that hold
+the trainable weights only plus every rank's rollout RNG. It has no `training_step`: GRPO's is
 `grpo.module.GRPOModule.training_step`, SFT's `grpo.sft.SFTModule.training_step`.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from data.types import QAExample
 from envs.protocol import build_prompt
-from grpo.metrics import eval_metrics, eval_rows
+from grpo.evaluation import EvaluationHooks, all_ranks
 from grpo.rollout import Rollout, rollout
 from models.loading import (DEFAULT_LORA_TARGETS, SMOLLM2, add_lora, check_4bit, check_model_name,
                             load_model_and_tokenizer)
@@ -58,37 +58,12 @@ def schedule_length(num_updates: int, batches: int | float, max_steps: int, max_
     return max(1, min(limits))
 
 
-def _all_ranks(obj) -> list:
-    """[obj of rank 0, rank 1, ...] under torch.distributed, else [obj]."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [obj]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def gather_eval_rows(rows: list[dict]) -> list[dict]:
-    """Under DDP, the evaluation rows of every rank, each question once; else `rows` unchanged.
-
-    Lightning's DistributedSampler pads the validation set with repeated questions so that every
-    rank gets as many; keeping the first row of each (id, question) counts every question once.
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return rows
-    seen, unique = set(), []
-    for row in (row for rank_rows in _all_ranks(rows) for row in rank_rows):
-        if (row["id"], row["question"]) not in seen:
-            seen.add((row["id"], row["question"]))
-            unique.append(row)
-    return unique
-
-
 def check_positive(name: str, value, allow_zero: bool = False) -> None:
     if value is None or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"model.{name}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
 
 
-class AgentModule(L.LightningModule):
+class AgentModule(EvaluationHooks, L.LightningModule):
     """What GRPO and SFT share: the policy (LoRA or full) and tokenizer, the optimizer and schedule,
     agentic rollouts and their evaluation, and checkpoints of the trainable weights only.
 
@@ -251,33 +226,6 @@ class AgentModule(L.LightningModule):
         self.policy.train(was_training)
         return ro
 
-    # ---- evaluation: agentic rollouts on held-out questions
-    def validation_step(self, batch: list[QAExample], batch_idx: int) -> list[dict]:
-        """Rollouts at `eval_temperature` (0: greedy), one per question: its row of accuracy, format,
-        tokens and tool use (`grpo.metrics.eval_rows`). The rows are returned, for callbacks
-        (`on_validation_batch_end`: the evaluation report), and kept for the epoch's metrics."""
-        hp = self.hparams
-        ro = self.rollout(batch, temperature=hp.eval_temperature, group_size=1,
-                          max_new_tokens=hp.eval_max_new_tokens or hp.max_new_tokens,
-                          top_p=hp.eval_top_p)
-        rows = eval_rows(batch, ro)
-        self._eval_rows += rows
-        return rows
-
-    test_step = validation_step
-
-    def on_validation_epoch_end(self) -> None:
-        rows, self._eval_rows = gather_eval_rows(self._eval_rows), []  # every rank: the whole validation set
-        if not rows:
-            return
-        metrics = eval_metrics(rows)
-        self.log_dict(metrics, sync_dist=True)  # already equal on every rank: the mean over ranks keeps them
-        if not self.trainer.sanity_checking:
-            self.print(f"[eval step {self.global_step}] " + "  ".join(
-                f"{k.removeprefix('eval/')}={v:.3f}" for k, v in metrics.items() if "/" not in k[5:]))
-
-    on_test_epoch_end = on_validation_epoch_end
-
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # a batch is a list of QAExample records: text, no tensors
 
@@ -285,7 +233,7 @@ class AgentModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["sampler_rng"] = _all_ranks(self.sampler.get_state())  # [state of rank 0, rank 1, ...]
+        checkpoint["sampler_rng"] = all_ranks(self.sampler.get_state())  # [state of rank 0, rank 1, ...]
         checkpoint["sampler_device"] = self.device.type
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -41,17 +41,8 @@ logged (no productivity in a step without calls, nothing for a kind absent from 
     rollout/<kind>/tokens_per_sample Σ sampled_n / N_kind
     reward/<kind>/mean               Σ r_n / N_kind
 
-Evaluation: one row per question (`eval_rows`; G = 1), metrics of all the rows (`eval_metrics`),
-overall and as eval/<kind>/<metric>. Under DDP the rows of every rank are gathered first, each
-question once (`grpo.agent.gather_eval_rows`): again ratios of global sums.
-
-    eval/em, eval/f1           Σ EM / n, Σ F1 / n of the answer (HotpotQA normalisation; no answer: 0)
-    eval/well_formed           #{well-formed and ending in an answer} / n
-    eval/calls_per_sample      Σ calls / n
-    eval/search_rate           #{calls >= 1} / n
-    eval/tokens_per_sample     Σ sampled tokens / n
-    eval/productivity          Σ EM / Σ calls   (not logged without calls)
-    eval/cost_of_pass          Σ sampled tokens / Σ EM   (not logged when nothing is correct)
+Evaluation (`grpo.evaluation`): one row per question, the eval/… metrics from the same sums and
+`rates`, overall and per kind; the table is in that module's docstring.
 
 SFT (`grpo.sft.SFTModule`): sft/loss, the cross-entropy on the assistant's own tokens, and
 sft/tokens_per_batch, the number of those tokens.
@@ -62,16 +53,12 @@ from typing import Mapping, Sequence
 
 from torch import Tensor
 
-from data.answers import exact_match, f1_score
-from data.types import KINDS, QAExample
-from envs.protocol import parse_completion
+from data.types import KINDS
 from grpo.losses import GRPOLossOutput
 from grpo.rollout import Rollout
 
 QUANTITIES = ("samples", "correct", "f1", "well_formed", "calls", "searched", "incomplete", "tokens", "reward")
 GROUPS = ("all", *KINDS)
-EVAL = ("em", "f1", "well_formed", "calls_per_sample", "search_rate", "tokens_per_sample", "productivity",
-        "cost_of_pass")
 
 # ---------------------------------------------------------------------------------------------
 # Training: per-step means
@@ -158,37 +145,4 @@ def tool_metrics(sums: Mapping[str, Mapping[str, float]], with_reward: bool = Tr
             out[f"reward/{kind}/mean"] = r["reward_mean"]
         if "productivity" in r:
             out[f"tools/{kind}/productivity"] = r["productivity"]
-    return out
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def eval_rows(batch: Sequence[QAExample], ro: Rollout) -> list[dict]:
-    """One row per question of an evaluation rollout (one completion per question): its kind, EM, F1,
-    well-formedness (and an answer), executed calls and sampled tokens, plus id, question and text."""
-    rows = []
-    for i, ex in enumerate(batch):
-        parsed = parse_completion(ro.texts[i])
-        rows.append({
-            "kind": ex.kind, "em": exact_match(parsed.answer or "", ex.answers),
-            "f1": f1_score(parsed.answer or "", ex.answers),
-            "well_formed": float(parsed.well_formed and parsed.answer is not None),
-            "calls": float(ro.num_calls[i]), "tokens": float(ro.completion_mask[i].sum()),
-            "id": ex.id, "question": ex.question, "text": ro.texts[i]})
-    return rows
-
-
-def eval_metrics(rows: Sequence[Mapping]) -> dict[str, float]:
-    """The eval/… metrics of the rows (see the table): eval/<metric>, then eval/<kind>/<metric> for
-    each kind present; productivity and cost_of_pass are left out where their denominator is 0."""
-    sums = sums_by_kind([r["kind"] for r in rows], {
-        "correct": [r["em"] for r in rows], "f1": [r["f1"] for r in rows],
-        "well_formed": [r["well_formed"] for r in rows], "calls": [r["calls"] for r in rows],
-        "searched": [r["calls"] > 0 for r in rows], "tokens": [r["tokens"] for r in rows]})
-    out = {}
-    for group, s in sums.items():
-        if s["samples"]:
-            prefix = "eval/" if group == "all" else f"eval/{group}/"
-            out |= {prefix + k: v for k, v in rates(s).items() if k in EVAL}
     return out

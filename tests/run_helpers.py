@@ -28,8 +28,7 @@ import lightning as L
 import torch
 import yaml
 
-from grpo.agent import gather_eval_rows
-from grpo.metrics import eval_metrics
+from grpo.evaluation import eval_metrics, gather_eval_rows
 from grpo.module import GRPOModule
 
 REPO = Path(__file__).resolve().parents[1]

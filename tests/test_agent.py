@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from data.types import LOOKUP, QAExample
-from grpo.agent import cosine_with_warmup, gather_eval_rows, schedule_length
+from grpo.agent import cosine_with_warmup, schedule_length
+from grpo.evaluation import gather_eval_rows
 from grpo.module import GRPOModule
 from grpo.sft import SFTModule
 from tests.fakes import fake_rollout

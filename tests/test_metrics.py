@@ -6,7 +6,8 @@ import torch
 
 from data.types import LOOKUP, MEMORY, QAExample
 from grpo.losses import GRPOLossOutput
-from grpo.metrics import eval_metrics, eval_rows, rates, step_metrics, step_sums, sums_by_kind, tool_metrics
+from grpo.evaluation import eval_metrics, eval_rows
+from grpo.metrics import rates, step_metrics, step_sums, sums_by_kind, tool_metrics
 from tests.fakes import fake_rollout
 
 # 2 questions (memory, lookup), G = 2: right without a call; right with 1 call; wrong with 2 calls;
