@@ -203,7 +203,9 @@ def load_for_inference(checkpoint: str | None, model_name: str | None = None):
     """(model in eval mode, tokenizer) from a PEFT adapter folder, a Lightning `.ckpt`, or None/"none".
 
     An adapter is applied to `model_name` (default SmolLM2-135M-Instruct); a `.ckpt` names its
-    own model (a different `model_name` is an error).
+    own model (a different `model_name` is an error). LoRA adapters are merged into the weights
+    (`merge_and_unload`): nothing is trained here, and decoding then runs one matmul per adapted
+    Linear instead of three (training rollouts do the same, reversibly: `models.lora.merged_lora`).
     """
     if checkpoint is None or str(checkpoint).lower() in ("", "none"):
         model, tokenizer = load_model_and_tokenizer(model_name or SMOLLM2)
@@ -215,10 +217,10 @@ def load_for_inference(checkpoint: str | None, model_name: str | None = None):
         from peft import PeftModel
 
         model, tokenizer = load_model_and_tokenizer(model_name or SMOLLM2)
-        return PeftModel.from_pretrained(model, path).eval(), tokenizer
+        return PeftModel.from_pretrained(model, path).merge_and_unload().eval(), tokenizer
     if path.is_file():
         model, tokenizer = _load_lightning_checkpoint(path, model_name)
-        return model.eval(), tokenizer
+        return (model.merge_and_unload() if hasattr(model, "merge_and_unload") else model).eval(), tokenizer
     raise FileNotFoundError(f"--checkpoint {checkpoint!r}: no such file or folder")
 
 

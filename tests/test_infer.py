@@ -174,6 +174,7 @@ def test_adapter_folder_roundtrip(tmp_path):
     policy.save_pretrained(tmp_path / "adapter")
     ids = torch.tensor([tok.encode(build_prompt(tok, QUESTION))])                      # (1, T)
     loaded, _ = load_for_inference(str(tmp_path / "adapter"), "tiny")
+    assert not any("lora_" in n for n, _ in loaded.named_parameters())                  # merged: plain Linears
     torch.testing.assert_close(_logits(loaded, ids), _logits(policy, ids))
     with policy.disable_adapter():
         assert not torch.allclose(_logits(policy, ids), _logits(loaded, ids), atol=1e-3)  # the adapter matters
@@ -193,6 +194,7 @@ def test_lightning_checkpoint_roundtrip(tmp_path):
     assert ckpt["state_dict"] and all(k.startswith("policy.") and "lora_" in k for k in ckpt["state_dict"])
     torch.save(ckpt, tmp_path / "last.ckpt")
     loaded, tok = load_for_inference(str(tmp_path / "last.ckpt"))
+    assert not any("lora_" in n for n, _ in loaded.named_parameters())                  # merged: plain Linears
     ids = torch.tensor([tok.encode(build_prompt(tok, QUESTION))])                      # (1, T)
     torch.testing.assert_close(_logits(loaded, ids), _logits(module.policy.eval(), ids))
 
