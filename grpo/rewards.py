@@ -55,6 +55,11 @@ class VOIWeights:
     """Per call that was not run: refused over the tool budget (it got the budget observation), or never closed."""
     direct_bonus: float = 0.1
     """Correct answer without any tool call, executed or attempted."""
+    wrong_direct: float = 0.0
+    """Wrong answer (or none) without any tool call, executed or attempted, on top of `wrong`: the
+    price of a confident guess. With a direct bonus b and this penalty x, answering directly beats
+    one search (accuracy q) iff the direct accuracy p > (1.5 q - 0.05 + x) / (1.5 + b + x) at the
+    other default weights: a large b alone also makes 50/50 guesses pay; x takes that back."""
 
 
 def _check_counts(num_calls: int, num_calls_no_obs: int) -> None:
@@ -67,12 +72,13 @@ def voi_reward(correct: bool, well_formed: bool, num_calls: int, num_calls_no_ob
                weights: VOIWeights = VOIWeights()) -> dict[str, float]:
     """Value-of-information reward: be right, use the tool only when the answer is worth it.
 
-    total = correct + format + tool_cost + no_obs_penalty + direct_bonus, where
+    total = correct + format + tool_cost + no_obs_penalty + direct_bonus + guess_penalty, where
       correct        = w.correct if correct else w.wrong                  (`judge`; no answer -> wrong)
       format         = w.well_formed if well_formed else w.malformed
       tool_cost      = w.per_call * num_calls
       no_obs_penalty = w.per_call_no_obs * num_calls_no_obs          (refused or unclosed calls)
       direct_bonus   = w.direct_bonus if correct and num_calls == num_calls_no_obs == 0 else 0
+      guess_penalty  = w.wrong_direct if not correct and num_calls == num_calls_no_obs == 0 else 0
     num_calls / num_calls_no_obs come from the rollout (the environment counts them).
     With the default weights: correct and direct 1.2; correct with 2 calls 1.0; wrong -0.4;
     and with max_tool_calls=5, max_no_obs=1 every total lies in [-1.45, 1.2]
@@ -85,6 +91,7 @@ def voi_reward(correct: bool, well_formed: bool, num_calls: int, num_calls_no_ob
         "tool_cost": weights.per_call * num_calls,
         "no_obs_penalty": weights.per_call_no_obs * num_calls_no_obs,
         "direct_bonus": weights.direct_bonus if correct and num_calls == num_calls_no_obs == 0 else 0.0,
+        "guess_penalty": weights.wrong_direct if not correct and num_calls == num_calls_no_obs == 0 else 0.0,
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -97,7 +104,7 @@ def voi_reward_bounds(weights: VOIWeights, max_tool_calls: int, max_no_obs: int)
     """
     terms = [(weights.correct, weights.wrong), (weights.well_formed, weights.malformed),
              (0.0, weights.per_call * max_tool_calls), (0.0, weights.per_call_no_obs * max_no_obs),
-             (0.0, weights.direct_bonus)]
+             (0.0, weights.direct_bonus), (0.0, weights.wrong_direct)]
     return sum(min(t) for t in terms), sum(max(t) for t in terms)
 
 

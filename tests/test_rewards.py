@@ -61,10 +61,30 @@ def test_judge_reads_correctness_and_format():
 ])
 def test_voi_table(text, calls, no_obs, expected):
     r = _voi(text, calls, no_obs)
-    assert set(r) == {"correct", "format", "tool_cost", "no_obs_penalty", "direct_bonus", "total"}
+    assert set(r) == {"correct", "format", "tool_cost", "no_obs_penalty", "direct_bonus", "guess_penalty", "total"}
+    assert r["guess_penalty"] == 0.0                                                  # off by default
     for key, value in expected.items():
         assert r[key] == pytest.approx(value), key
     assert r["total"] == pytest.approx(sum(v for k, v in r.items() if k != "total"))
+
+
+def test_voi_guess_penalty_charges_only_wrong_answers_without_a_call():
+    w = VOIWeights(direct_bonus=1.0, wrong_direct=-1.0)
+    # a wrong guess: -0.5 + 0.1 - 1.0 = -1.4; a wrong answer after a search pays no guess penalty:
+    # -0.5 + 0.1 - 0.05 = -0.45; nor after a call that got no observation: -0.5 + 0.1 - 0.2 = -0.6
+    assert voi_reward(False, True, 0, 0, w)["total"] == pytest.approx(-1.4)
+    assert voi_reward(False, True, 1, 0, w)["total"] == pytest.approx(-0.45)
+    assert voi_reward(False, True, 0, 1, w)["total"] == pytest.approx(-0.6)
+    # a right direct answer: 1.0 + 0.1 + 1.0 = 2.1, no penalty
+    assert voi_reward(True, True, 0, 0, w) == dict(correct=1.0, format=0.1, tool_cost=0.0, no_obs_penalty=0.0,
+                                                   direct_bonus=1.0, guess_penalty=0.0, total=pytest.approx(2.1))
+    # a 50/50 guess at a two-country comparison, against two searches right 75 % of the time:
+    # 0.5 * 2.1 + 0.5 * -1.4 = 0.35 < 0.75 * 1.0 + 0.25 * -0.5 = 0.625 (without the penalty 0.85 > 0.625)
+    guess = 0.5 * voi_reward(True, True, 0, 0, w)["total"] + 0.5 * voi_reward(False, True, 0, 0, w)["total"]
+    search = 0.75 * voi_reward(True, True, 2, 0, w)["total"] + 0.25 * voi_reward(False, True, 2, 0, w)["total"]
+    assert guess == pytest.approx(0.35) and search == pytest.approx(0.625)
+    # the bound includes it: lo = -0.5 - 0.5 - 5*0.05 - 0.2 - 1.0 = -2.45; hi = 1.0 + 0.1 + 1.0 = 2.1
+    assert voi_reward_bounds(w, 5, 1) == pytest.approx((-2.45, 2.1))
 
 
 def test_voi_bounds_hand_computed():
