@@ -414,7 +414,7 @@ def test_nan_reward_names_the_sample_and_the_component(monkeypatch):
     monkeypatch.setattr(grpo.module, "voi_reward", real)
     rewards, parts, _ = module.compute_rewards(fake_rollout(["<answer>Paris</answer>"] * 8, G=4), BATCH)
     assert rewards.tolist() == pytest.approx([1.2] * 8) and set(parts) == {
-        "correct", "format", "tool_cost", "no_obs_penalty", "direct_bonus"}
+        "correct", "format", "tool_cost", "no_obs_penalty", "direct_bonus", "guess_penalty"}
 
 
 def test_infinite_reward_weight_is_caught_through_the_otc_reward():
