@@ -37,15 +37,15 @@ questions the model does NOT know (kind LOOKUP), the rest from all remaining one
 that the type of a question does not decide between answering and searching ("capital ->
 answer"); knowing does.
 Search thoughts on capitals/continents the model does not know (`unknown_thought`): "hedge"
-(default) starts like a recall and gives up where the fact would come ("The capital of Uganda is
+starts like a recall and gives up where the fact would come ("The capital of Uganda is
 not something I know; I will search for Uganda."), so that both branches share a prefix and fork
 at the fact token, where the model's own confidence lives: a known capital's name outweighs "not",
 an unknown one's probability is spread over many names. "plain" gives them the generic search
 thoughts above, which fork at the thought's first token, before the model has recalled anything.
-"hedge-all" also hedges every other one-hop search at its fact ("The population of Kenya is not
-something I know; I will search for Kenya."): GRPO from "hedge" drifted to searching known capitals
-through the generic first-token fork that every lookup reinforces (results/economy/README.md), and
-with "hedge-all" no such fork is left. Not yet measured.
+"hedge-all" (default) also hedges every other one-hop search at its fact ("The population of Kenya
+is not something I know; I will search for Kenya."): GRPO from "hedge" drifted to searching known
+capitals through the generic first-token fork that every lookup reinforces, while from "hedge-all",
+where no such fork is left, it kept answering what the model knows (results/economy/README.md).
 Run `python -m data.traces --out outputs/traces.jsonl [--hotpotqa PATH]`.
 """
 from __future__ import annotations
@@ -74,6 +74,7 @@ STYLES = ("direct", "search", "multihop")
 ROLES = ("model", "obs")
 DEFAULT_MIX = (0.3, 0.5, 0.2)  # shares of direct, search, multihop
 DEFAULT_UNKNOWN_SHARE = 0.4    # of the search traces: capitals/continents the model does not know
+DEFAULT_UNKNOWN_THOUGHT = "hedge-all"  # every one-hop search hedges at its fact (HEDGED_SEARCHES below)
 DIRECT_THOUGHT_STYLES = ("recall", "plain")
 MAX_RECALL_WORDS = 25          # a longer own-words sentence falls back to the template
 
@@ -193,7 +194,7 @@ def closed_book_replies(memory_file: str | Path = DEFAULT_MEMORY_FILE) -> dict[s
 
 
 def build_trace(example: QAExample, style: str, env, rng: random.Random,
-                replies: Mapping[str, str] | None = None, unknown_thought: str = "hedge") -> Trace:
+                replies: Mapping[str, str] | None = None, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT) -> Trace:
     """The trace of one example in one style; each observation is `run_tool(env, query)[0]`.
 
     replies: None gives a direct trace the plain "I know this." thought; a mapping (even empty)
@@ -248,7 +249,7 @@ def quotas(n: int, mix: Sequence[float]) -> dict[str, int]:
 
 
 def _valid_traces(pool: list[QAExample], style: str, env, seed: int, verify_gold: bool, report: TraceReport,
-                  replies: Mapping[str, str] | None = None, unknown_thought: str = "hedge") -> Iterator[Trace]:
+                  replies: Mapping[str, str] | None = None, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT) -> Iterator[Trace]:
     """The traces of `pool` in order, skipping (and counting) the ones that fail a check."""
     for ex in pool:
         trace = build_trace(ex, style, env, random.Random(f"{seed}/{ex.id}"), replies, unknown_thought)
@@ -274,7 +275,7 @@ def unknown_memory(example: QAExample) -> bool:
 def draw_traces(examples: Sequence[QAExample], env, counts: dict[str, int], seed: int = 0,
                 verify_gold: bool = True, fill: bool = True, replies: Mapping[str, str] | None = None,
                 unknown_share: float = DEFAULT_UNKNOWN_SHARE,
-                unknown_thought: str = "hedge") -> tuple[list[Trace], TraceReport]:
+                unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT) -> tuple[list[Trace], TraceReport]:
     """Up to counts[style] traces per style (see the module docstring) and what was skipped.
 
     fill: a short style's remainder is drawn from the other styles with a positive count.
@@ -325,7 +326,7 @@ def direct_replies(direct_thought: str, memory_file: str | Path = DEFAULT_MEMORY
 
 def make_traces(examples: Sequence[QAExample], env, n: int = 500, mix: Sequence[float] = DEFAULT_MIX,
                 seed: int = 0, verify_gold: bool = True, direct_thought: str = "recall",
-                unknown_share: float = DEFAULT_UNKNOWN_SHARE, unknown_thought: str = "hedge") -> list[Trace]:
+                unknown_share: float = DEFAULT_UNKNOWN_SHARE, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT) -> list[Trace]:
     """n traces, shares `mix` of (direct, search, multihop); same seed -> same list."""
     return draw_traces(examples, env, quotas(n, mix), seed, verify_gold, replies=direct_replies(direct_thought),
                        unknown_share=unknown_share, unknown_thought=unknown_thought)[0]
@@ -333,7 +334,7 @@ def make_traces(examples: Sequence[QAExample], env, n: int = 500, mix: Sequence[
 
 def offline_traces(n: int = 500, mix: Sequence[float] = DEFAULT_MIX, seed: int = 0, split: str = "train",
                    task_seed: int | None = None, direct_thought: str = "recall",
-                   unknown_share: float = DEFAULT_UNKNOWN_SHARE, unknown_thought: str = "hedge") -> list[Trace]:
+                   unknown_share: float = DEFAULT_UNKNOWN_SHARE, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT) -> list[Trace]:
     """Traces of one offline split. `task_seed` (default: `seed`) seeds the splits: it must equal the
     GRPO run's data.seed, so that SFT never sees a validation or test question."""
     if split not in ("train", "validation", "test"):
@@ -400,7 +401,7 @@ def read_traces(path: str | Path) -> list[Trace]:
 def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = None, hotpotqa: str | None = None,
                hotpotqa_share: float = 0.5, direct_thought: str = "recall",
                unknown_share: float = DEFAULT_UNKNOWN_SHARE,
-               unknown_thought: str = "hedge") -> tuple[list[Trace], list[TraceReport]]:
+               unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT) -> tuple[list[Trace], list[TraceReport]]:
     """Offline train traces; with `hotpotqa`, that file gives `hotpotqa_share` of the multihop count
     (fewer if it is short) and offline comparisons the rest. Each source keeps its own env: the
     one its GRPO run searches."""
@@ -446,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="recall: the direct thought states the fact in the model's own words; plain: 'I know this.'")
     parser.add_argument("--unknown-share", type=float, default=DEFAULT_UNKNOWN_SHARE,
                         help="share of the search traces on capitals/continents the model does not know")
-    parser.add_argument("--unknown-thought", choices=UNKNOWN_THOUGHT_STYLES, default="hedge",
+    parser.add_argument("--unknown-thought", choices=UNKNOWN_THOUGHT_STYLES, default=DEFAULT_UNKNOWN_THOUGHT,
                         help="hedge: those searches start like a recall and give up at the fact; plain: generic; "
                              "hedge-all: every one-hop search hedges at its fact")
     args = parser.parse_args(argv)

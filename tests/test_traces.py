@@ -260,7 +260,8 @@ def test_unknown_share_searches_the_capitals_and_continents_the_model_does_not_k
 
 
 def test_hedged_searches_fork_from_the_recall_at_the_fact(task, env, by_id):
-    traces = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4)
+    traces = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4,
+                         unknown_thought="hedge")
     hedged = [t for t in traces if t.style == "search" and unknown_memory(example_of(t, by_id))]
     assert len(hedged) == 64
     for t in hedged:
@@ -282,8 +283,7 @@ def test_hedged_searches_fork_from_the_recall_at_the_fact(task, env, by_id):
 
 
 def test_hedge_all_leaves_no_generic_one_hop_search(task, env, by_id):
-    traces = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4,
-                         unknown_thought="hedge-all")
+    traces = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4)  # the default
     searches = [t for t in traces if t.style == "search"]
     assert len(searches) == 160 and {t.type for t in searches} >= {"population", "currency", "bridge", "capital"}
     for t in searches:
@@ -293,7 +293,7 @@ def test_hedge_all_leaves_no_generic_one_hop_search(task, env, by_id):
         assert thought.endswith(f"I will search for {hop}.") and not thought.startswith("I ")
         assert not contains_gold(thought.replace(hop, " "), t.answers)
     # direct and two-hop traces are those of "hedge"
-    hedge = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4)
+    hedge = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4, unknown_thought="hedge")
     assert [t.text for t in traces if t.style != "search"] == [t.text for t in hedge if t.style != "search"]
 
 

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Reproduce the tool-economy results (issue #12) from a fresh clone, on CPU, in one command:
+#
+#     bash results/economy/reproduce.sh [OUT]        # OUT defaults to outputs/economy; ~2.5 h on 2 cores
+#
+# Phases, each skipped when its output already exists (so a killed run resumes where it stopped):
+#   1. cold start      hedge-all SFT traces, one epoch of LoRA SFT (~20 min), its knowledge check
+#   2. baseline        the same cold start with no direct traces: the always-search policy (~20 min)
+#   3. GRPO            configs/grpo_economy.yaml from the phase-1 adapter (~50 min)
+#   4. evaluation      every policy, greedy, on the balanced test set and on the out-of-domain probe
+#                      (~3 min each), then one table and one EM-vs-calls Pareto plot per question set
+# Everything is written under OUT; nothing in results/ is touched (compare OUT with results/economy).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+OUT=${1:-outputs/economy}
+Q=results/questions
+mkdir -p "$OUT/logs"
+
+run() {  # run NAME CMD...: the command's output goes to OUT/logs/NAME.log
+    local name=$1; shift
+    echo "[$(date +%H:%M:%S)] $name"
+    "$@" > "$OUT/logs/$name.log" 2>&1 || { echo "failed: see $OUT/logs/$name.log"; exit 1; }
+}
+
+sft() {  # sft NAME TRACE-OPTIONS...: traces, then one epoch of SFT exported to OUT/NAME
+    local name=$1; shift
+    [ -f "$OUT/$name/adapter_config.json" ] && return
+    run "traces_$name" "$PY" -m data.traces --out "$OUT/traces_$name.jsonl" "$@"
+    run "$name" "$PY" -m grpo fit -c configs/sft_smollm2.yaml --trainer.max_epochs 1 --trainer.limit_val_batches 0 \
+        --data.traces "$OUT/traces_$name.jsonl" --trainer.callbacks.dirpath "$OUT/$name" \
+        --trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.name "$name"
+}
+
+evaluate() {  # evaluate LABEL ADAPTER QUESTIONS: OUT/runs/eval_LABEL_QUESTIONS/version_0/report/eval.json
+    local name="eval_$1_$3"
+    [ -f "$OUT/runs/$name/version_0/report/eval.json" ] && return
+    run "$name" "$PY" -m grpo validate -c configs/grpo_economy.yaml --model.init_adapter "$2" \
+        --data.val_path "$Q/$3.jsonl" --data.batch_size 8 --trainer.logger.init_args.save_dir "$OUT/runs" \
+        --trainer.logger.init_args.name "$name" --trainer.logger.init_args.version 0
+}
+
+# 1. cold start, and how much of the base model's knowledge it kept
+sft sft_hedge_all --unknown-thought hedge-all
+[ -f "$OUT/cold_start_eval.json" ] || run cold_start_eval "$PY" -m experiments.eval_cold_start \
+    --adapter "$OUT/sft_hedge_all" --split heldout --lookup-limit 64 --modes greedy sampled \
+    --temperature 0.7 --samples 4 --out "$OUT/cold_start_eval.json"
+
+# 2. always-search baseline: one- and two-search traces only, generic thoughts
+sft sft_always --mix 0 0.5 0.2 --unknown-thought plain
+
+# 3. GRPO from the cold start
+GRPO_DIR="$OUT/runs/grpo_economy/version_0/checkpoints"
+if [ ! -d "$GRPO_DIR/last.adapter" ]; then
+    run grpo "$PY" -m grpo fit -c configs/grpo_economy.yaml --model.init_adapter "$OUT/sft_hedge_all" \
+        --trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.version 0
+fi
+
+# 4. evaluation of every policy on both question sets, then the tables
+for questions in test_balanced probe_general_labelled; do
+    evaluate cold_start "$OUT/sft_hedge_all" $questions
+    evaluate always_search "$OUT/sft_always" $questions
+    evaluate grpo "$GRPO_DIR/last.adapter" $questions
+    ev() { echo "$OUT/runs/eval_$1_$questions/version_0/report/eval.json"; }
+    run "compare_$questions" "$PY" -m callbacks.compare --out "$OUT/$questions" --baseline "always search" \
+        "always search=$(ev always_search)" "cold start=$(ev cold_start)" "GRPO=$(ev grpo)"
+    cat "$OUT/$questions/table.md"
+done
+echo "done: $OUT"
