@@ -2,12 +2,19 @@
 the raw base model): at the end of `fit` (`ExportAdapter`) and beside every checkpoint
 (`AdapterCheckpoint`). When training started from an init adapter (the SFT cold start, merged into
 the base), the export is both adapters stacked into one (`models.lora.export_lora`), so that it is
-the trained policy and not only its GRPO update."""
+the trained policy and not only its GRPO update.
+
+An adapter folder in another dtype (how the adapters under results/ are published, in bf16):
+
+    python -m callbacks.export runs/x/version_0/checkpoints/last.adapter results/economy/grpo_adapter
+"""
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import lightning as L
 import torch
@@ -15,7 +22,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from data.files import atomic_write_dir
-from models.lora import export_lora
+from models.lora import cast_adapter, export_lora
+from models.loading import DTYPES
 
 
 def save_adapter(policy, target: Path) -> Path:
@@ -91,3 +99,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Copy a PEFT LoRA adapter folder with its weights in another dtype.")
+    ap.add_argument("source", type=Path, help="a PEFT adapter folder (e.g. a checkpoint's step=N.adapter)")
+    ap.add_argument("target", type=Path, help="the folder to write (replaced atomically)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    args = ap.parse_args(argv)
+    try:
+        atomic_write_dir(args.target, lambda tmp: cast_adapter(args.source, tmp, DTYPES[args.dtype]))
+    except FileNotFoundError as err:
+        ap.error(str(err))
+    print(f"written: {args.target} ({args.dtype})")
+
+
+if __name__ == "__main__":
+    main()

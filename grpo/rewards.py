@@ -86,13 +86,14 @@ def voi_reward(correct: bool, well_formed: bool, num_calls: int, num_calls_no_ob
     (see voi_reward_bounds).
     """
     _check_counts(num_calls, num_calls_no_obs)
+    direct = num_calls == num_calls_no_obs == 0  # no call executed, refused or left unclosed
     parts = {
         "correct": weights.correct if correct else weights.wrong,
         "format": weights.well_formed if well_formed else weights.malformed,
         "tool_cost": weights.per_call * num_calls,
         "no_obs_penalty": weights.per_call_no_obs * num_calls_no_obs,
-        "direct_bonus": weights.direct_bonus if correct and num_calls == num_calls_no_obs == 0 else 0.0,
-        "guess_penalty": weights.wrong_direct if not correct and num_calls == num_calls_no_obs == 0 else 0.0,
+        "direct_bonus": weights.direct_bonus if correct and direct else 0.0,
+        "guess_penalty": weights.wrong_direct if not correct and direct else 0.0,
     }
     parts["total"] = sum(parts.values())
     return parts

@@ -160,6 +160,24 @@ def export_lora(policy: nn.Module, folder: Path) -> None:
     write_adapter(stack_lora(init, fresh), folder, dtype, config.base_model_name_or_path, config.lora_dropout)
 
 
+def cast_adapter(source: Path, folder: Path, dtype: torch.dtype) -> None:
+    """Write the PEFT LoRA folder `source` again into `folder` with its floating weights in `dtype`
+    (the adapters under results/ are bf16: half the bytes; PEFT casts them to the base's dtype on load).
+    The config is copied unchanged."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source, folder = Path(source), Path(folder)
+    if not (source / "adapter_config.json").is_file() or not (source / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{str(source)!r}: not a PEFT adapter folder (adapter_config.json + {ADAPTER_WEIGHTS})")
+    state = load_file(source / ADAPTER_WEIGHTS)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / "adapter_config.json", folder / "adapter_config.json")
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, folder / ADAPTER_WEIGHTS,
+              metadata={"format": "pt"})
+
+
 # --------------------------------------------------------------------------- merged for decoding
 
 def _mergeable(layer: nn.Module, uses: Counter) -> bool:

@@ -174,3 +174,27 @@ def test_merged_lora_leaves_4bit_layers_alone():
     with merged_lora(q) as merged:
         assert sum(isinstance(m, LoraLayer) for m in merged.modules()) == n == 14
     _assert_bit_identical(q, before)
+
+
+def test_cast_adapter_writes_the_same_adapter_in_bf16(tmp_path):
+    """`python -m callbacks.export SRC DST`: every weight is SRC's rounded to bf16, the config is SRC's,
+    and a folder that is not an adapter is refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    from callbacks.export import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8}')
+    weights = {"base_model.model.q.lora_A.weight": torch.tensor([[1.0 + 2 ** -10, -3.0]]),   # not a bf16 value
+               "base_model.model.q.lora_B.weight": torch.tensor([[0.5], [2.0]])}
+    save_file(weights, src / "adapter_model.safetensors")
+    main([str(src), str(tmp_path / "dst")])
+    out = load_file(tmp_path / "dst" / "adapter_model.safetensors")
+    assert set(out) == set(weights) and all(v.dtype == torch.bfloat16 for v in out.values())
+    assert out["base_model.model.q.lora_A.weight"].tolist() == [[1.0, -3.0]]                  # rounded to bf16
+    assert out["base_model.model.q.lora_B.weight"].tolist() == [[0.5], [2.0]]
+    assert (tmp_path / "dst" / "adapter_config.json").read_text() == '{"r": 4, "lora_alpha": 8}'
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing"), str(tmp_path / "other")])
+    assert not (tmp_path / "other").exists()

@@ -7,8 +7,10 @@
 #   1. cold start      hedge-all SFT traces, one epoch of LoRA SFT (~20 min), its knowledge check
 #   2. baseline        the same cold start with no direct traces: the always-search policy (~20 min)
 #   3. GRPO            configs/grpo_economy.yaml from the phase-1 adapter (~50 min)
-#   4. evaluation      every policy, greedy, on the balanced test set and on the out-of-domain probe
-#                      (~3 min each), then one table and one EM-vs-calls Pareto plot per question set
+#   4. publish         the cold-start and GRPO adapters in bf16, as under results/ (seconds)
+#   5. evaluation      every policy (the bf16 ones as published), greedy, on the balanced test set and
+#                      on the out-of-domain probe (~3 min each), then one table and one EM-vs-calls
+#                      Pareto plot per question set
 # Everything is written under OUT; nothing in results/ is touched (compare OUT with results/economy).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,9 +34,13 @@ sft() {  # sft NAME TRACE-OPTIONS...: traces, then one epoch of SFT exported to 
         --trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.name "$name"
 }
 
-evaluate() {  # evaluate LABEL ADAPTER QUESTIONS: OUT/runs/eval_LABEL_QUESTIONS/version_0/report/eval.json
+eval_json() {  # eval_json LABEL QUESTIONS: where `evaluate` writes its report
+    echo "$OUT/runs/eval_$1_$2/version_0/report/eval.json"
+}
+
+evaluate() {  # evaluate LABEL ADAPTER QUESTIONS
     local name="eval_$1_$3"
-    [ -f "$OUT/runs/$name/version_0/report/eval.json" ] && return
+    [ -f "$(eval_json "$1" "$3")" ] && return
     run "$name" "$PY" -m grpo validate -c configs/grpo_economy.yaml --model.init_adapter "$2" \
         --data.val_path "$Q/$3.jsonl" --data.batch_size 8 --trainer.logger.init_args.save_dir "$OUT/runs" \
         --trainer.logger.init_args.name "$name" --trainer.logger.init_args.version 0
@@ -56,14 +62,19 @@ if [ ! -d "$GRPO_DIR/last.adapter" ]; then
         --trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.version 0
 fi
 
-# 4. evaluation of every policy on both question sets, then the tables
+# 4. the adapters as published under results/ (bf16)
+run publish_cold_start "$PY" -m callbacks.export "$OUT/sft_hedge_all" "$OUT/sft_adapter_hedge_all"
+run publish_grpo "$PY" -m callbacks.export "$GRPO_DIR/last.adapter" "$OUT/grpo_adapter"
+
+# 5. evaluation of every policy on both question sets, then the tables
 for questions in test_balanced probe_general_labelled; do
-    evaluate cold_start "$OUT/sft_hedge_all" $questions
+    evaluate cold_start "$OUT/sft_adapter_hedge_all" $questions
     evaluate always_search "$OUT/sft_always" $questions
-    evaluate grpo "$GRPO_DIR/last.adapter" $questions
-    ev() { echo "$OUT/runs/eval_$1_$questions/version_0/report/eval.json"; }
+    evaluate grpo "$OUT/grpo_adapter" $questions
     run "compare_$questions" "$PY" -m callbacks.compare --out "$OUT/$questions" --baseline "always search" \
-        "always search=$(ev always_search)" "cold start=$(ev cold_start)" "GRPO=$(ev grpo)"
+        "always search=$(eval_json always_search $questions)" "cold start=$(eval_json cold_start $questions)" \
+        "GRPO=$(eval_json grpo $questions)"
     cat "$OUT/$questions/table.md"
 done
+
 echo "done: $OUT"
