@@ -129,7 +129,6 @@ class AgentModule(EvaluationHooks, L.LightningModule):
         self._sampler: torch.Generator | None = None  # the rollout's RNG (see `sampler`), saved in checkpoints
         self._sampler_state: tuple[str, torch.Tensor] | None = None  # (device type, state) from a checkpoint
         self.env = None  # the search tool; taken from the datamodule in setup()
-        self._eval_rows: list[dict] = []  # this rank's rows of the current evaluation
 
     @property
     def sampler(self) -> torch.Generator:
@@ -183,11 +182,6 @@ class AgentModule(EvaluationHooks, L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: cosine_with_warmup(step, total, self.hparams.warmup_ratio))
         return [opt], [{"scheduler": sched, "interval": "step"}]
-
-    def optimize(self, loss: torch.Tensor) -> None:
-        """One optimizer step on `loss` (manual optimization), then one step of the LR schedule."""
-        self.accumulate_grad(loss)
-        self.step_optimizer()
 
     def accumulate_grad(self, loss: torch.Tensor, sync: bool = True) -> None:
         """Add ∇loss to the gradients (they accumulate until `step_optimizer`). Under DDP the gradients are

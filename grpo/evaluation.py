@@ -93,7 +93,13 @@ class EvaluationHooks:
     """The validation/test hooks of `grpo.agent.AgentModule` (a LightningModule with `rollout` and
     `hparams.eval_*`): rollouts on held-out questions, their rows, the epoch's eval/… metrics."""
 
-    _eval_rows: list[dict]  # this rank's rows of the current evaluation (set in AgentModule.__init__)
+    _eval_rows: tuple[dict, ...] = ()  # this rank's rows of the current evaluation (immutable: never shared)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_rows = ()  # rows left by an interrupted evaluation must not count in this one
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
 
     def validation_step(self, batch: list[QAExample], batch_idx: int) -> list[dict]:
         """Rollouts at `eval_temperature` (0: greedy), one per question: its row of accuracy, format,
@@ -104,14 +110,14 @@ class EvaluationHooks:
                           max_new_tokens=hp.eval_max_new_tokens or hp.max_new_tokens,
                           top_p=hp.eval_top_p)
         rows = eval_rows(batch, ro)
-        self._eval_rows += rows
+        self._eval_rows += tuple(rows)
         return rows
 
     def test_step(self, batch: list[QAExample], batch_idx: int) -> list[dict]:
         return self.validation_step(batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
-        rows, self._eval_rows = gather_eval_rows(self._eval_rows), []  # every rank: the whole validation set
+        rows, self._eval_rows = gather_eval_rows(list(self._eval_rows)), ()  # every rank: the whole validation set
         if not rows:
             return
         metrics = eval_metrics(rows)

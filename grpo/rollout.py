@@ -162,8 +162,8 @@ def tag_closed(tokenizer, segment: list[int]) -> str | None:
 
 
 class RowState:
-    """Book-keeping of one sequence during decoding (plain Python; no tensors). The counters have the
-    names of the `Rollout` fields they become."""
+    """Book-keeping of one sequence during decoding (plain Python; no tensors). The counters
+    (ROW_COUNTERS) have the names of the `Rollout` fields they become."""
 
     def __init__(self, prompt_len: int = 0):
         self.prompt_len = prompt_len
@@ -205,6 +205,7 @@ class RowState:
         self.done, self.held, self.stop_reason = True, False, reason
 
 
+ROW_COUNTERS = ("num_calls", "num_calls_no_obs", "incomplete_calls", "tool_errors", "num_generated", "truncated")
 StopCheck = Callable[[RowState], "str | None"]  # after a row's step: a reason to stop it, or None
 
 # --------------------------------------------------------------------------- the steps
@@ -254,12 +255,7 @@ def pack(rows: list[RowState], tokenizer, prompt_ids: Tensor, prompt_mask: Tenso
         sample_logp=sample_logp.to(device),
         prompt_length=P,
         group_ids=torch.arange(N // G, device=device).repeat_interleave(G),
-        num_calls=torch.tensor([r.num_calls for r in rows]),
-        num_calls_no_obs=torch.tensor([r.num_calls_no_obs for r in rows]),
-        incomplete_calls=torch.tensor([r.incomplete_calls for r in rows]),
-        tool_errors=torch.tensor([r.tool_errors for r in rows]),
-        num_generated=torch.tensor([r.num_generated for r in rows]),
-        truncated=torch.tensor([r.truncated for r in rows]),
+        **{name: torch.tensor([getattr(r, name) for r in rows]) for name in ROW_COUNTERS},  # (N,) each
         texts=[tokenizer.decode(r.ids) for r in rows],
         queries=[r.queries for r in rows],
         stop_reasons=[r.stop_reason for r in rows],

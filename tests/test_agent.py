@@ -155,6 +155,21 @@ def test_evaluation_rollouts_use_the_eval_settings(monkeypatch):
     assert [(r["em"], r["calls"], r["kind"]) for r in rows] == [(1.0, 0.0, "memory"), (0.0, 1.0, "lookup")]
 
 
+def test_an_interrupted_evaluation_does_not_count_in_the_next(monkeypatch):
+    """Rows kept by an evaluation that never reached its epoch end (a crash, a kill, Ctrl-C) are dropped
+    when the next one starts, and two modules never share their rows."""
+    m, other = GRPOModule(model_name="tiny"), GRPOModule(model_name="tiny")
+    texts = iter([["<answer>Rome</answer>"], ["<answer>Paris</answer>"]])
+    monkeypatch.setattr(m, "rollout", lambda batch, **kw: fake_rollout(next(texts), [0]))
+    batch = [QAExample(id="fr", question="Capital of France?", answers=("Paris",), kind="memory")]
+    m.on_validation_epoch_start()
+    m.validation_step(batch, 0)                                     # interrupted here: no epoch end
+    m.on_validation_epoch_start()
+    m.validation_step(batch, 0)
+    assert [r["em"] for r in m._eval_rows] == [1.0]
+    assert other._eval_rows == ()
+
+
 def test_gather_eval_rows_counts_each_question_once(tmp_path):
     """One-process gloo group: the rows come back once each, the padded repeat dropped, order kept."""
     rows = [{"id": "a", "question": "A?", "em": 1.0}, {"id": "b", "question": "B?", "em": 0.0},
