@@ -105,27 +105,26 @@ def test_bad_record_names_file_line_and_field(tmp_path, record, words):
         assert word in str(err.value)
 
 
-def test_bad_files_name_the_file(tmp_path):
+@pytest.mark.parametrize("name, content, message", [
+    ("broken.jsonl", json.dumps(ROWS[0]) + "\n\n{not json\n", r"broken\.jsonl: line 3: invalid JSON"),
+    ("broken.json", '[\n{"question": "q"},\n{oops}\n]', r"broken\.json: line 3: invalid JSON"),
+    ("empty.jsonl", "\n", r"empty\.jsonl: no HotpotQA examples"),
+    ("data.txt", "x", r"data\.txt: expected a \.json or \.jsonl"),
+])
+def test_bad_files_name_the_file(tmp_path, name, content, message):
+    bad = tmp_path / name
+    bad.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_hotpotqa(str(bad))
+
+
+def test_missing_file_and_bad_limit_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         load_hotpotqa(str(tmp_path / "missing.jsonl"))
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text(json.dumps(ROWS[0]) + "\n\n{not json\n")
-    with pytest.raises(ValueError, match=r"broken\.jsonl: line 3: invalid JSON"):
-        load_hotpotqa(str(broken))
-    broken_list = tmp_path / "broken.json"
-    broken_list.write_text('[\n{"question": "q"},\n{oops}\n]')
-    with pytest.raises(ValueError, match=r"broken\.json: line 3: invalid JSON"):
-        load_hotpotqa(str(broken_list))
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n")
-    with pytest.raises(ValueError, match=r"empty\.jsonl: no HotpotQA examples"):
-        load_hotpotqa(str(empty))
-    text = tmp_path / "data.txt"
-    text.write_text("x")
-    with pytest.raises(ValueError, match=r"data\.txt: expected a \.json or \.jsonl"):
-        load_hotpotqa(str(text))
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(ROWS[0]) + "\n")
     with pytest.raises(ValueError, match="limit"):
-        load_hotpotqa(str(broken), limit=0)
+        load_hotpotqa(str(good), limit=0)
 
 
 def test_hub_name_goes_through_datasets_load_dataset(monkeypatch):
