@@ -5,7 +5,8 @@ a label. The output folder gets
 
     table.md    one row per policy: EM, F1, calls / q, search rate, per kind (memory, lookup) EM and
                 search rate, tokens / q, well-formed; with `--baseline LABEL` also EM - baseline EM
-                and the call reduction 1 - calls / baseline calls (the issue's targets)
+                and the call reduction 1 - calls / baseline calls (the issue's targets), with the
+                paired standard error of the EM gap over the questions both answered (`paired_gap`)
     table.json  the same numbers, and where each came from
     pareto.png  EM against tool calls per question, one labelled point per policy, the Pareto
                 frontier (max EM, min calls) as a line
@@ -22,7 +23,7 @@ from typing import Sequence
 
 from matplotlib.figure import Figure
 
-from callbacks.report import _num, pareto_frontier, pareto_plot
+from callbacks.report import fmt_num, pareto_frontier, pareto_plot
 from data.files import atomic_write
 
 # (title, key in eval.json's metrics, format)
@@ -41,12 +42,31 @@ def read_eval(path: str | Path) -> dict:
         raise ValueError(f"{path}: not a readable eval.json ({err})") from err
     if not isinstance(record, dict) or "eval/em" not in record.get("metrics", {}):
         raise ValueError(f"{path}: no 'metrics' with 'eval/em' (is it the eval.json of a validate run?)")
-    return {"metrics": record["metrics"], "num_questions": record.get("num_questions", {}), "source": str(path)}
+    return {"metrics": record["metrics"], "num_questions": record.get("num_questions", {}), "source": str(path),
+            "rows": record.get("rows", [])}
+
+
+def paired_gap(rows: Sequence[dict], base_rows: Sequence[dict]) -> tuple[float, float, int] | None:
+    """(mean, standard error, n) of d_i = em_i - em_base_i over the questions (by id) in both.
+
+    The gap's resolution on a small question set: with d̄ the mean and s the sample standard
+    deviation of the n differences, s.e. = s / √n (None with fewer than 2 shared questions). On 38
+    questions one question is 2.6 EM points, and a gap within ±2 s.e. of 0 is not resolved.
+    """
+    base = {r["id"]: r["em"] for r in base_rows}
+    d = [r["em"] - base[r["id"]] for r in rows if r["id"] in base]
+    n = len(d)
+    if n < 2:
+        return None
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return mean, (var / n) ** 0.5, n
 
 
 def compare_rows(evals: dict[str, dict], baseline: str | None = None) -> list[dict]:
     """One row per label: the COLUMNS' values (None when absent) and, against `baseline`,
-    em_gap = EM - baseline EM and call_reduction = 1 - calls / baseline calls (None if 0 calls)."""
+    em_gap = EM - baseline EM, its paired standard error em_gap_se (None without per-question rows)
+    and call_reduction = 1 - calls / baseline calls (None if 0 calls)."""
     if baseline is not None and baseline not in evals:
         raise ValueError(f"--baseline {baseline!r}: not one of the labels {sorted(evals)}")
     base = evals[baseline]["metrics"] if baseline else None
@@ -57,6 +77,8 @@ def compare_rows(evals: dict[str, dict], baseline: str | None = None) -> list[di
         row |= {key: m.get(key) for _, key, _ in COLUMNS}
         if base is not None:
             row["em_gap"] = m["eval/em"] - base["eval/em"]
+            paired = paired_gap(ev["rows"], evals[baseline]["rows"])
+            row["em_gap_se"] = paired[1] if paired else None
             calls = base.get("eval/calls_per_sample")
             row["call_reduction"] = 1 - m["eval/calls_per_sample"] / calls if calls else None
         rows.append(row)
@@ -67,11 +89,13 @@ def compare_markdown(rows: Sequence[dict], baseline: str | None = None) -> str:
     titles = [t for t, _, _ in COLUMNS] + (["EM - baseline", "call reduction"] if baseline else [])
     lines = ["| policy | n | " + " | ".join(titles) + " |", "|" + "---|" * (len(titles) + 2)]
     for r in rows:
-        cells = [_num(r[key], fmt) for _, key, fmt in COLUMNS]
+        cells = [fmt_num(r[key], fmt) for _, key, fmt in COLUMNS]
         if baseline:
-            cells += [_num(r["em_gap"], "+.3f"), _num(r["call_reduction"], ".0%")]
+            se = "" if r["em_gap_se"] is None else f" ± {r['em_gap_se']:.3f}"
+            cells += [fmt_num(r["em_gap"], "+.3f") + se, fmt_num(r["call_reduction"], ".0%")]
         lines.append(f"| {r['label']} | {r['n']} | " + " | ".join(cells) + " |")
-    note = f"\nBaseline of the last two columns: {baseline}.\n" if baseline else ""
+    note = (f"\nBaseline of the last two columns: {baseline}; ± the paired standard error of the EM gap "
+            f"over the same questions.\n" if baseline else "")
     return "\n".join(lines) + "\n" + note
 
 

@@ -90,13 +90,14 @@ def eval_markdown(metrics: dict[str, float], num_questions: dict[str, int]) -> s
     lines = [head, "|" + "---|" * (len(EVAL_COLUMNS) + 2)]
     for group, n in num_questions.items():
         prefix = "eval/" if group == "all" else f"eval/{group}/"
-        lines.append(f"| {group} | {n} | " + " | ".join(_num(metrics.get(prefix + key)) for key, _ in EVAL_COLUMNS)
+        lines.append(f"| {group} | {n} | " + " | ".join(fmt_num(metrics.get(prefix + key)) for key, _ in EVAL_COLUMNS)
                      + " |")
     return "\n".join(lines) + ("\n\nproductivity = correct answers / executed calls; cost of pass = sampled "
                                 "tokens / correct answers; n/a where the denominator is 0.\n")
 
 
-def _num(x: float | None, fmt: str = ".3f") -> str:
+def fmt_num(x: float | None, fmt: str = ".3f") -> str:
+    """A number as a table cell; "n/a" for None."""
     return "n/a" if x is None else format(x, fmt)
 
 
@@ -119,11 +120,11 @@ def report_markdown(points: Sequence[dict], baseline: float | None, frontier: Se
              "| token reduction | frontier |", "|---|---|---|---|---|---|---|---|"]
     for p, on in zip(points, frontier):
         ckpt = f"step {p['step']}" + (f" `{p['ckpt']}`" if p.get("ckpt") and os.path.exists(p["ckpt"]) else "")
-        memory, lookup = _num(p["search_memory"], ".2f"), _num(p["search_lookup"], ".2f")
-        search = f"{_num(p['search_rate'], '.2f')} ({memory} / {lookup})"
+        memory, lookup = fmt_num(p["search_memory"], ".2f"), fmt_num(p["search_lookup"], ".2f")
+        search = f"{fmt_num(p['search_rate'], '.2f')} ({memory} / {lookup})"
         reduction = f"{1 - p['tokens'] / baseline:.1%}" if baseline else "n/a"
-        lines.append(f"| {ckpt} | {_num(p['em'])} | {_num(p['f1'])} | {_num(p['tokens'], '.1f')} "
-                     f"| {_num(p['calls'], '.2f')} | {search} | {reduction} | {'yes' if on else 'no'} |")
+        lines.append(f"| {ckpt} | {fmt_num(p['em'])} | {fmt_num(p['f1'])} | {fmt_num(p['tokens'], '.1f')} "
+                     f"| {fmt_num(p['calls'], '.2f')} | {search} | {reduction} | {'yes' if on else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

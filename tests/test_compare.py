@@ -5,15 +5,15 @@ import json
 
 import pytest
 
-from callbacks.compare import compare_markdown, compare_rows, main, read_eval
+from callbacks.compare import compare_markdown, compare_rows, main, paired_gap, read_eval
 
 
-def write_eval(path, em, calls, memory_search=None):
+def write_eval(path, em, calls, memory_search=None, rows=()):
     metrics = {"eval/em": em, "eval/f1": em, "eval/calls_per_sample": calls, "eval/search_rate": min(calls, 1.0),
                "eval/tokens_per_sample": 40.0 + 30 * calls, "eval/well_formed": 1.0}
     if memory_search is not None:
         metrics["eval/memory/search_rate"] = memory_search
-    path.write_text(json.dumps({"metrics": metrics, "num_questions": {"all": 38}, "rows": []}))
+    path.write_text(json.dumps({"metrics": metrics, "num_questions": {"all": 38}, "rows": list(rows)}))
     return path
 
 
@@ -29,6 +29,21 @@ def test_rows_against_the_always_search_baseline(tmp_path):
     assert "call reduction" not in compare_markdown(compare_rows(evals), None)
     with pytest.raises(ValueError, match="'nope'"):
         compare_rows(evals, baseline="nope")
+
+
+def test_paired_gap_by_hand(tmp_path):
+    """Differences over the shared ids only: q1 0-1 = -1, q2 1-1 = 0, q3 1-0 = +1, q4 0-1 = -1 (q5 has no pair):
+    mean -0.25, sample variance ((-0.75)² + 0.25² + 1.25² + (-0.75)²) / 3 = 2.75 / 3, s.e. = √(2.75/3/4)."""
+    mine = [{"id": f"q{i}", "em": em} for i, em in enumerate([0.0, 1.0, 1.0, 0.0, 1.0], 1)]
+    base = [{"id": f"q{i}", "em": em} for i, em in enumerate([1.0, 1.0, 0.0, 1.0], 1)]
+    mean, se, n = paired_gap(mine, base[::-1])                  # matched by id, not by position
+    assert (mean, n) == (-0.25, 4) and se == pytest.approx((2.75 / 3 / 4) ** 0.5)
+    assert paired_gap(mine[:1], base) is None
+    a = write_eval(tmp_path / "a.json", 0.75, 1.0, rows=base)
+    b = write_eval(tmp_path / "b.json", 0.60, 0.4, rows=mine)
+    rows = compare_rows({"always": read_eval(a), "grpo": read_eval(b)}, baseline="always")
+    assert rows[0]["em_gap_se"] == 0.0 and rows[1]["em_gap_se"] == pytest.approx(se)
+    assert f"| -0.150 ± {se:.3f} | 60% |" in compare_markdown(rows, "always")
 
 
 def test_bad_inputs_name_the_file(tmp_path):
