@@ -36,7 +36,8 @@ def test_paired_gap_by_hand(tmp_path):
     mean -0.25, sample variance ((-0.75)² + 0.25² + 1.25² + (-0.75)²) / 3 = 2.75 / 3, s.e. = √(2.75/3/4)."""
     mine = [{"id": f"q{i}", "em": em} for i, em in enumerate([0.0, 1.0, 1.0, 0.0, 1.0], 1)]
     base = [{"id": f"q{i}", "em": em} for i, em in enumerate([1.0, 1.0, 0.0, 1.0], 1)]
-    mean, se, n = paired_gap(mine, base[::-1])                  # matched by id, not by position
+    shuffled = [base[2], base[0], base[3], base[1]]             # by position the differences would be 0, 0, 0, -1
+    mean, se, n = paired_gap(mine, shuffled)                    # matched by id, not by position
     assert (mean, n) == (-0.25, 4) and se == pytest.approx((2.75 / 3 / 4) ** 0.5)
     assert paired_gap(mine[:1], base) is None
     a = write_eval(tmp_path / "a.json", 0.75, 1.0, rows=base)
