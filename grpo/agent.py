@@ -132,7 +132,7 @@ class AgentModule(EvaluationHooks, L.LightningModule):
 
     @property
     def sampler(self) -> torch.Generator:
-        """The rollout's RNG, on the module's device: `torch.multinomial` needs its generator on the
+        """The rollout's RNG, on the module's device: the sampler's `torch.rand` needs its generator on the
         device of the probabilities (a CPU generator with CUDA logits raises). Made on first use after
         the module moved: from this rank's state in the loaded checkpoint, else seeded with
         seed + 1,000,003·rank, so that every rank samples its own stream."""

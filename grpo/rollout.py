@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from envs.protocol import ANSWER_CLOSE, BUDGET_OBSERVATION, CALL_CLOSE, CALL_OPEN, CALL_QUERY, encode_observation
@@ -108,7 +109,33 @@ def sample_next(logits: Tensor, temperature: float, top_p: float, generator=None
         outside = sorted_p.cumsum(-1) - sorted_p > top_p          # mass before this token already > p
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
+    return inverse_cdf_sample(probs, generator)                     # (N,)
+
+
+def inverse_cdf_sample(probs: Tensor, generator=None, block: int = 256, u: Tensor | None = None) -> Tensor:
+    """One token per row of probs (N, V): the first token whose cumulative mass exceeds u·total, u ~ U[0, 1).
+
+    One uniform per row, so a step draws N numbers whatever the vocabulary (`torch.multinomial`
+    draws one exponential per token: ~30 ms of a 16-row SmolLM2 decode step on this CPU, against
+    ~2 ms here). The cumulative sum runs in blocks of `block` tokens in fp32 and across blocks in
+    fp64, so a token's rounding error is ~1e-7 of its block's mass rather than of the whole
+    distribution's (one fp32 cumsum over 49k tokens would blur the tail); tokens of zero mass
+    (top-p cut) are never drawn. `u` (N,): the uniforms to use instead of drawing them (tests).
+    """
+    N, V = probs.shape
+    nb = -(-V // block)
+    p = F.pad(probs.float(), (0, nb * block - V)).view(N, nb, block)                   # (N, nb, block)
+    within = p.cumsum(-1)                                                              # (N, nb, block) fp32
+    across = within[..., -1].double().cumsum(-1)                                       # (N, nb) fp64
+    if u is None:
+        u = torch.rand(N, generator=generator, dtype=torch.float64, device=probs.device)
+    u = u.double()[:, None] * across[:, -1:]                                           # (N, 1)
+    b = torch.searchsorted(across, u, right=True).clamp_(max=nb - 1)                  # (N, 1) block holding u
+    start = torch.where(b > 0, across.gather(-1, (b - 1).clamp(min=0)), 0.0)           # (N, 1) mass before it
+    cum = within.gather(1, b[:, :, None].expand(N, 1, block)).squeeze(1).double()      # (N, block)
+    r = torch.minimum(u - start, cum[:, -1:] * (1 - 1e-12))  # (N, 1) inside the block (min: fp64 rounding)
+    j = torch.searchsorted(cum, r, right=True).clamp_(max=block - 1)                   # (N, 1)
+    return (b * block + j).squeeze(-1)                                                 # (N,)
 
 
 def sampled_logprob(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:

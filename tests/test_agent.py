@@ -64,7 +64,7 @@ def test_model_name_and_dtype_are_checked():
 
 
 def test_rollout_sampler_follows_the_module_device(monkeypatch):
-    """torch.multinomial needs its generator on the logits' device: the sampler is made on the module's
+    """The sampler's torch.rand needs its generator on the logits' device: the sampler is made on the module's
     device (a CUDA device is faked here: no GPU), seeded per rank, and rebuilt when the module moves."""
     made = []
 

@@ -54,10 +54,15 @@ def grpo_policy(init_adapter: str | None, dtype: str = "float32"):
 
 
 def test_adapter_beside_each_checkpoint_loads_with_peft(tmp_path):
+    """The adapter beside the last checkpoint is the trained policy: not the weights before training
+    (the KL to π_ref moves an adapter that starts away from it, whatever the rewards' luck)."""
     from peft import PeftModel
 
     L.seed_everything(0)
     module = GRPOModule(model_name="tiny", group_size=2, max_new_tokens=8, lr=5e-2, warmup_ratio=0.0)
+    module.configure_model()
+    randomize_lora_b(module.policy, seed=3, std=0.2)
+    before = logits(module.policy)
     ckpt = AdapterCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_top_k=1,
                              monitor="step", mode="max")
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -65,15 +70,10 @@ def test_adapter_beside_each_checkpoint_loads_with_peft(tmp_path):
     trainer.fit(module, QADataModule(task="offline", batch_size=2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step=3.adapter", "step=3.ckpt"]  # older ones removed
     base, _ = load_model_and_tokenizer("tiny")
-    restored = PeftModel.from_pretrained(base, str(tmp_path / "step=3.adapter")).eval()
-    ids = torch.arange(40).reshape(2, 20)
-    module.policy.eval()
-    with torch.no_grad():
-        want, got = module.policy(input_ids=ids).logits, restored(input_ids=ids).logits
-        with module.policy.disable_adapter():
-            base_logits = module.policy(input_ids=ids).logits
-    assert not torch.allclose(want, base_logits), "training should have moved the adapter"
-    assert torch.allclose(got, want, atol=1e-6)
+    restored = PeftModel.from_pretrained(base, str(tmp_path / "step=3.adapter"))
+    want = logits(module.policy)
+    assert not torch.allclose(want, before, atol=1e-4), "training should have moved the adapter"
+    torch.testing.assert_close(logits(restored), want, atol=1e-6, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------- init_adapter
@@ -140,9 +140,10 @@ def test_checkpoint_adapter_with_init_adapter_is_the_policy(tmp_path):
     adapter = tmp_path / "ckpt" / "step=2.adapter"
     peft_logits = logits(PeftModel.from_pretrained(load_model_and_tokenizer("tiny")[0], adapter))
     torch.testing.assert_close(peft_logits, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits(load_for_inference(str(adapter), "tiny")[0]), want, atol=1e-5, rtol=1e-5)
+    # grpo.infer merges the adapters into the fp32 weights: rounding of W + s·B·A, ~1e-5 on these logits
+    torch.testing.assert_close(logits(load_for_inference(str(adapter), "tiny")[0]), want, atol=5e-5, rtol=1e-5)
     torch.testing.assert_close(logits(load_for_inference(str(tmp_path / "ckpt" / "step=2.ckpt"))[0]), want,
-                               atol=1e-5, rtol=1e-5)
+                               atol=5e-5, rtol=1e-5)
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4 + module.hparams.lora_r
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from envs.protocol import BUDGET_OBSERVATION
 from grpo.kvcache import position_ids_from_mask
-from grpo.rollout import OBS_CHARS_PER_TOKEN, rollout, sample_next
+from grpo.rollout import OBS_CHARS_PER_TOKEN, inverse_cdf_sample, rollout, sample_next
 from models.loading import load_model_and_tokenizer
 from models.tokenizer import ByteTokenizer
 from tests.fakes import ENV_TEXT, Biased
@@ -406,6 +406,32 @@ def test_sample_next_distribution(temperature, top_p, expected):
     draws = sample_next(logits, temperature, top_p, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=3).float() / len(draws)
     assert torch.allclose(freq, torch.tensor(expected), atol=0.015)
+
+def test_inverse_cdf_sample_by_hand():
+    """probs [0.5, 0.3, 0.2] in blocks of 2 (the last block padded): u < 0.5 gives token 0, 0.5 <= u < 0.8
+    token 1, u >= 0.8 token 2; with leading and trailing zeros, u = 0 and u -> 1 still land on mass."""
+    probs = torch.tensor([[0.5, 0.3, 0.2]]).expand(7, 3)
+    u = torch.tensor([0.0, 0.49, 0.5, 0.79, 0.8, 0.95, 1 - 2**-53], dtype=torch.float64)
+    assert inverse_cdf_sample(probs, block=2, u=u).tolist() == [0, 0, 1, 1, 2, 2, 2]
+    holed = torch.tensor([[0.0, 0.0, 0.0, 0.25, 0.0, 0.75, 0.0]]).expand(4, 7)
+    u = torch.tensor([0.0, 0.2, 0.25, 1 - 2**-53], dtype=torch.float64)
+    for block in (1, 2, 3, 8):
+        assert inverse_cdf_sample(holed, block=block, u=u).tolist() == [3, 3, 5, 5], block
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 4096])
+def test_inverse_cdf_sample_is_the_float64_inverse_cdf(block):
+    """Blocked fp32/fp64 sums pick the token a float64 cumsum over the whole row picks, for the same
+    uniforms (the generator's): peaked, flat and zero-holed rows, a vocabulary not a multiple of the block."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 1000, generator=g) * torch.tensor([0.1, 3.0, 12.0]).repeat(100)[:, None]
+    probs = torch.softmax(logits, -1)                                                  # (N, V)
+    probs[::4, 100:900] = 0.0                                                          # whole blocks empty
+    got = inverse_cdf_sample(probs, torch.Generator().manual_seed(1), block=block)
+    u = torch.rand(300, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cdf = probs.double().cumsum(-1)                                                    # (N, V)
+    assert torch.equal(got, (cdf <= u[:, None] * cdf[:, -1:]).sum(-1))                 # first index above u
+    assert (probs.gather(-1, got[:, None]) > 0).all()
 
 # --------------------------------------------------------------------------------------- π_old
 
