@@ -9,10 +9,11 @@ the process's peak RSS. The first `--warmup` steps of each process are left out 
 
 Each checkout runs its own config file: the old `configs/grpo_smollm2.yaml` trained under
 bf16-mixed, the new one in fp32 (this CPU has no bf16 hardware); `--old-precision 32-true` runs the
-old code in fp32 too, so that the ratio counts code changes alone. The same G, B and token budget
-in both. Sampling differs between the two codes (the RNG is drawn in another order), so the work
-of a step varies; the tokens per sample are printed beside the times and the ratio is also given
-per sampled token.
+old code in fp32 too, so that the ratio counts code changes alone (it needs > 14 GB). The same G, B
+and token budget in both. Since 69dc5c6 the two codes sample different streams, so the work of a
+step differs: the sampled tokens and calls per sample are printed beside the times (the "per
+sampled token" ratio ignores observation tokens: read it as a rough figure only). Use more steps
+and rounds to average the luck out.
 
     python benchmarks/step_old_vs_new.py --adapter outputs/sft_smollm2_adapter [--steps 4] [--rounds 2]
 
@@ -49,7 +50,7 @@ class StepLog(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         row = {"wall_s": time.perf_counter() - self.t0,
-               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         for key, value in trainer.callback_metrics.items():
             if key in KEEP or key.endswith("tokens_per_sample") or key.endswith("calls_per_sample"):
                 row[key] = float(value)
@@ -81,7 +82,7 @@ def summary(rows: list[dict], warmup: int) -> dict:
             "rollout_s": statistics.median(r.get("time/rollout_s", float("nan")) for r in timed),
             "tokens_per_sample": statistics.median(tokens),
             "calls_per_sample": statistics.median(r.get("tools/calls_per_sample", float("nan")) for r in timed),
-            "peak_rss_gb": max(r["peak_rss_gb"] for r in rows),
+            "peak_rss_gib": max(r["peak_rss_gib"] for r in rows),
             "steps_s": [round(r["wall_s"], 1) for r in timed]}
 
 
@@ -117,12 +118,12 @@ def main(argv=None):
                 print(f"round {r} {name}: {json.dumps(results[name][-1])}", flush=True)
 
     med = {name: {k: statistics.median(s[k] for s in runs) for k in ("step_s", "rollout_s", "tokens_per_sample")}
-           | {"peak_rss_gb": max(s["peak_rss_gb"] for s in runs)} for name, runs in results.items()}
+           | {"peak_rss_gib": max(s["peak_rss_gib"] for s in runs)} for name, runs in results.items()}
     for name in ("old", "new"):
         m = med[name]
         print(f"{name} ({args.old if name == 'old' else 'this checkout'}): step {m['step_s']:.2f} s, "
               f"rollout {m['rollout_s']:.2f} s, {m['tokens_per_sample']:.1f} sampled tokens per sample, "
-              f"peak RSS {m['peak_rss_gb']:.2f} GB")
+              f"peak RSS {m['peak_rss_gib']:.2f} GiB")
     per_token = (med["old"]["step_s"] / med["old"]["tokens_per_sample"]) / (med["new"]["step_s"] / med["new"]["tokens_per_sample"])
     print(f"per sampled token: {per_token:.2f}x")
     print(f"speedup_vs_old: {med['old']['step_s'] / med['new']['step_s']:.2f}")

@@ -116,17 +116,23 @@ def inverse_cdf_sample(probs: Tensor, generator=None, block: int = 256, u: Tenso
     """One token per row of probs (N, V): the first token whose cumulative mass exceeds u·total, u ~ U[0, 1).
 
     One uniform per row, so a step draws N numbers whatever the vocabulary (`torch.multinomial`
-    draws one exponential per token: ~30 ms of a 16-row SmolLM2 decode step on this CPU, against
-    ~2 ms here). The cumulative sum runs in blocks of `block` tokens in fp32 and across blocks in
-    fp64, so a token's rounding error is ~1e-7 of its block's mass rather than of the whole
-    distribution's (one fp32 cumsum over 49k tokens would blur the tail); tokens of zero mass
-    (top-p cut) are never drawn. `u` (N,): the uniforms to use instead of drawing them (tests).
+    draws one exponential per token: 3.5-10x slower for 16 rows of SmolLM2's 49k on this CPU). The
+    cumulative sum runs in blocks of `block` tokens in fp32 and across blocks in fp64, so a token's
+    rounding error is ~1e-7 of its block's mass rather than of the mass before it (the fp32 values of
+    one cumsum over 49k tokens are spaced by their ulp, ~6e-8 near 1: tail tokens would be drawn
+    dozens at a time); tokens of zero mass (top-p cut) are never drawn; a row with no finite
+    positive mass (NaN logits) is an error.
+    `u` (N,): the uniforms to use instead of drawing them (tests).
     """
     N, V = probs.shape
     nb = -(-V // block)
     p = F.pad(probs.float(), (0, nb * block - V)).view(N, nb, block)                   # (N, nb, block)
     within = p.cumsum(-1)                                                              # (N, nb, block) fp32
     across = within[..., -1].double().cumsum(-1)                                       # (N, nb) fp64
+    bad = ~(torch.isfinite(across[:, -1]) & (across[:, -1] > 0) & (p >= 0).all(-1).all(-1))
+    if bad.any():
+        raise ValueError(f"sampling: rows {bad.nonzero().flatten().tolist()[:8]} have no finite, non-negative "
+                         f"probability mass (NaN or inf logits?)")
     if u is None:
         u = torch.rand(N, generator=generator, dtype=torch.float64, device=probs.device)
     u = u.double()[:, None] * across[:, -1:]                                           # (N, 1)

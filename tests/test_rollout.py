@@ -408,15 +408,44 @@ def test_sample_next_distribution(temperature, top_p, expected):
     assert torch.allclose(freq, torch.tensor(expected), atol=0.015)
 
 def test_inverse_cdf_sample_by_hand():
-    """probs [0.5, 0.3, 0.2] in blocks of 2 (the last block padded): u < 0.5 gives token 0, 0.5 <= u < 0.8
-    token 1, u >= 0.8 token 2; with leading and trailing zeros, u = 0 and u -> 1 still land on mass."""
+    """probs [0.5, 0.3, 0.2] in blocks of 2 (the last block padded): u below 0.5 gives token 0, between
+    0.5 and 0.8 token 1, above 0.8 token 2; with leading and trailing zeros, u = 0 and u -> 1 still
+    land on mass."""
     probs = torch.tensor([[0.5, 0.3, 0.2]]).expand(7, 3)
-    u = torch.tensor([0.0, 0.49, 0.5, 0.79, 0.8, 0.95, 1 - 2**-53], dtype=torch.float64)
+    u = torch.tensor([0.0, 0.49, 0.51, 0.79, 0.81, 0.95, 1 - 2**-53], dtype=torch.float64)
     assert inverse_cdf_sample(probs, block=2, u=u).tolist() == [0, 0, 1, 1, 2, 2, 2]
     holed = torch.tensor([[0.0, 0.0, 0.0, 0.25, 0.0, 0.75, 0.0]]).expand(4, 7)
-    u = torch.tensor([0.0, 0.2, 0.25, 1 - 2**-53], dtype=torch.float64)
+    u = torch.tensor([0.0, 0.2, 0.26, 1 - 2**-53], dtype=torch.float64)
     for block in (1, 2, 3, 8):
         assert inverse_cdf_sample(holed, block=block, u=u).tolist() == [3, 3, 5, 5], block
+
+
+def test_inverse_cdf_sample_keeps_the_tail_of_a_large_vocabulary():
+    """SmolLM2's vocabulary size, 0.99995 of the mass on token 0 and 1e-9 on each of the other 49,151:
+    the fp32 values of one cumsum over the row are ~1, spaced by their ulp (6e-8), so tail tokens are
+    picked ~60 at a time and off by tens; the blocked sums pick what a float64 cumsum picks, give or take
+    one token (only the 255 tail tokens in token 0's block share its rounding)."""
+    V = 49_152
+    probs = torch.full((1, V), 1e-9)
+    probs[0, 0] = 1.0 - 1e-9 * (V - 1)
+    u = torch.tensor([0.5, 1 - 4e-5, 1 - 2.5e-5, 1 - 1e-5, 1 - 1e-6], dtype=torch.float64)
+    cdf = probs.double().cumsum(-1)                                                    # (1, V)
+    want = (cdf <= u[:, None] * cdf[:, -1:]).sum(-1)                                   # (5,) first index above
+    one_fp32_sum = torch.searchsorted(probs.cumsum(-1).double().repeat(5, 1), (u * cdf[0, -1])[:, None],
+                                      right=True).squeeze(-1).clamp(max=V - 1)
+    assert want[0] == 0 and (want[1:] < 48_500).all() and (one_fp32_sum - want).abs().max() > 10
+    got = inverse_cdf_sample(probs.expand(5, V), u=u)
+    assert (got - want).abs().max() <= 1, (got, want)
+
+
+def test_inverse_cdf_sample_refuses_rows_without_mass():
+    """NaN logits (or an all-zero row) are an error naming the row, not a silent draw past the vocabulary."""
+    probs = torch.softmax(torch.randn(3, 300), -1)
+    probs[1] = float("nan")
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        inverse_cdf_sample(probs, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"rows \[0\]"):
+        inverse_cdf_sample(torch.zeros(1, 10), torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("block", [1, 7, 64, 4096])
