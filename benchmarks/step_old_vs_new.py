@@ -36,7 +36,7 @@ from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD = "d5ae5e5"
-KEEP = ("time/step_s", "time/rollout_s", "rollout/tokens_per_sample", "tools/calls_per_sample")
+KEEP = ("time/step_s", "time/rollout_s")  # and every */tokens_per_sample, */calls_per_sample
 
 
 class StepLog(Callback):
@@ -59,16 +59,18 @@ class StepLog(Callback):
 
 
 def run(tree: Path, config: str, adapter: Path | None, steps: int, threads: int, extra: list[str], log: Path) -> list[dict]:
-    """`python -m grpo fit` in `tree` for `steps` steps; the StepLog rows it wrote."""
-    out = Path(tempfile.mkdtemp(prefix="step_bench_"))
+    """`python -m grpo fit` in `tree` for `steps` steps, its logs and checkpoints in a temporary folder
+    (removed after); the StepLog rows it wrote."""
     env = dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{ROOT / 'benchmarks'}", OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "grpo", "fit", "-c", config, *(["--model.init_adapter", str(adapter)] if adapter else []),
-           "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(10 * steps),
-           "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
-           "--trainer.callbacks+=step_old_vs_new.StepLog", f"--trainer.callbacks.path={log}", *extra]
     log.unlink(missing_ok=True)
-    done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="step_bench_") as out:
+        cmd = [sys.executable, "-m", "grpo", "fit", "-c", config,
+               *(["--model.init_adapter", str(adapter)] if adapter else []),
+               "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(10 * steps),
+               "--trainer.default_root_dir", out, "--trainer.logger.init_args.save_dir", out,
+               "--trainer.callbacks+=step_old_vs_new.StepLog", f"--trainer.callbacks.path={log}", *extra]
+        done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{tree}: `{' '.join(cmd)}` failed:\n{done.stderr[-3000:]}")
     return [json.loads(line) for line in log.read_text().splitlines()]

@@ -407,6 +407,7 @@ def test_sample_next_distribution(temperature, top_p, expected):
     freq = torch.bincount(draws, minlength=3).float() / len(draws)
     assert torch.allclose(freq, torch.tensor(expected), atol=0.015)
 
+
 def test_inverse_cdf_sample_by_hand():
     """probs [0.5, 0.3, 0.2] in blocks of 2 (the last block padded): u below 0.5 gives token 0, between
     0.5 and 0.8 token 1, above 0.8 token 2; with leading and trailing zeros, u = 0 and u -> 1 still
