@@ -163,6 +163,16 @@ def test_grpo_loss_gradient_flows_only_through_logp():
     assert old.grad is None and ref.grad is None and adv.grad is None
 
 
+def test_grpo_loss_without_old_logp_is_the_plain_policy_gradient():
+    # μ = 1 given as old_logp=None: π_old = π_θ.detach(), so ratio = 1 and d ratio/d logp = 1, the same
+    # gradient -A/3 as above. Were π_old not detached, ratio = exp(logp - logp) would carry no gradient.
+    logp = (LOGP - 0.7).requires_grad_()
+    out = grpo_loss(logp, None, None, ADV, MASK, beta=0.0)
+    out.loss.backward()
+    assert out.ratio_mean.item() == 1.0
+    assert torch.allclose(logp.grad, torch.tensor([[-1 / 3, -1 / 3], [1 / 3, 0.0]]))
+
+
 @pytest.mark.parametrize("token_level", [True, False])
 def test_masked_tokens_change_nothing(token_level):
     def run(fill):
