@@ -21,7 +21,7 @@ from data.types import MEMORY
 from envs.search import LocalSearchEnv
 from grpo.cli import main as cli
 
-COLD_START = Path("results/cold_start/sft_adapter_hedge_all")
+COLD_START = Path("results/cold_start/sft_adapter_hedge_all_714")
 PUBLISHED = Path("results/economy/grpo_adapter")
 
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Reproduce the tool-economy results (issue #12) from a fresh clone, on CPU, in one command:
 #
-#     bash results/economy/reproduce.sh [OUT]        # OUT defaults to outputs/economy; ~2.5 h on 2 cores
+#     bash results/economy/reproduce.sh [OUT]        # OUT defaults to outputs/economy; ~4 h on 2 cores
 #
 # Phases, each skipped when its output already exists (so a killed run resumes where it stopped):
-#   1. cold start      hedge-all SFT traces, one epoch of LoRA SFT (~20 min), its knowledge check
+#   1. cold start      714 hedge-all SFT traces (as many searches as phase 2's), one epoch of LoRA SFT
+#                      (90 steps, ~35 min), its knowledge check
 #   2. baseline        the same cold start with no direct traces: the always-search policy (~20 min)
-#   3. GRPO            configs/grpo_economy.yaml from the phase-1 adapter (~50 min)
+#   3. GRPO            configs/grpo_economy.yaml from the phase-1 adapter (run H: 30 updates, ~50 min),
+#                      then the same config from run H's policy (run I: 40 updates, ~60 min)
 #   4. publish         the cold-start and GRPO adapters in bf16, as under results/ (seconds)
 #   5. evaluation      every policy (the bf16 ones as published), greedy, on the balanced test set and
 #                      on the out-of-domain probe (~3 min each), then one table and one EM-vs-calls
@@ -25,12 +27,12 @@ run() {  # run NAME CMD...: the command's output goes to OUT/logs/NAME.log
     "$@" > "$OUT/logs/$name.log" 2>&1 || { echo "failed: see $OUT/logs/$name.log"; exit 1; }
 }
 
-sft() {  # sft NAME TRACE-OPTIONS...: traces, then one epoch of SFT exported to OUT/NAME
-    local name=$1; shift
+sft() {  # sft NAME N TRACE-OPTIONS...: N traces, then one epoch of SFT on them exported to OUT/NAME
+    local name=$1 n=$2; shift 2
     [ -f "$OUT/$name/adapter_config.json" ] && return
-    run "traces_$name" "$PY" -m data.traces --out "$OUT/traces_$name.jsonl" "$@"
+    run "traces_$name" "$PY" -m data.traces --out "$OUT/traces_$name.jsonl" --n "$n" "$@"
     run "$name" "$PY" -m grpo fit -c configs/sft_smollm2.yaml --trainer.max_epochs 1 --trainer.limit_val_batches 0 \
-        --data.traces "$OUT/traces_$name.jsonl" --trainer.callbacks.dirpath "$OUT/$name" \
+        --data.traces "$OUT/traces_$name.jsonl" --data.num_traces "$n" --trainer.callbacks.dirpath "$OUT/$name" \
         --trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.name "$name"
 }
 
@@ -47,28 +49,35 @@ evaluate() {  # evaluate LABEL ADAPTER QUESTIONS
 }
 
 # 1. cold start, and how much of the base model's knowledge it kept
-sft sft_hedge_all --unknown-thought hedge-all
+sft sft_hedge_all_714 714 --mix 0.3 0.5 0.2 --unknown-thought hedge-all
 [ -f "$OUT/cold_start_eval.json" ] || run cold_start_eval "$PY" -m experiments.eval_cold_start \
-    --adapter "$OUT/sft_hedge_all" --split heldout --lookup-limit 64 --modes greedy sampled \
+    --adapter "$OUT/sft_hedge_all_714" --split heldout --lookup-limit 64 --modes greedy sampled \
     --temperature 0.7 --samples 4 --out "$OUT/cold_start_eval.json"
 
 # 2. always-search baseline: one- and two-search traces only, generic thoughts
-sft sft_always --mix 0 0.5 0.2 --unknown-thought plain
+sft sft_always 500 --mix 0 0.5 0.2 --unknown-thought plain
 
-# 3. GRPO from the cold start
-GRPO_DIR="$OUT/runs/grpo_economy/version_0/checkpoints"
-if [ ! -d "$GRPO_DIR/last.adapter" ]; then
-    run grpo "$PY" -m grpo fit -c configs/grpo_economy.yaml --model.init_adapter "$OUT/sft_hedge_all" \
+# 3. GRPO from the cold start (run H), then 40 more updates from its policy (run I); a killed run is
+#    started again from its beginning
+RUN_H="$OUT/runs/grpo_economy/version_0/checkpoints"
+if [ ! -d "$RUN_H/last.adapter" ]; then
+    run grpo_h "$PY" -m grpo fit -c configs/grpo_economy.yaml --model.init_adapter "$OUT/sft_hedge_all_714" \
         --trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.version 0
+fi
+GRPO_DIR="$OUT/runs/grpo_economy_more/version_0/checkpoints"
+if [ ! -d "$GRPO_DIR/last.adapter" ]; then
+    run grpo_i "$PY" -m grpo fit -c configs/grpo_economy.yaml --model.init_adapter "$RUN_H/last.adapter" \
+        --trainer.max_steps 40 --trainer.logger.init_args.save_dir "$OUT/runs" \
+        --trainer.logger.init_args.name grpo_economy_more --trainer.logger.init_args.version 0
 fi
 
 # 4. the adapters as published under results/ (bf16)
-run publish_cold_start "$PY" -m callbacks.export "$OUT/sft_hedge_all" "$OUT/sft_adapter_hedge_all"
+run publish_cold_start "$PY" -m callbacks.export "$OUT/sft_hedge_all_714" "$OUT/sft_adapter_hedge_all_714"
 run publish_grpo "$PY" -m callbacks.export "$GRPO_DIR/last.adapter" "$OUT/grpo_adapter"
 
 # 5. evaluation of every policy on both question sets, then the tables
 for questions in test_balanced probe_general_labelled; do
-    evaluate cold_start "$OUT/sft_adapter_hedge_all" $questions
+    evaluate cold_start "$OUT/sft_adapter_hedge_all_714" $questions
     evaluate always_search "$OUT/sft_always" $questions
     evaluate grpo "$OUT/grpo_adapter" $questions
     run "compare_$questions" "$PY" -m callbacks.compare --out "$OUT/$questions" --baseline "always search" \
