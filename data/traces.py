@@ -46,6 +46,13 @@ thoughts above, which fork at the thought's first token, before the model has re
 is not something I know; I will search for Kenya."): GRPO from "hedge" drifted to searching known
 capitals through the generic first-token fork that every lookup reinforces, while from "hedge-all",
 where no such fork is left, it kept answering what the model knows (results/economy/README.md).
+Missed searches (`miss_share`): that share of the searches of capitals/continents the model does
+not know get the observation of a search that finds nothing ("No results for 'Uganda'.", as a
+tool that fails or does not cover the question returns) and go on to answer from memory, with the
+recall sentence: "<thought>The search found nothing, so I answer from memory. The capital of Uganda
+is Kampala.</thought><answer>Kampala</answer>" (ids "miss/<example id>", style "search"). Without
+them no trace ever sees an empty search, and out of the tool's domain GRPO's policy searched again
+and again until the call budget ran out (results/economy/README.md, probe).
 Run `python -m data.traces --out outputs/traces.jsonl [--hotpotqa PATH]`.
 """
 from __future__ import annotations
@@ -68,7 +75,7 @@ from data.offline_task import DEFAULT_MEMORY_FILE, MEMORY_TYPES, build_offline_t
 from data.types import MEMORY, QAExample
 from envs.protocol import observation_text, parse_completion
 from envs.sandbox import run_tool
-from envs.search import LocalSearchEnv
+from envs.search import LocalSearchEnv, no_results
 
 STYLES = ("direct", "search", "multihop")
 ROLES = ("model", "obs")
@@ -76,6 +83,7 @@ DEFAULT_MIX = (0.3, 0.5, 0.2)  # shares of direct, search, multihop
 DEFAULT_UNKNOWN_SHARE = 0.4    # of the search traces: capitals/continents the model does not know
 DEFAULT_UNKNOWN_THOUGHT = "hedge-all"  # every one-hop search hedges at its fact (HEDGED_SEARCHES below)
 DIRECT_THOUGHT_STYLES = ("recall", "plain")
+MISS_THOUGHT = "The search found nothing, so I answer from memory. {recall}"  # after a missed search
 MAX_RECALL_WORDS = 25          # a longer own-words sentence falls back to the template
 
 # Thought templates, one picked per example with an RNG seeded by (seed, example id).
@@ -108,7 +116,7 @@ UNKNOWN_THOUGHT_STYLES = tuple(HEDGED_SEARCHES)
 
 @dataclass(frozen=True)
 class Trace:
-    id: str                                  # "<style>/<example id>"
+    id: str                                  # "<style>/<example id>" ("miss/<example id>": a missed search)
     question: str
     answers: tuple[str, ...]                 # every gold answer; the trace answers answers[0]
     kind: str                                # MEMORY or LOOKUP, from the example
@@ -194,7 +202,8 @@ def closed_book_replies(memory_file: str | Path = DEFAULT_MEMORY_FILE) -> dict[s
 
 
 def build_trace(example: QAExample, style: str, env, rng: random.Random,
-                replies: Mapping[str, str] | None = None, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT) -> Trace:
+                replies: Mapping[str, str] | None = None, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT,
+                miss: bool = False) -> Trace:
     """The trace of one example in one style; each observation is `run_tool(env, query)[0]`.
 
     replies: None gives a direct trace the plain "I know this." thought; a mapping (even empty)
@@ -202,7 +211,12 @@ def build_trace(example: QAExample, style: str, env, rng: random.Random,
     unknown_thought: "hedge" gives a one-search trace of a capital/continent the model does not
     know the hedged recall thought (HEDGE_TEMPLATES); "plain" the generic search thoughts;
     "hedge-all" hedges every one-hop search at its fact (LOOKUP_HEDGE_TEMPLATES for the other types).
+    miss: a one-search trace whose search finds nothing (`no_results`), then answers from memory
+    (MISS_THOUGHT with the recall sentence); id "miss/<example id>".
     """
+    if miss and (style != "search" or len(example.hops) != 1):
+        raise ValueError(f"example {example.id!r}: only a one-search trace can miss (style {style!r}, "
+                         f"{len(example.hops)} hops)")
     answer, queries = f"<answer>{example.answers[0]}</answer>", example.hops
     if style == "direct":
         thought = rng.choice(DIRECT_THOUGHTS) if replies is None else recall_sentence(example, replies)
@@ -214,13 +228,15 @@ def build_trace(example: QAExample, style: str, env, rng: random.Random,
         thought = hedged.format(c=queries[0]) if hedged else rng.choice(first).format(q=queries[0], qs=listed)
         segments = [("model", f"<thought>{thought}</thought><call>{queries[0]}</call>")]
         for i, query in enumerate(queries):
-            segments.append(("obs", run_tool(env, query)[0]))
+            segments.append(("obs", no_results(query, env.max_chars) if miss else run_tool(env, query)[0]))
             if i + 1 < len(queries):
                 hop = rng.choice(NEXT_HOP_THOUGHTS).format(q=queries[i + 1])
                 segments.append(("model", f"<thought>{hop}</thought><call>{queries[i + 1]}</call>"))
+        if miss:
+            answer = f"<thought>{MISS_THOUGHT.format(recall=recall_sentence(example, replies))}</thought>{answer}"
         segments.append(("model", answer))
-    return Trace(f"{style}/{example.id}", example.question, tuple(example.answers), example.kind, style,
-                 tuple(segments), example.type)
+    return Trace(f"{'miss' if miss else style}/{example.id}", example.question, tuple(example.answers),
+                 example.kind, style, tuple(segments), example.type)
 
 
 def check_trace(trace: Trace, queries: Sequence[str]) -> str:
@@ -274,8 +290,8 @@ def unknown_memory(example: QAExample) -> bool:
 
 def draw_traces(examples: Sequence[QAExample], env, counts: dict[str, int], seed: int = 0,
                 verify_gold: bool = True, fill: bool = True, replies: Mapping[str, str] | None = None,
-                unknown_share: float = DEFAULT_UNKNOWN_SHARE,
-                unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT) -> tuple[list[Trace], TraceReport]:
+                unknown_share: float = DEFAULT_UNKNOWN_SHARE, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT,
+                miss_share: float = 0.0) -> tuple[list[Trace], TraceReport]:
     """Up to counts[style] traces per style (see the module docstring) and what was skipped.
 
     fill: a short style's remainder is drawn from the other styles with a positive count.
@@ -283,9 +299,11 @@ def draw_traces(examples: Sequence[QAExample], env, counts: dict[str, int], seed
     unknown_share: this share of counts["search"] is drawn first from the capital/continent
         questions the model does not know (0: the search pool is drawn uniformly).
     unknown_thought: "hedge", "plain" or "hedge-all", the thought of the searches (module docstring).
+    miss_share: this share of the drawn searches of unknown capitals/continents (in draw order) miss.
     """
-    if not 0.0 <= unknown_share <= 1.0:
-        raise ValueError(f"unknown_share must be in [0, 1], got {unknown_share!r}")
+    for name, share in (("unknown_share", unknown_share), ("miss_share", miss_share)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {share!r}")
     if unknown_thought not in UNKNOWN_THOUGHT_STYLES:
         raise ValueError(f"unknown_thought={unknown_thought!r}: expected one of {UNKNOWN_THOUGHT_STYLES}")
     report = TraceReport()
@@ -312,6 +330,12 @@ def draw_traces(examples: Sequence[QAExample], env, counts: dict[str, int], seed
         shortfall -= len(extra)
     if fill and shortfall:
         warnings.warn(f"{shortfall} traces short of the {sum(counts.values())} requested", stacklevel=2)
+    by_id = {ex.id: ex for ex in eligible}
+    unknown = [i for i, t in enumerate(out["search"]) if unknown_memory(by_id[t.id.split("/", 1)[1]])]
+    for i in unknown[:round(miss_share * len(unknown))]:
+        ex = by_id[out["search"][i].id.split("/", 1)[1]]
+        out["search"][i] = build_trace(ex, "search", env, random.Random(f"{seed}/{ex.id}"), replies,
+                                       unknown_thought, miss=True)
     traces = [t for style in STYLES for t in out[style]]
     random.Random(f"{seed}/order").shuffle(traces)
     return traces, report
@@ -326,10 +350,11 @@ def direct_replies(direct_thought: str, memory_file: str | Path = DEFAULT_MEMORY
 
 def make_traces(examples: Sequence[QAExample], env, n: int = 500, mix: Sequence[float] = DEFAULT_MIX,
                 seed: int = 0, verify_gold: bool = True, direct_thought: str = "recall",
-                unknown_share: float = DEFAULT_UNKNOWN_SHARE, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT) -> list[Trace]:
+                unknown_share: float = DEFAULT_UNKNOWN_SHARE, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT,
+                miss_share: float = 0.0) -> list[Trace]:
     """n traces, shares `mix` of (direct, search, multihop); same seed -> same list."""
     return draw_traces(examples, env, quotas(n, mix), seed, verify_gold, replies=direct_replies(direct_thought),
-                       unknown_share=unknown_share, unknown_thought=unknown_thought)[0]
+                       unknown_share=unknown_share, unknown_thought=unknown_thought, miss_share=miss_share)[0]
 
 
 def offline_traces(n: int = 500, mix: Sequence[float] = DEFAULT_MIX, seed: int = 0, split: str = "train",
@@ -400,8 +425,8 @@ def read_traces(path: str | Path) -> list[Trace]:
 
 def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = None, hotpotqa: str | None = None,
                hotpotqa_share: float = 0.5, direct_thought: str = "recall",
-               unknown_share: float = DEFAULT_UNKNOWN_SHARE,
-               unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT) -> tuple[list[Trace], list[TraceReport]]:
+               unknown_share: float = DEFAULT_UNKNOWN_SHARE, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT,
+               miss_share: float = 0.0) -> tuple[list[Trace], list[TraceReport]]:
     """Offline train traces; with `hotpotqa`, that file gives `hotpotqa_share` of the multihop count
     (fewer if it is short) and offline comparisons the rest. Each source keeps its own env: the
     one its GRPO run searches."""
@@ -414,7 +439,7 @@ def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = 
     task = build_offline_task(seed if task_seed is None else task_seed)
     offline, report = draw_traces(task.train, LocalSearchEnv(task.documents), counts, seed,
                                   replies=direct_replies(direct_thought), unknown_share=unknown_share,
-                                  unknown_thought=unknown_thought)
+                                  unknown_thought=unknown_thought, miss_share=miss_share)
     traces = hp + offline
     random.Random(f"{seed}/mixed").shuffle(traces)
     return traces, reports + [report]
@@ -422,7 +447,8 @@ def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = 
 
 def summarize(traces: Sequence[Trace], reports: Sequence[TraceReport]) -> str:
     by = Counter((t.style, t.kind, t.type) for t in traces)
-    lines = [f"{len(traces)} traces: " + ", ".join(f"{s} {sum(t.style == s for t in traces)}" for s in STYLES),
+    lines = [f"{len(traces)} traces: " + ", ".join(f"{s} {sum(t.style == s for t in traces)}" for s in STYLES)
+             + f" (of which missed searches {sum(t.id.startswith('miss/') for t in traces)})",
              f"{'style':<10}{'kind':<8}{'type':<22}{'count':>6}"]
     lines += [f"{s:<10}{k:<8}{str(ty):<22}{c:>6}" for (s, k, ty), c in sorted(by.items(), key=str)]
     skipped = sum((r.skipped for r in reports), Counter())
@@ -450,12 +476,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--unknown-thought", choices=UNKNOWN_THOUGHT_STYLES, default=DEFAULT_UNKNOWN_THOUGHT,
                         help="hedge: those searches start like a recall and give up at the fact; plain: generic; "
                              "hedge-all: every one-hop search hedges at its fact")
+    parser.add_argument("--miss-share", type=float, default=0.0,
+                        help="share of the searches of unknown capitals/continents that find nothing and "
+                             "answer from memory")
     args = parser.parse_args(argv)
     if not 0 <= args.hotpotqa_share <= 1:
         parser.error(f"--hotpotqa-share must be in [0, 1], got {args.hotpotqa_share}")
     try:
         traces, reports = cli_traces(args.n, args.mix, args.seed, args.task_seed, args.hotpotqa, args.hotpotqa_share,
-                                     args.direct_thought, args.unknown_share, args.unknown_thought)
+                                     args.direct_thought, args.unknown_share, args.unknown_thought, args.miss_share)
     except ValueError as err:
         parser.error(str(err))
     write_traces(traces, args.out)

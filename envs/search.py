@@ -46,6 +46,11 @@ ELLIPSIS = "…"
 
 # --- text helpers -------------------------------------------------------------------
 
+def no_results(query: str, max_chars: int) -> str:
+    """The observation of a search that finds nothing: "No results for 'Juliet'."."""
+    return truncate(f"No results for '{truncate(one_line(query), ECHO_CHARS)}'.", max_chars)
+
+
 def normalize(text: str) -> str:
     """Lowercase, strip accents and punctuation, collapse whitespace: 'Pelé's  Cup!' -> 'peles cup'."""
     text = unicodedata.normalize("NFKD", text)
@@ -219,5 +224,5 @@ class LocalSearchEnv:
                 lines.append(cut)
             break
         if not lines:
-            return truncate(f"No results for '{truncate(one_line(query), ECHO_CHARS)}'.", self.max_chars)
+            return no_results(query, self.max_chars)
         return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 import warnings
@@ -20,7 +21,7 @@ import pytest
 
 from data.answers import contains_gold, normalize_answer
 from data.offline_task import build_offline_task
-from data.traces import (STYLES, Trace, closed_book_replies, draw_traces, hotpotqa_traces, main,
+from data.traces import (STYLES, Trace, build_trace, closed_book_replies, draw_traces, hotpotqa_traces, main,
                          make_traces, offline_traces, own_words, quotas, read_traces, recall_sentence, unknown_memory,
                          write_traces)
 from data.types import LOOKUP, MEMORY
@@ -295,6 +296,33 @@ def test_hedge_all_leaves_no_generic_one_hop_search(task, env, by_id):
     # direct and two-hop traces are those of "hedge"
     hedge = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4, unknown_thought="hedge")
     assert [t.text for t in traces if t.style != "search"] == [t.text for t in hedge if t.style != "search"]
+
+
+def test_missed_searches_find_nothing_and_answer_from_memory(task, env, by_id):
+    kept = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4)
+    traces = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4, miss_share=0.25)
+    missed = [t for t in traces if t.id.startswith("miss/")]
+    assert len(missed) == 16  # a quarter of the 64 searches of unknown capitals/continents
+    for t in missed:
+        example = example_of(t, by_id)
+        country, gold = example.hops[0], example.answers[0]
+        assert t.style == "search" and unknown_memory(example)
+        assert obs_texts(t) == [f"No results for '{country}'."]  # what the env says when nothing matches
+        recall = {"capital": f"The capital of {country} is {gold}.", "continent": f"{country} is in {gold}."}[t.type]
+        assert t.segments[-1] == ("model", "<thought>The search found nothing, so I answer from memory. "
+                                           f"{recall}</thought><answer>{gold}</answer>")
+        parsed = parse_completion(t.text)
+        assert parsed.well_formed and parsed.calls == (country,) and parsed.answer == gold
+    assert LocalSearchEnv(task.documents)("Romeo and Juliet") == "No results for 'Romeo and Juliet'."
+    # the same draw otherwise: the missed ones replace their own searches, the rest are unchanged
+    assert sorted(t.id.split("/", 1)[1] for t in traces) == sorted(t.id.split("/", 1)[1] for t in kept)
+    assert [t for t in traces if t not in missed] == [t for t in kept if f"miss/{t.id.split('/', 1)[1]}"
+                                                      not in {m.id for m in missed}]
+    with pytest.raises(ValueError, match="miss_share"):
+        make_traces(task.train, env, n=10, miss_share=1.5)
+    direct = next(t for t in traces if t.style == "direct")
+    with pytest.raises(ValueError, match="only a one-search trace can miss"):
+        build_trace(example_of(direct, by_id), "direct", env, random.Random(0), miss=True)
 
 
 def test_text_property_matches_the_segments(traces):
