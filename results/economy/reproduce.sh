@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Reproduce the tool-economy results (issue #12) from a fresh clone, on CPU, in one command:
 #
-#     bash results/economy/reproduce.sh [OUT]        # OUT defaults to outputs/economy; ~4 h on 2 cores
+#     bash results/economy/reproduce.sh [OUT]        # OUT defaults to outputs/economy; ~4.5 h on 2 cores
 #
 # Phases, each skipped when its output already exists (so a killed run resumes where it stopped):
-#   1. cold start      714 hedge-all SFT traces (as many searches as phase 2's), one epoch of LoRA SFT
+#   1. cold start      714 hedge-all SFT traces (156 direct, 415 one-search, 143 two-search), one epoch of SFT
 #                      (90 steps, ~35 min), its knowledge check
-#   2. baseline        the same cold start with no direct traces: the always-search policy (~20 min)
+#   2. baseline        the always-search policy: 714 search traces (558 one-search, 156 two-search,
+#                      generic thoughts), the same number of SFT steps as phase 1 (~33 min)
 #   3. GRPO            configs/grpo_economy.yaml from the phase-1 adapter (run H: 30 updates, ~50 min),
 #                      then the same config from run H's policy (run I: 40 updates, ~60 min)
 #   4. publish         the cold-start and GRPO adapters in bf16, as under results/ (seconds)
@@ -54,8 +55,8 @@ sft sft_hedge_all_714 714 --mix 0.3 0.5 0.2 --unknown-thought hedge-all
     --adapter "$OUT/sft_hedge_all_714" --split heldout --lookup-limit 64 --modes greedy sampled \
     --temperature 0.7 --samples 4 --out "$OUT/cold_start_eval.json"
 
-# 2. always-search baseline: one- and two-search traces only, generic thoughts
-sft sft_always 500 --mix 0 0.5 0.2 --unknown-thought plain
+# 2. always-search baseline: one- and two-search traces only, generic thoughts, as many as phase 1's traces
+sft sft_always 714 --mix 0 0.5 0.2 --unknown-thought plain
 
 # 3. GRPO from the cold start (run H), then 40 more updates from its policy (run I); a killed run is
 #    started again from its beginning
