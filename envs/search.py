@@ -51,6 +51,17 @@ def no_results(query: str, max_chars: int) -> str:
     return truncate(f"No results for '{truncate(one_line(query), ECHO_CHARS)}'.", max_chars)
 
 
+class EmptySearch:
+    """A search tool that finds nothing, whatever the query: an outage, or a question outside what the
+    tool covers. Its observation is `LocalSearchEnv`'s own for an empty result (`no_results`)."""
+
+    def __init__(self, max_chars: int = 600):
+        self.max_chars = max_chars
+
+    def __call__(self, query: Any) -> str:
+        return no_results(str(query), self.max_chars)
+
+
 def normalize(text: str) -> str:
     """Lowercase, strip accents and punctuation, collapse whitespace: 'Pelé's  Cup!' -> 'peles cup'."""
     text = unicodedata.normalize("NFKD", text)

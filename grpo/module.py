@@ -17,12 +17,14 @@ updates of step 5 are plain to see. Shapes: B, G, N = B*G, C (see `grpo/__init__
 """
 from __future__ import annotations
 
+import random
 import time
 
 import torch
 from torch import Tensor
 
 from data.types import QAExample
+from envs.search import EmptySearch
 from grpo.agent import AgentModule, check_positive
 from grpo.logprobs import completion_logprobs, loss_micro_batches
 from grpo.losses import GRPOLossOutput, Normaliser, group_advantages, grpo_loss, sum_losses
@@ -54,7 +56,7 @@ class GRPOModule(AgentModule):
                  voi_weights: VOIWeights | None = None, otc_weights: OTCWeights | None = None,
                  scale_by_std: bool = True, beta: float = 0.04, clip_eps: float = 0.2,
                  clip_eps_high: float | None = None, token_level: bool = True, num_updates: int = 1,
-                 loss_tokens_per_micro_batch: int = 2048, **kwargs):
+                 loss_tokens_per_micro_batch: int = 2048, tool_outage_rate: float = 0.0, **kwargs):
         """
         Args:
             group_size: G, completions sampled per question.
@@ -78,6 +80,10 @@ class GRPOModule(AgentModule):
                 largest micro-batch: SmolLM2, fp32, LoRA: ~1.25 GB + ~2.3 MB per token (measured,
                 benchmarks/PERF.md), so the default 2048 keeps a B = 8, G = 8 batch under ~6 GB, where one pass
                 needed ~20 GB. Smaller budgets cost little time (groups of ~230 tokens: no slower, measured).
+            tool_outage_rate: share of the training questions whose search tool is down: every call of their G
+                samples finds nothing (`envs.search.EmptySearch`), so that answering from memory after an empty
+                search is rewarded, and looping on it is not. Drawn per question from (seed, step, rank, index);
+                validation and test always search the real tool.
         """
         if top_p != 1.0:
             raise ValueError(f"model.top_p={top_p}: GRPO training must sample the distribution its loss scores (the "
@@ -91,6 +97,8 @@ class GRPOModule(AgentModule):
             check_positive("clip_eps_high", clip_eps_high)
         if reward not in REWARDS:
             raise ValueError(f"model.reward={reward!r}: expected one of {REWARDS}")
+        if not 0.0 <= tool_outage_rate <= 1.0:
+            raise ValueError(f"model.tool_outage_rate={tool_outage_rate!r}: must be in [0, 1]")
         super().__init__(**kwargs)
         self.voi_weights = voi_weights or VOIWeights()
         self.otc_weights = otc_weights or OTCWeights()
@@ -100,8 +108,10 @@ class GRPOModule(AgentModule):
     def training_step(self, batch: list[QAExample], batch_idx: int):
         hp, G = self.hparams, self.hparams.group_size
         t0 = time.perf_counter()
-        # 1. rollout: G completions per question, tool calls executed inside the loop
-        ro = self.rollout(batch, temperature=hp.temperature, group_size=G)
+        # 1. rollout: G completions per question, tool calls executed inside the loop (by a tool that is
+        #    down for a share `tool_outage_rate` of the questions)
+        envs = self.training_envs(len(batch))
+        ro = self.rollout(batch, temperature=hp.temperature, group_size=G, env=envs)
         t_rollout = time.perf_counter() - t0
         # 2. reward of every completion, its components, and whether its answer is correct
         rewards, parts, correct = self.compute_rewards(ro, batch)                           # (N,), {k: (N,)}, (N,)
@@ -118,12 +128,24 @@ class GRPOModule(AgentModule):
         # 6. log the step's means, over ranks too (grpo.metrics: every metric and its formula)
         metrics = step_metrics(ro, rewards, parts, zero_std, out, token_scale)
         metrics |= {"time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0}
+        if hp.tool_outage_rate > 0:
+            metrics["tools/outage_share"] = sum(isinstance(e, EmptySearch) for e in envs) / len(envs)
         self.log_dict(metrics, batch_size=len(batch), sync_dist=True)
         # what callbacks (per-kind tool metrics, transcripts) read in on_train_batch_end
         return {"loss": out.loss.detach(), "rollout": ro, "rewards": rewards, "components": parts,
                 "correct": correct, "token_scale": token_scale}
 
     # ------------------------------------------------------------------ the steps
+    def training_envs(self, num_questions: int) -> list:
+        """The search tool of each training question: `self.env`, or for a share `tool_outage_rate` of them
+        a tool that finds nothing. The draw depends on (seed, global step, rank, index) only, so a resumed
+        run draws what the uninterrupted one would have."""
+        hp = self.hparams
+        down = [random.Random(f"{hp.seed}/{self.global_step}/{self.global_rank}/{b}").random() < hp.tool_outage_rate
+                for b in range(num_questions)]
+        empty = EmptySearch(getattr(self.env, "max_chars", 600))
+        return [empty if d else self.env for d in down]
+
     def compute_rewards(self, ro: Rollout, batch: list[QAExample]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """Total reward (N,), each component {k: (N,)}, and whether each answer is correct (N,) bool.
 

@@ -306,7 +306,8 @@ def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_
             stop_checks: Sequence[StopCheck] = ()) -> Rollout:
     """Sample `group_size` completions for each prompt, executing tool calls as they close.
 
-    `use_cache=False` re-feeds the whole sequence at every forward: the slow, obviously correct
+    `env`: the search tool, or a sequence of B tools, one per prompt (its G samples all call that one;
+    `GRPOModule`'s tool outages). `use_cache=False` re-feeds the whole sequence at every forward: the slow, obviously correct
     reference the tests compare the cached loop against. `max_tool_wait`: a row whose call has
     been answered waits up to this many steps (sampling nothing) so that the tool turns of several
     rows go in at the same step (0: feed each at once); rows that add as many tokens share one
@@ -318,6 +319,9 @@ def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_
     """
     device = next(model.parameters()).device
     G, pad_id = group_size, tokenizer.pad_token_id
+    envs = list(env) if isinstance(env, (list, tuple)) else [env] * len(prompts)
+    if len(envs) != len(prompts):
+        raise ValueError(f"rollout: {len(envs)} envs for {len(prompts)} prompts (one env, or one per prompt)")
     stop_ids = {tokenizer.eos_token_id}
 
     # 1. prefill: each prompt once, its KV cache then shared by its G samples
@@ -342,8 +346,8 @@ def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_
                 row.stop(closed)
             elif closed == "call":
                 # 3. tool turn: the observation follows the sampled `</call>` in the row's next forward
-                row.append_forced(observation(row, tokenizer, env, max_tool_calls, max_obs_tokens, tool_timeout,
-                                              show_budget))
+                row.append_forced(observation(row, tokenizer, envs[i // G], max_tool_calls, max_obs_tokens,
+                                              tool_timeout, show_budget))
                 row.held = row.num_generated < max_new_tokens and max_tool_wait > 0
             for check in stop_checks if not row.done else ():
                 reason = check(row)

@@ -94,6 +94,7 @@ def _trainable(module) -> list[torch.Tensor]:
     ("clip_eps", 0.0, "model.clip_eps=0.0"),
     ("clip_eps_high", -0.1, "model.clip_eps_high=-0.1"),  # an upper bound below 1 would be silently wrong
     ("num_updates", 0, "model.num_updates=0"),
+    ("tool_outage_rate", 1.5, "model.tool_outage_rate=1.5"),
 ])
 def test_bad_options_fail_before_loading(option, value, message):
     """A bad value of a GRPO option raises at construction, naming the option; no model is loaded.
@@ -504,6 +505,39 @@ def test_training_goes_on_through_failing_tools(monkeypatch):
         assert m["tools/errors_per_sample"] == pytest.approx(o["rollout"].tool_errors.float().mean().item())
     after = _trainable(module)
     assert len(after) == len(before) and any(not torch.equal(b, a) for b, a in zip(before, after)), "no update"
+
+
+def test_tool_outages_take_the_tool_from_a_share_of_the_training_questions():
+    """`tool_outage_rate`: that share of the training questions (drawn from seed, step, rank and index:
+    the same draw again for the same step) get a tool that finds nothing; 0 keeps the real tool."""
+    def tool(query):
+        return "[France] Its capital is Paris."
+
+    def outages(module, n):
+        module.env = tool
+        return [e is not tool for e in module.training_envs(n)]
+
+    assert outages(_module(), 50) == [False] * 50
+    module = _module(tool_outage_rate=1.0)
+    module.env = tool
+    assert [e("Kenya") for e in module.training_envs(3)] == ["No results for 'Kenya'."] * 3
+    down = outages(_module(tool_outage_rate=0.25), 400)
+    assert 70 <= sum(down) <= 130  # 100 expected, binomial sd 8.7
+    assert outages(_module(tool_outage_rate=0.25), 400) == down
+    assert outages(_module(tool_outage_rate=0.25, seed=1), 400) != down
+
+
+def test_training_rollouts_meet_the_outage_evaluation_the_real_tool():
+    """With every training question's tool down, each training call gets the empty-search observation
+    (and the step logs tools/outage_share = 1); the evaluation rollout still calls the real tool."""
+    module = _module(tool_outage_rate=1.0)
+    record = fit(module, 2, lambda q: "[France] Its capital is Paris.", FRANCE, bias={"<call>": 6.0, "</call>": 6.0})
+    texts = [t for o in record.outputs for t in o["rollout"].texts]
+    observations = [t.split("<obs>")[1].split("</obs>")[0] for t in texts if "<obs>" in t]
+    assert len(observations) >= 4 and all(o.startswith("No results for '") for o in observations)
+    assert [m["tools/outage_share"] for m in record.metrics] == [1.0, 1.0]
+    ro = module.rollout(FRANCE[:1], temperature=1.0, group_size=4)
+    assert any("<obs>[France] Its capital is Paris." in t for t in ro.texts)
 
 
 class ConstantReward(GRPOModule):

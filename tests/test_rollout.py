@@ -267,6 +267,19 @@ def test_env_error_only_affects_its_sample():
     assert r.completion_mask[0, :len(completion(r, 0))].tolist() == [1] * 7 + [0] * n_obs + [1] * 3
     assert r.tool_errors.tolist() == [1, 0] and r.num_calls.tolist() == [1, 1] and env.queries == ["boom", "fine"]
 
+def test_one_env_per_prompt():
+    """`env` may be one tool per prompt: the G samples of prompt b all call envs[b] (GRPO's tool outages);
+    a list of another length than the prompts is refused."""
+    scripts = ["<thought><call>x</call><answer>a</answer>", "<thought><call>y</call><answer>a</answer>"] * 2
+    envs = [lambda q: f"A saw {q}", lambda q: f"B saw {q}"]
+    r = rollout(ScriptedLM(scripts, 2), TOK, ["Q1", "Q2"], envs, group_size=2, max_new_tokens=64,
+                generator=torch.Generator().manual_seed(0))
+    observations = [t.split("<obs>")[1].split("</obs>")[0] for t in r.texts]
+    assert observations == ["A saw x", "A saw y", "B saw x", "B saw y"]
+    with pytest.raises(ValueError, match="3 envs for 2 prompts"):
+        rollout(ScriptedLM(scripts, 2), TOK, ["Q1", "Q2"], envs + envs[:1], group_size=2, max_new_tokens=64)
+
+
 class CountingTokenizer(ByteTokenizer):
     """Records the length of every text it encodes."""
 
