@@ -133,6 +133,12 @@ BUGS = [  # (name, file, correct code, planted bug)
     ('no gradient clipping', 'grpo/agent.py',
      'if self.hparams.max_grad_norm:',
      'if False:'),
+    ('tool outage picks the wrong group', 'grpo/rollout.py',
+     'envs[i // G]',
+     'envs[i % len(envs)]'),
+    ('training rollout ignores the outages', 'grpo/module.py',
+     'group_size=G, env=envs)',
+     'group_size=G)'),
 ]
 
 
