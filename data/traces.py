@@ -331,11 +331,11 @@ def draw_traces(examples: Sequence[QAExample], env, counts: dict[str, int], seed
     if fill and shortfall:
         warnings.warn(f"{shortfall} traces short of the {sum(counts.values())} requested", stacklevel=2)
     by_id = {ex.id: ex for ex in eligible}
-    unknown = [i for i, t in enumerate(out["search"]) if unknown_memory(by_id[t.id.split("/", 1)[1]])]
+    searched = [by_id[t.id.split("/", 1)[1]] for t in out["search"]]  # the example of each search trace
+    unknown = [i for i, ex in enumerate(searched) if unknown_memory(ex)]
     for i in unknown[:round(miss_share * len(unknown))]:
-        ex = by_id[out["search"][i].id.split("/", 1)[1]]
-        out["search"][i] = build_trace(ex, "search", env, random.Random(f"{seed}/{ex.id}"), replies,
-                                       unknown_thought, miss=True)
+        out["search"][i] = build_trace(searched[i], "search", env, random.Random(f"{seed}/{searched[i].id}"),
+                                       replies, unknown_thought, miss=True)
     traces = [t for style in STYLES for t in out[style]]
     random.Random(f"{seed}/order").shuffle(traces)
     return traces, report

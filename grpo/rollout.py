@@ -307,8 +307,8 @@ def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_
     """Sample `group_size` completions for each prompt, executing tool calls as they close.
 
     `env`: the search tool, or a sequence of B tools, one per prompt (its G samples all call that one;
-    `GRPOModule`'s tool outages). `use_cache=False` re-feeds the whole sequence at every forward: the slow, obviously correct
-    reference the tests compare the cached loop against. `max_tool_wait`: a row whose call has
+    `GRPOModule`'s tool outages). `use_cache=False` re-feeds the whole sequence at every forward: the
+    slow, obviously correct reference the tests compare the cached loop against. `max_tool_wait`: a row whose call has
     been answered waits up to this many steps (sampling nothing) so that the tool turns of several
     rows go in at the same step (0: feed each at once); rows that add as many tokens share one
     forward. `tool_timeout`: seconds before a tool call is abandoned (see `envs.sandbox.run_tool`).
