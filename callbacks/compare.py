@@ -4,7 +4,9 @@ Each input is the `eval.json` a `validate`/`test` run writes (`callbacks.report.
 a label. The output folder gets
 
     table.md    one row per policy: EM, F1, calls / q, search rate, per kind (memory, lookup) EM and
-                search rate, tokens / q, well-formed; with `--baseline LABEL` also EM - baseline EM
+                search rate, tokens / q, well-formed, the errors' classes (wrong direct: wrong without a
+                search; misread: wrong though an observation held the gold — `grpo.evaluation`); with
+                `--baseline LABEL` also EM - baseline EM
                 and the call reduction 1 - calls / baseline calls (the issue's targets), with the
                 paired standard error of the EM gap over the questions both answered (`paired_gap`)
     table.json  the same numbers, and where each came from
@@ -31,7 +33,8 @@ COLUMNS = (("EM", "eval/em", ".3f"), ("F1", "eval/f1", ".3f"), ("calls / q", "ev
            ("search rate", "eval/search_rate", ".2f"), ("memory EM", "eval/memory/em", ".3f"),
            ("memory search", "eval/memory/search_rate", ".2f"), ("lookup EM", "eval/lookup/em", ".3f"),
            ("lookup search", "eval/lookup/search_rate", ".2f"), ("tokens / q", "eval/tokens_per_sample", ".1f"),
-           ("well-formed", "eval/well_formed", ".3f"))
+           ("well-formed", "eval/well_formed", ".3f"), ("wrong direct", "eval/wrong_direct_rate", ".3f"),
+           ("misread", "eval/misread_rate", ".3f"))
 
 
 def read_eval(path: str | Path) -> dict:

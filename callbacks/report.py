@@ -81,7 +81,8 @@ def always_search_baseline(points: Sequence[dict], baseline_tokens: float | None
 
 EVAL_COLUMNS = (("em", "EM"), ("f1", "F1"), ("well_formed", "well-formed"), ("calls_per_sample", "calls / q"),
                 ("search_rate", "search rate"), ("tokens_per_sample", "tokens / q"),
-                ("productivity", "productivity"), ("cost_of_pass", "cost of pass"))
+                ("productivity", "productivity"), ("cost_of_pass", "cost of pass"),
+                ("wrong_direct_rate", "wrong direct"), ("misread_rate", "misread"))
 
 
 def eval_markdown(metrics: dict[str, float], num_questions: dict[str, int]) -> str:
@@ -93,7 +94,9 @@ def eval_markdown(metrics: dict[str, float], num_questions: dict[str, int]) -> s
         lines.append(f"| {group} | {n} | " + " | ".join(fmt_num(metrics.get(prefix + key)) for key, _ in EVAL_COLUMNS)
                      + " |")
     return "\n".join(lines) + ("\n\nproductivity = correct answers / executed calls; cost of pass = sampled "
-                                "tokens / correct answers; n/a where the denominator is 0.\n")
+                                "tokens / correct answers; n/a where the denominator is 0. wrong direct: "
+                                "wrong without a search; misread: wrong though an observation held a gold "
+                                "answer (shares of all questions).\n")
 
 
 def fmt_num(x: float | None, fmt: str = ".3f") -> str:

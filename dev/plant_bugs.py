@@ -139,6 +139,12 @@ BUGS = [  # (name, file, correct code, planted bug)
     ('training rollout ignores the outages', 'grpo/module.py',
      'group_size=G, env=envs)',
      'group_size=G)'),
+    ('judge does not fold accents', 'data/answers.py',
+     'for ch in fold_accents(s).lower()',
+     'for ch in s.lower()'),
+    ('misread judged on the whole text', 'grpo/evaluation.py',
+     'contains_gold(" ".join(observations(text)), golds)',
+     'contains_gold(text, golds)'),
 ]
 
 

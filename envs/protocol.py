@@ -78,6 +78,7 @@ CALL_CLOSE = re.compile(r"<\s*/\s*call\s*>", re.IGNORECASE)
 ANSWER_CLOSE = re.compile(r"<\s*/\s*answer\s*>", re.IGNORECASE)
 CALL_QUERY = re.compile(r"<\s*call\s*>(.*?)<\s*/\s*call\s*>", re.IGNORECASE | re.DOTALL)
 CALL_OPEN = re.compile(r"<\s*call\s*>", re.IGNORECASE)
+OBS_BLOCK = re.compile(r"<\s*obs\s*>(.*?)<\s*/\s*obs\s*>", re.IGNORECASE | re.DOTALL)
 # One tag: "<", optional "/", a known name, ">" with any spaces and any case: "< / Answer >".
 # Linear time: each backtracking step is O(1) and each "<" only scans the whitespace after it.
 _TAG = re.compile(r"<\s*(/\s*)?(thought|call|obs|answer)\s*>", re.IGNORECASE)
@@ -197,3 +198,8 @@ def parse_completion(text: str) -> Parsed:
 
     reason = _format_problem(text, tags)
     return Parsed(answer, len(calls), tuple(calls), num_unclosed, not reason, reason)
+
+
+def observations(text: str) -> list[str]:
+    """The text of every closed <obs>...</obs> block of a completion, in order."""
+    return OBS_BLOCK.findall(text)

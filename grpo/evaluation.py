@@ -14,6 +14,13 @@ Metrics, over the n questions (each formula as in `grpo.metrics`, whose sums and
     eval/tokens_per_sample     Σ sampled tokens / n
     eval/productivity          Σ EM / Σ calls   (not logged without calls)
     eval/cost_of_pass          Σ sampled tokens / Σ EM   (not logged when nothing is correct)
+    eval/wrong_direct_rate     #{wrong, no call} / n   (System 1 errors: answered from memory, wrongly)
+    eval/misread_rate          #{wrong, a gold answer inside one of its observations} / n   (the search
+                               found it, the answer missed it)
+
+1 − EM splits into wrong_direct + misread + the rest (searched, and no observation held the gold: a
+bad query or a fact the tool lacks); on a set the tool covers, the first two say whether an EM gap
+comes from knowing or from reading.
 
 and the same per question kind as eval/<kind>/<metric>. Under DDP the rows of every rank are
 gathered first, each question once (`gather_eval_rows`): ratios of global sums.
@@ -24,29 +31,39 @@ from typing import Mapping, Sequence
 
 import torch
 
-from data.answers import exact_match, f1_score
+from data.answers import contains_gold, exact_match, f1_score
 from data.types import QAExample
-from envs.protocol import parse_completion
+from envs.protocol import observations, parse_completion
 from grpo.metrics import rates, sums_by_kind
 from grpo.rollout import Rollout
 
 EVAL = ("em", "f1", "well_formed", "calls_per_sample", "search_rate", "tokens_per_sample", "productivity",
-        "cost_of_pass")
+        "cost_of_pass", "wrong_direct_rate", "misread_rate")
 
 
 def eval_rows(batch: Sequence[QAExample], ro: Rollout) -> list[dict]:
     """One row per question of an evaluation rollout (one completion per question): its kind, EM, F1,
-    well-formedness (and an answer), executed calls and sampled tokens, plus id, question and text."""
+    well-formedness (and an answer), executed calls, sampled tokens and its error class, plus id,
+    question and text."""
     rows = []
     for i, ex in enumerate(batch):
         parsed = parse_completion(ro.texts[i])
+        em, calls = exact_match(parsed.answer or "", ex.answers), float(ro.num_calls[i])
         rows.append({
-            "kind": ex.kind, "em": exact_match(parsed.answer or "", ex.answers),
-            "f1": f1_score(parsed.answer or "", ex.answers),
+            "kind": ex.kind, "em": em, "f1": f1_score(parsed.answer or "", ex.answers),
             "well_formed": float(parsed.well_formed and parsed.answer is not None),
-            "calls": float(ro.num_calls[i]), "tokens": float(ro.completion_mask[i].sum()),
+            "calls": calls, "tokens": float(ro.completion_mask[i].sum()),
+            **error_class(ro.texts[i], em, calls, ex.answers),
             "id": ex.id, "question": ex.question, "text": ro.texts[i]})
     return rows
+
+
+def error_class(text: str, em: float, calls: float, golds: Sequence[str]) -> dict[str, float]:
+    """Where a wrong answer went wrong: wrong_direct = 1 if it made no call (answered from memory),
+    misread = 1 if a gold answer is inside one of its observations (`contains_gold`); both 0 when right."""
+    wrong = em < 1.0
+    return {"wrong_direct": float(wrong and calls == 0),
+            "misread": float(wrong and contains_gold(" ".join(observations(text)), golds))}
 
 
 def eval_metrics(rows: Sequence[Mapping]) -> dict[str, float]:
@@ -55,7 +72,8 @@ def eval_metrics(rows: Sequence[Mapping]) -> dict[str, float]:
     sums = sums_by_kind([r["kind"] for r in rows], {
         "correct": [r["em"] for r in rows], "f1": [r["f1"] for r in rows],
         "well_formed": [r["well_formed"] for r in rows], "calls": [r["calls"] for r in rows],
-        "searched": [r["calls"] > 0 for r in rows], "tokens": [r["tokens"] for r in rows]})
+        "searched": [r["calls"] > 0 for r in rows], "tokens": [r["tokens"] for r in rows],
+        "wrong_direct": [r["wrong_direct"] for r in rows], "misread": [r["misread"] for r in rows]})
     out = {}
     for group, s in sums.items():
         if s["samples"]:

@@ -57,7 +57,8 @@ from data.types import KINDS
 from grpo.losses import GRPOLossOutput
 from grpo.rollout import Rollout
 
-QUANTITIES = ("samples", "correct", "f1", "well_formed", "calls", "searched", "incomplete", "tokens", "reward")
+QUANTITIES = ("samples", "correct", "f1", "well_formed", "calls", "searched", "incomplete", "tokens", "reward",
+              "wrong_direct", "misread")
 GROUPS = ("all", *KINDS)
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +109,8 @@ def rates(s: Mapping[str, float]) -> dict[str, float]:
     out = {"em": s["correct"] / n, "f1": s["f1"] / n, "well_formed": s["well_formed"] / n,
            "calls_per_sample": s["calls"] / n, "search_rate": s["searched"] / n,
            "tokens_per_sample": s["tokens"] / n, "incomplete_per_sample": s["incomplete"] / n,
-           "reward_mean": s["reward"] / n}
+           "reward_mean": s["reward"] / n, "wrong_direct_rate": s["wrong_direct"] / n,
+           "misread_rate": s["misread"] / n}
     if s["calls"] > 0:
         out["productivity"] = s["correct"] / s["calls"]
     if s["correct"] > 0:

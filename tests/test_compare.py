@@ -25,7 +25,7 @@ def test_rows_against_the_always_search_baseline(tmp_path):
     assert grpo["em_gap"] == pytest.approx(-0.02) and grpo["call_reduction"] == pytest.approx(0.6)  # 1 - 0.5/1.25
     assert grpo["eval/memory/search_rate"] == 0.1 and grpo["eval/lookup/em"] is None and grpo["n"] == 38
     md = compare_markdown([always, grpo], "always")
-    assert "| grpo | 38 | 0.880 | 0.880 | 0.50 | 0.50 | n/a | 0.10 | n/a | n/a | 55.0 | 1.000 | -0.020 | 60% |" in md
+    assert "| grpo | 38 | 0.880 | 0.880 | 0.50 | 0.50 | n/a | 0.10 | n/a | n/a | 55.0 | 1.000 | n/a | n/a | -0.020 | 60% |" in md
     assert "call reduction" not in compare_markdown(compare_rows(evals), None)
     with pytest.raises(ValueError, match="'nope'"):
         compare_rows(evals, baseline="nope")

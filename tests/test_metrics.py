@@ -6,7 +6,7 @@ import torch
 
 from data.types import LOOKUP, MEMORY, QAExample
 from grpo.losses import GRPOLossOutput
-from grpo.evaluation import eval_metrics, eval_rows
+from grpo.evaluation import error_class, eval_metrics, eval_rows
 from grpo.metrics import rates, step_metrics, step_sums, sums_by_kind, tool_metrics
 from tests.fakes import fake_rollout
 
@@ -83,6 +83,8 @@ def test_eval_metrics_by_hand():
     rows = [dict(kind="memory", em=1.0, f1=1.0, well_formed=1.0, calls=0.0, tokens=10.0),
             dict(kind="lookup", em=1.0, f1=1.0, well_formed=1.0, calls=2.0, tokens=30.0),
             dict(kind="lookup", em=0.0, f1=0.5, well_formed=0.0, calls=1.0, tokens=20.0)]
+    for r, misread in zip(rows, (0.0, 0.0, 1.0)):           # the wrong lookup had the gold in its observation
+        r |= dict(wrong_direct=0.0, misread=misread)
     m = eval_metrics(rows)
     assert m["eval/em"] == pytest.approx(2 / 3) and m["eval/f1"] == pytest.approx(2.5 / 3)
     assert m["eval/search_rate"] == pytest.approx(2 / 3) and m["eval/calls_per_sample"] == pytest.approx(1.0)
@@ -90,6 +92,8 @@ def test_eval_metrics_by_hand():
     assert m["eval/cost_of_pass"] == pytest.approx(60 / 2)     # 60 tokens / 2 correct
     assert m["eval/lookup/em"] == pytest.approx(0.5) and m["eval/memory/search_rate"] == 0.0
     assert "eval/memory/productivity" not in m                  # no call: undefined, not 0
+    assert m["eval/misread_rate"] == pytest.approx(1 / 3) and m["eval/lookup/misread_rate"] == 0.5
+    assert m["eval/wrong_direct_rate"] == 0.0
     assert not [k for k in m if "incomplete" in k or "reward" in k]
 
 
@@ -101,3 +105,32 @@ def test_eval_rows_score_each_question_against_its_own_gold():
     assert [(r["id"], r["kind"], r["em"], r["calls"], r["tokens"]) for r in rows] == [
         ("fr", MEMORY, 1.0, 0.0, 4.0), ("es", LOOKUP, 0.0, 1.0, 9.0)]
     assert rows[0]["well_formed"] == 1.0 and rows[1]["well_formed"] == 0.0 and 0 < rows[1]["f1"] < 1
+    assert (rows[1]["wrong_direct"], rows[1]["misread"]) == (0.0, 0.0)   # searched; "o" does not hold Madrid
+
+
+@pytest.mark.parametrize("text, em, calls, expected", [
+    ("<thought>Riga.</thought><answer>Riga</answer>", 1.0, 0, (0.0, 0.0)),               # right
+    ("<thought>It is in South America, I know. </thought><answer>Asia</answer>", 0.0, 0, (1.0, 0.0)),  # gold in its thought only
+    ("<call>Latvia</call><obs>[Latvia] Its capital is Riga.</obs><answer>Liga</answer>", 0.0, 1, (0.0, 1.0)),
+    ("<call>Latvia</call><obs>No results for 'Latvia'.</obs><call>Riga</call><obs>[Latvia] Capital: Riga.</obs>"
+     "<answer>Liga</answer>", 0.0, 2, (0.0, 1.0)),                                      # the gold in the 2nd observation
+    ("<thought>Riga?</thought><call>Lat</call><obs>No results for 'Lat'.</obs><answer>Liga</answer>", 0.0, 1,
+     (0.0, 0.0)),                                                                        # searched, nothing found
+    ("<call>Latvia</call><obs>[Latvia] Its capital is Riga.</obs><answer>Riga</answer>", 1.0, 1, (0.0, 0.0)),
+])
+def test_error_class_by_hand(text, em, calls, expected):
+    """wrong_direct: wrong with no call; misread: wrong with a gold inside an observation (not a thought)."""
+    c = error_class(text, em, calls, ("Riga", "South America"))
+    assert (c["wrong_direct"], c["misread"]) == expected
+
+
+def test_eval_rows_error_classes_sum_per_kind():
+    """A wrong direct memory answer and a misread lookup: one of each, per kind and overall."""
+    batch = [QAExample(id="sr", question="Continent of Suriname?", answers=("South America",), kind=MEMORY),
+             QAExample(id="lv", question="Capital of Latvia?", answers=("Riga",), kind=LOOKUP)]
+    texts = ["<thought>Suriname is in South America.</thought><answer>Asia</answer>",
+             "<call>Latvia</call><obs>[Latvia] Its capital is Riga.</obs><answer>Liga</answer>"]
+    m = eval_metrics(eval_rows(batch, fake_rollout(texts, [0, 1], tokens=[9, 12])))
+    assert m["eval/wrong_direct_rate"] == 0.5 and m["eval/misread_rate"] == 0.5
+    assert (m["eval/memory/wrong_direct_rate"], m["eval/memory/misread_rate"]) == (1.0, 0.0)
+    assert (m["eval/lookup/wrong_direct_rate"], m["eval/lookup/misread_rate"]) == (0.0, 1.0)

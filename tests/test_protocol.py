@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from envs.protocol import parse_completion
+from envs.protocol import observations, parse_completion
 from tests.fakes import KENYA
 
 # --------------------------------------------------------------------------------------- parser
@@ -80,3 +80,9 @@ def test_parse_megabyte_inputs_linear_time(text):
     t0 = time.perf_counter()
     parse_completion(text)
     assert time.perf_counter() - t0 < 3.0  # quadratic behaviour would take minutes
+
+
+def test_observations_are_the_closed_obs_blocks_in_order():
+    text = "<call>a</call><obs>first</obs><call>b</call>< OBS >sec\nond</ obs ><call>c</call><obs>never closed"
+    assert observations(text) == ["first", "sec\nond"]
+    assert observations("<answer>x</answer>") == []
