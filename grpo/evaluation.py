@@ -18,12 +18,13 @@ Metrics, over the n questions (each formula as in `grpo.metrics`, whose sums and
     eval/misread_rate          #{wrong, a gold answer inside one of its observations} / n   (the search
                                found it, the answer missed it)
 
-1 − EM splits into wrong_direct + misread + the rest (searched, and no observation held the gold: a
-bad query or a fact the tool lacks); on a set the tool covers, the first two say whether an EM gap
-comes from knowing or from reading.
-
 and the same per question kind as eval/<kind>/<metric>. Under DDP the rows of every rank are
 gathered first, each question once (`gather_eval_rows`): ratios of global sums.
+
+1 − EM splits into wrong_direct + misread + the rest (searched, and no observation held the gold: a
+bad query or a fact the tool lacks); on a set the tool covers, the first two say whether an EM gap
+comes from knowing or from reading. Where the gold is a name the observations carry anyway (a
+comparison's country), misread counts every wrong answer whose searches reached that name.
 """
 from __future__ import annotations
 
