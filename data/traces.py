@@ -72,7 +72,7 @@ from data.answers import contains_gold
 from data.files import atomic_write, iter_json_lines
 from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import DEFAULT_MEMORY_FILE, MEMORY_TYPES, build_offline_task
-from data.types import MEMORY, QAExample
+from data.types import LOOKUP, MEMORY, QAExample
 from envs.protocol import observation_text, parse_completion
 from envs.sandbox import run_tool
 from envs.search import LocalSearchEnv, no_results
@@ -199,6 +199,26 @@ def closed_book_replies(memory_file: str | Path = DEFAULT_MEMORY_FILE) -> dict[s
         return {}
     results = json.loads(path.read_text(encoding="utf-8")).get("results", {})
     return {qid: r["greedy_reply"] for qid, r in results.items() if isinstance(r.get("greedy_reply"), str)}
+
+
+def sampled_accuracies(memory_file: str | Path = DEFAULT_MEMORY_FILE) -> dict[str, float]:
+    """question id -> the base model's closed-book accuracy over its sampled replies (T = 1)."""
+    path = Path(memory_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no measured memory file (python -m experiments.measure_memory)")
+    results = json.loads(path.read_text(encoding="utf-8")).get("results", {})
+    return {qid: float(r["sampled_accuracy"]) for qid, r in results.items() if "sampled_accuracy" in r}
+
+
+def demote_half_known(examples: Sequence[QAExample], sampled: Mapping[str, float],
+                      min_sampled: float) -> list[QAExample]:
+    """The examples with each MEMORY one whose sampled accuracy is below `min_sampled` made LOOKUP:
+    its trace is then a search (hedged like an unknown capital's), not a direct answer. An example
+    the measurement lacks keeps its kind. For traces only: the task's own kinds are unchanged."""
+    if not 0.0 <= min_sampled <= 1.0:
+        raise ValueError(f"min_sampled must be in [0, 1], got {min_sampled!r}")
+    return [replace(ex, kind=LOOKUP) if ex.kind == MEMORY and sampled.get(ex.id, 1.0) < min_sampled else ex
+            for ex in examples]
 
 
 def build_trace(example: QAExample, style: str, env, rng: random.Random,
@@ -426,10 +446,10 @@ def read_traces(path: str | Path) -> list[Trace]:
 def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = None, hotpotqa: str | None = None,
                hotpotqa_share: float = 0.5, direct_thought: str = "recall",
                unknown_share: float = DEFAULT_UNKNOWN_SHARE, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT,
-               miss_share: float = 0.0) -> tuple[list[Trace], list[TraceReport]]:
+               miss_share: float = 0.0, direct_min_sampled: float = 0.0) -> tuple[list[Trace], list[TraceReport]]:
     """Offline train traces; with `hotpotqa`, that file gives `hotpotqa_share` of the multihop count
     (fewer if it is short) and offline comparisons the rest. Each source keeps its own env: the
-    one its GRPO run searches."""
+    one its GRPO run searches. direct_min_sampled > 0: `demote_half_known` first."""
     counts = quotas(n, mix)
     hp, reports = [], []
     if hotpotqa:
@@ -437,7 +457,8 @@ def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = 
         counts["multihop"] -= len(hp)
         reports.append(report)
     task = build_offline_task(seed if task_seed is None else task_seed)
-    offline, report = draw_traces(task.train, LocalSearchEnv(task.documents), counts, seed,
+    train = demote_half_known(task.train, sampled_accuracies(), direct_min_sampled) if direct_min_sampled else task.train
+    offline, report = draw_traces(train, LocalSearchEnv(task.documents), counts, seed,
                                   replies=direct_replies(direct_thought), unknown_share=unknown_share,
                                   unknown_thought=unknown_thought, miss_share=miss_share)
     traces = hp + offline
@@ -479,12 +500,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--miss-share", type=float, default=0.0,
                         help="share of the searches of unknown capitals/continents that find nothing and "
                              "answer from memory")
+    parser.add_argument("--direct-min-sampled", type=float, default=0.0,
+                        help="direct traces only for questions the base model answers right at least this "
+                             "often when sampled (T = 1); the others get hedged searches")
     args = parser.parse_args(argv)
     if not 0 <= args.hotpotqa_share <= 1:
         parser.error(f"--hotpotqa-share must be in [0, 1], got {args.hotpotqa_share}")
     try:
         traces, reports = cli_traces(args.n, args.mix, args.seed, args.task_seed, args.hotpotqa, args.hotpotqa_share,
-                                     args.direct_thought, args.unknown_share, args.unknown_thought, args.miss_share)
+                                     args.direct_thought, args.unknown_share, args.unknown_thought, args.miss_share,
+                                     args.direct_min_sampled)
     except ValueError as err:
         parser.error(str(err))
     write_traces(traces, args.out)

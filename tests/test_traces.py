@@ -21,9 +21,9 @@ import pytest
 
 from data.answers import contains_gold, normalize_answer
 from data.offline_task import build_offline_task
-from data.traces import (STYLES, Trace, build_trace, closed_book_replies, draw_traces, hotpotqa_traces, main,
-                         make_traces, offline_traces, own_words, quotas, read_traces, recall_sentence, unknown_memory,
-                         write_traces)
+from data.traces import (STYLES, Trace, build_trace, closed_book_replies, demote_half_known, draw_traces,
+                         hotpotqa_traces, main, make_traces, offline_traces, own_words, quotas, read_traces,
+                         recall_sentence, unknown_memory, write_traces)
 from data.types import LOOKUP, MEMORY
 from envs.base import Document
 from envs.protocol import parse_completion
@@ -396,3 +396,22 @@ def test_hotpotqa_traces_query_the_supporting_titles():
         assert parsed.well_formed and parsed.answer == example.answers[0]
         assert parsed.calls == example.supporting_titles and len(parsed.calls) >= 2
         assert obs_texts(trace) == [run_tool(fresh, q)[0] for q in example.supporting_titles]
+
+
+def test_half_known_memory_questions_get_hedged_searches_not_direct_answers(task, env):
+    """Memory questions sampled right less than half the time become LOOKUP for the draw: no direct
+    trace of theirs, and their searches hedge like an unknown capital's."""
+    memory = sorted((ex for ex in task.train if ex.kind == MEMORY), key=lambda e: e.id)[:6]
+    sampled = {memory[0].id: 0.25, memory[1].id: 0.5, memory[2].id: 0.0, memory[3].id: 0.75}  # 4, 5: not measured
+    out = demote_half_known(memory + [ex for ex in task.train if ex.kind == LOOKUP][:2], sampled, 0.5)
+    assert [ex.kind for ex in out[:6]] == [LOOKUP, MEMORY, LOOKUP, MEMORY, MEMORY, MEMORY]
+    assert all(ex.kind == LOOKUP for ex in out[6:]) and [ex.id for ex in out[:6]] == [ex.id for ex in memory]
+    assert all(ex.kind == MEMORY for ex in memory)                                    # the task is not changed
+    traces = draw_traces(out[:6], env, {"direct": 6, "search": 6}, seed=0, fill=False, unknown_thought="hedge-all",
+                         replies=closed_book_replies())[0]
+    by_id = {t.id.split("/", 1)[1]: t for t in traces}
+    assert by_id[memory[0].id].style == by_id[memory[2].id].style == "search" and by_id[memory[3].id].style == "direct"
+    assert "not something I know" in thought_of(by_id[memory[0].id])                 # hedged at its fact
+    assert demote_half_known(memory, sampled, 0.0) == memory
+    with pytest.raises(ValueError, match="min_sampled"):
+        demote_half_known(memory, sampled, 1.5)
