@@ -24,11 +24,13 @@ greedily (`smollm2_memory.json`, written by the measuring script; see `memory_ca
 the other types are always LOOKUP. The file was judged before the judge folded accents: two
 replies it labels unknown are right under today's judge (Colombia "Bogotá", Costa Rica "San
 José"); it is kept as measured so that the committed traces, question files and results stay
-reproducible (re-measuring relabels those two as memory). A bridge has one hop: Kenya's document says "Its capital
-is Nairobi", so a content search for the capital retrieves it (bridges are kept only when the
-capital is named in exactly one document, and is neither part of nor contains the country
-name). Filtering: territories under MIN_POPULATION people, two dissolved entities, and rows
-missing a capital, area or currency are skipped. Run `python -m data.offline_task` for counts.
+reproducible (re-measuring relabels those two as memory).
+
+A bridge has one hop: Kenya's document says "Its capital is Nairobi", so a content search for
+the capital retrieves it (bridges are kept only when the capital is named in exactly one
+document, and is neither part of nor contains the country name). Filtering: territories under
+MIN_POPULATION people, two dissolved entities, and rows missing a capital, area or currency are
+skipped. Run `python -m data.offline_task` for counts.
 """
 from __future__ import annotations
 
@@ -190,8 +192,9 @@ def _lookup_questions(countries: list[Country], documents: list[Document]) -> li
 
 # --------------------------------------------------------------------------- memory measurement
 
-def read_memory_file(path: Path) -> tuple[str, dict[str, bool]] | None:
-    """(model, {question_id: greedy_correct}) from the measurement file, or None if it is absent."""
+def read_memory_json(path: str | Path) -> dict | None:
+    """The measurement file as written by `experiments.measure_memory` ({'model', 'results'}), checked
+    for that shape; None if it is absent."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -201,6 +204,14 @@ def read_memory_file(path: Path) -> tuple[str, dict[str, bool]] | None:
         raise ValueError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from err
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
         raise ValueError(f"{path}: expected {{'model': str, 'results': {{question_id: {{...}}}}}}")
+    return data
+
+
+def read_memory_file(path: Path) -> tuple[str, dict[str, bool]] | None:
+    """(model, {question_id: greedy_correct}) from the measurement file, or None if it is absent."""
+    data = read_memory_json(path)
+    if data is None:
+        return None
     greedy = {}
     for qid, result in data["results"].items():
         if not isinstance(result, dict) or not isinstance(result.get("greedy_correct"), bool):

@@ -71,7 +71,7 @@ from typing import Iterator, Mapping, Sequence
 from data.answers import contains_gold
 from data.files import atomic_write, iter_json_lines
 from data.hotpotqa import hotpotqa_documents, load_hotpotqa
-from data.offline_task import DEFAULT_MEMORY_FILE, MEMORY_TYPES, build_offline_task
+from data.offline_task import DEFAULT_MEMORY_FILE, MEMORY_TYPES, build_offline_task, read_memory_json
 from data.types import LOOKUP, MEMORY, QAExample
 from envs.protocol import observation_text, parse_completion
 from envs.sandbox import run_tool
@@ -194,20 +194,17 @@ def recall_sentence(example: QAExample, replies: Mapping[str, str] | None = None
 
 def closed_book_replies(memory_file: str | Path = DEFAULT_MEMORY_FILE) -> dict[str, str]:
     """question id -> the base model's closed-book greedy reply (empty if the file is absent)."""
-    path = Path(memory_file)
-    if not path.is_file():
-        return {}
-    results = json.loads(path.read_text(encoding="utf-8")).get("results", {})
+    data = read_memory_json(memory_file)
+    results = {} if data is None else data["results"]
     return {qid: r["greedy_reply"] for qid, r in results.items() if isinstance(r.get("greedy_reply"), str)}
 
 
 def sampled_accuracies(memory_file: str | Path = DEFAULT_MEMORY_FILE) -> dict[str, float]:
     """question id -> the base model's closed-book accuracy over its sampled replies (T = 1)."""
-    path = Path(memory_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no measured memory file (python -m experiments.measure_memory)")
-    results = json.loads(path.read_text(encoding="utf-8")).get("results", {})
-    return {qid: float(r["sampled_accuracy"]) for qid, r in results.items() if "sampled_accuracy" in r}
+    data = read_memory_json(memory_file)
+    if data is None:
+        raise FileNotFoundError(f"{memory_file}: no measured memory file (python -m experiments.measure_memory)")
+    return {qid: float(r["sampled_accuracy"]) for qid, r in data["results"].items() if "sampled_accuracy" in r}
 
 
 def demote_half_known(examples: Sequence[QAExample], sampled: Mapping[str, float],

@@ -33,7 +33,7 @@ import torch
 
 from data.answers import exact_match
 from data.files import atomic_write
-from data.offline_task import DEFAULT_MEMORY_FILE, MEMORY_TYPES, build_offline_task
+from data.offline_task import DEFAULT_MEMORY_FILE, MEMORY_TYPES, build_offline_task, read_memory_json
 from data.types import LOOKUP, MEMORY
 from envs.protocol import build_prompt, parse_completion
 from envs.search import LocalSearchEnv
@@ -85,7 +85,10 @@ def table(rows_by_mode: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
 
 def base_closed_book(memory_ids: list[str], memory_file: Path = DEFAULT_MEMORY_FILE) -> dict[str, float]:
     """The base model's measured closed-book greedy and sampled accuracy on these questions."""
-    results = json.loads(Path(memory_file).read_text(encoding="utf-8"))["results"]
+    data = read_memory_json(memory_file)
+    if data is None:
+        raise FileNotFoundError(f"{memory_file}: no measured memory file (python -m experiments.measure_memory)")
+    results = data["results"]
     rows = [results[i] for i in memory_ids if i in results]
     if not rows:
         return {}

@@ -308,14 +308,15 @@ def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_
 
     `env`: the search tool, or a sequence of B tools, one per prompt (its G samples all call that one;
     `GRPOModule`'s tool outages). `use_cache=False` re-feeds the whole sequence at every forward: the
-    slow, obviously correct reference the tests compare the cached loop against. `max_tool_wait`: a row whose call has
-    been answered waits up to this many steps (sampling nothing) so that the tool turns of several
-    rows go in at the same step (0: feed each at once); rows that add as many tokens share one
-    forward. `tool_timeout`: seconds before a tool call is abandoned (see `envs.sandbox.run_tool`).
-    A tool's output is cut to OBS_CHARS_PER_TOKEN x max_obs_tokens characters before it is
-    tokenized, then to max_obs_tokens tokens. `show_budget`: each observation of an executed call ends with the
-    calls left ("[2 searches left]"). `stop_checks`: called in order on each running row after its
-    step; the first reason returned stops the row (`grpo.infer`'s safety checks).
+    slow, obviously correct reference the tests compare the cached loop against. `max_tool_wait`: a
+    row whose call has been answered waits up to this many steps (sampling nothing) so that the tool
+    turns of several rows go in at the same step (0: feed each at once); rows that add as many
+    tokens share one forward. `tool_timeout`: seconds before a tool call is abandoned (see
+    `envs.sandbox.run_tool`). A tool's output is cut to OBS_CHARS_PER_TOKEN x max_obs_tokens
+    characters before it is tokenized, then to max_obs_tokens tokens. `show_budget`: each
+    observation of an executed call ends with the calls left ("[2 searches left]"). `stop_checks`:
+    called in order on each running row after its step; the first reason returned stops the row
+    (`grpo.infer`'s safety checks).
     """
     device = next(model.parameters()).device
     G, pad_id = group_size, tokenizer.pad_token_id
