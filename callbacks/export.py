@@ -7,6 +7,9 @@ the trained policy and not only its GRPO update.
 An adapter folder in another dtype (how the adapters under results/ are published, in bf16):
 
     python -m callbacks.export runs/x/version_0/checkpoints/last.adapter results/economy/grpo_adapter
+
+and with `--rank K` cut to rank K (`models.lora.truncate_lora`: each update's top K singular values;
+stacked adapters grow by r per run), printing the relative error of the updates it cut.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from data.files import atomic_write_dir
-from models.lora import cast_adapter, export_lora
+from models.lora import cast_adapter, export_lora, read_adapter, truncate_lora, write_adapter
 from models.loading import DTYPES
 
 
@@ -101,17 +104,40 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
 
 
+def truncate_adapter(source: Path, folder: Path, rank: int, dtype: torch.dtype) -> dict[str, float]:
+    """Write the PEFT LoRA folder `source` cut to `rank` (`truncate_lora`) into `folder`, weights in
+    `dtype`; returns each module's relative Frobenius error."""
+    deltas, config = read_adapter(source)
+    cut, errors = truncate_lora(deltas, rank)
+    write_adapter(cut, folder, dtype, config.get("base_model_name_or_path"), config.get("lora_dropout", 0.0))
+    return errors
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Copy a PEFT LoRA adapter folder with its weights in another dtype.")
+    ap = argparse.ArgumentParser(description="Copy a PEFT LoRA adapter folder with its weights in another dtype, "
+                                             "optionally cut to a lower rank.")
     ap.add_argument("source", type=Path, help="a PEFT adapter folder (e.g. a checkpoint's step=N.adapter)")
     ap.add_argument("target", type=Path, help="the folder to write (replaced atomically)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    ap.add_argument("--rank", type=int, default=None,
+                    help="cut every update to its best rank-K approximation (default: keep the rank)")
     args = ap.parse_args(argv)
+    if args.rank is not None and args.rank < 1:
+        ap.error(f"--rank {args.rank}: expected a positive integer")
+    errors: dict[str, float] = {}
     try:
-        atomic_write_dir(args.target, lambda tmp: cast_adapter(args.source, tmp, DTYPES[args.dtype]))
-    except FileNotFoundError as err:
+        if args.rank is None:
+            atomic_write_dir(args.target, lambda tmp: cast_adapter(args.source, tmp, DTYPES[args.dtype]))
+        else:
+            atomic_write_dir(args.target, lambda tmp: errors.update(
+                truncate_adapter(args.source, tmp, args.rank, DTYPES[args.dtype])))
+    except (FileNotFoundError, ValueError) as err:
         ap.error(str(err))
     print(f"written: {args.target} ({args.dtype})")
+    if errors:
+        cut = sorted(errors.values())
+        print(f"rank {args.rank}: relative error of the updates (Frobenius) median {cut[len(cut) // 2]:.3f}, "
+              f"max {cut[-1]:.3f} over {len(cut)} modules")
 
 
 if __name__ == "__main__":

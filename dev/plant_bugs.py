@@ -17,7 +17,7 @@ import tempfile
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_rollout.py", "tests/test_module.py", "tests/test_agent.py", "tests/test_losses.py",
          "tests/test_rewards.py", "tests/test_metrics.py", "tests/test_protocol.py", "tests/test_answers.py",
-         "tests/test_sft.py", "tests/test_checkpoint.py", "tests/test_logprobs.py"]
+         "tests/test_sft.py", "tests/test_checkpoint.py", "tests/test_logprobs.py", "tests/test_lora.py"]
 BUGS = [  # (name, file, correct code, planted bug)
     ('logp t scored with t+1', 'grpo/logprobs.py',
      'logits = out.logits[:, :-1]',
@@ -145,6 +145,15 @@ BUGS = [  # (name, file, correct code, planted bug)
     ('misread judged on the whole text', 'grpo/evaluation.py',
      'contains_gold(" ".join(observations(text)), golds)',
      'contains_gold(text, golds)'),
+    ('truncation keeps the smallest singular values', 'models/lora.py',
+     'U, S, Vh = torch.linalg.svd(d.scale * RB @ RA.T)',
+     'U, S, Vh = (t.flip(-1) for t in torch.linalg.svd(d.scale * RB @ RA.T)); Vh = Vh.flip(0).flip(-1)'),
+    ('truncation drops the LoRA scale', 'models/lora.py',
+     'torch.linalg.svd(d.scale * RB @ RA.T)',
+     'torch.linalg.svd(RB @ RA.T)'),
+    ('adapter read with scale alpha * r', 'models/lora.py',
+     'else alpha / r',
+     'else alpha * r'),
 ]
 
 

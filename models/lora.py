@@ -1,6 +1,6 @@
-"""LoRA adapters as plain tensors: read them off a PEFT model, stack two into one, write one as a
-PEFT folder that `PeftModel.from_pretrained(base, folder)` loads; merge them into the weights for
-decoding (`merged_lora`).
+"""LoRA adapters as plain tensors: read them off a PEFT model or folder, stack two into one, cut one to
+a lower rank (`truncate_lora`), write one as a PEFT folder that `PeftModel.from_pretrained(base,
+folder)` loads; merge them into the weights for decoding (`merged_lora`).
 
 Why: GRPO from the SFT cold start merges the SFT adapter into the base weights and trains fresh
 adapters on top (`models.loading.merge_adapter`, then `add_lora`), so each adapted Linear of the
@@ -115,6 +115,65 @@ def stack_lora(first: dict[str, LoraDelta], second: dict[str, LoraDelta]) -> dic
                               B=torch.cat([B1, B2], dim=1),                       # (d_out, r1 + r2)
                               scale=1.0)
     return out
+
+
+def truncate_lora(deltas: dict[str, LoraDelta], rank: int) -> tuple[dict[str, LoraDelta], dict[str, float]]:
+    """Each update cut to its best rank-`rank` approximation (Eckart–Young: the top singular values
+    of ΔW = s·BA), scale 1, with the relative Frobenius error of each: √(Σ_{i>k} σᵢ²) / √(Σ σᵢ²).
+
+    Stacked adapters grow by r per run (`stack_lora`); this shrinks one back, at a cost that the
+    errors measure and an evaluation must confirm. The SVD is taken of an r × r core, never of ΔW:
+
+        B = Q_B R_B,  Aᵀ = Q_A R_A  (reduced QR)  ⇒  ΔW = Q_B (s·R_B R_Aᵀ) Q_Aᵀ,  s·R_B R_Aᵀ = U Σ Vᵀ
+        ΔW_k = (Q_B U_k √Σ_k) · (√Σ_k V_kᵀ Q_Aᵀ)  =  B' · A'
+
+    An update whose rank r is already ≤ `rank` is kept as it is (error 0).
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank={rank!r}: expected a positive integer")
+    out, errors = {}, {}
+    for name, d in deltas.items():
+        if d.A.shape[0] <= rank:
+            out[name], errors[name] = d, 0.0
+            continue
+        QB, RB = torch.linalg.qr(d.B.float())                          # (d_out, r), (r, r)
+        QA, RA = torch.linalg.qr(d.A.float().T)                        # (d_in, r), (r, r)
+        U, S, Vh = torch.linalg.svd(d.scale * RB @ RA.T)               # (r, r), (r,), (r, r); S descending
+        root = S[:rank].sqrt()                                          # (k,)
+        out[name] = LoraDelta(A=root[:, None] * (Vh[:rank] @ QA.T),    # (k, d_in)
+                              B=(QB @ U[:, :rank]) * root,              # (d_out, k)
+                              scale=1.0)
+        total = S.square().sum()
+        errors[name] = float((S[rank:].square().sum() / total).sqrt()) if total > 0 else 0.0
+    return out, errors
+
+
+def read_adapter(folder: Path) -> tuple[dict[str, LoraDelta], dict]:
+    """A PEFT LoRA folder as ({module name: LoraDelta}, its adapter_config.json); plain LoRA of one
+    rank only (`check_lora_config`; a rank_pattern or alpha_pattern is refused by name)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{str(folder)!r}: not a PEFT adapter folder (adapter_config.json + {ADAPTER_WEIGHTS})")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    check_lora_config(config, str(folder))
+    patterns = {k: config[k] for k in ("rank_pattern", "alpha_pattern") if config.get(k)}
+    if patterns:
+        raise ValueError(f"{str(folder)!r}: {', '.join(f'{k}={v!r}' for k, v in patterns.items())}; "
+                         "only an adapter of one rank and one alpha can be read as LoraDeltas")
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    state = load_file(folder / ADAPTER_WEIGHTS)
+    prefix, suffix = "base_model.model.", ".lora_A.weight"
+    names = [k[len(prefix):-len(suffix)] for k in state if k.startswith(prefix) and k.endswith(suffix)]
+    deltas = {n: LoraDelta(A=state[f"{prefix}{n}.lora_A.weight"], B=state[f"{prefix}{n}.lora_B.weight"], scale=scale)
+              for n in names}
+    if not deltas or len(state) != 2 * len(deltas):
+        raise ValueError(f"{str(folder)!r}: {len(state)} tensors, expected a lora_A and a lora_B weight per module")
+    return deltas, config
 
 
 def write_adapter(deltas: dict[str, LoraDelta], folder: Path, dtype: torch.dtype,

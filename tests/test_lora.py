@@ -198,3 +198,71 @@ def test_cast_adapter_writes_the_same_adapter_in_bf16(tmp_path):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing"), str(tmp_path / "other")])
     assert not (tmp_path / "other").exists()
+
+
+def test_truncate_keeps_the_top_singular_directions_by_hand():
+    """ΔW = s·BA with s = 2, B = [[1, 1], [0, 1]], A = [[1, 0], [0, 2]]: s·BA = [[2, 4], [0, 4]], whose
+    singular values are √(18 ± √260) — and with B = diag(3, 1), A = I the SVD is plain: rank 1 keeps
+    [[3, 0], [0, 0]], error 1/√10."""
+    from models.lora import truncate_lora
+
+    diag = LoraDelta(A=torch.eye(2), B=torch.tensor([[3.0, 0.0], [0.0, 1.0]]), scale=1.0)
+    cut, err = truncate_lora({"m": diag}, 1)
+    assert cut["m"].A.shape == (1, 2) and cut["m"].B.shape == (2, 1) and cut["m"].scale == 1.0
+    torch.testing.assert_close(cut["m"].delta(), torch.tensor([[3.0, 0.0], [0.0, 0.0]]))
+    assert err["m"] == pytest.approx(1 / 10 ** 0.5)
+    skew = LoraDelta(A=torch.tensor([[1.0, 0.0], [0.0, 2.0]]), B=torch.tensor([[1.0, 1.0], [0.0, 1.0]]), scale=2.0)
+    s1, s2 = (18 + 260 ** 0.5) ** 0.5, (18 - 260 ** 0.5) ** 0.5          # σ of [[2, 4], [0, 4]]
+    cut, err = truncate_lora({"m": skew}, 1)
+    assert torch.linalg.matrix_norm(cut["m"].delta(), ord=2).item() == pytest.approx(s1, rel=1e-5)
+    assert torch.linalg.matrix_norm(skew.delta() - cut["m"].delta()).item() == pytest.approx(s2, rel=1e-4)
+    assert err["m"] == pytest.approx(s2 / (s1 ** 2 + s2 ** 2) ** 0.5, rel=1e-4)
+
+
+def test_truncate_is_the_best_low_rank_approximation_and_keeps_low_ranks():
+    """Rank 4 cut to 2 is the SVD's rank-2 approximation of ΔW itself (Eckart–Young); an update of
+    rank ≤ K is kept as it is; a rank that is not a positive integer is refused by name."""
+    from models.lora import truncate_lora
+
+    d = delta(4, 0.5, 7)                                                   # D_OUT = 3 < 4: ΔW has rank 3
+    U, S, Vh = torch.linalg.svd(d.delta())
+    cut, err = truncate_lora({"q": d, "v": delta(2, 1.0, 8)}, 2)
+    torch.testing.assert_close(cut["q"].delta(), U[:, :2] @ torch.diag(S[:2]) @ Vh[:2], rtol=1e-4, atol=1e-5)
+    assert err["q"] == pytest.approx((S[2:].square().sum() / S.square().sum()).sqrt().item(), rel=1e-4)
+    assert cut["v"] is not None and err["v"] == 0.0
+    torch.testing.assert_close(cut["v"].delta(), delta(2, 1.0, 8).delta())
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=f"rank={bad!r}"):
+            truncate_lora({"q": d}, bad)
+
+
+def test_export_rank_writes_a_folder_that_reads_back_as_the_cut_update(tmp_path):
+    """`python -m callbacks.export SRC DST --rank K` on a PEFT folder (α = 8, r = 4: s = 2): DST reads
+    back (`read_adapter`) as `truncate_lora` of SRC's updates, rank K, in bf16; bad ranks and folders
+    that are not one-rank LoRA are refused by name, nothing written."""
+    import json
+
+    from callbacks.export import main
+    from models.lora import read_adapter, truncate_lora, write_adapter
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    updates = {"model.layers.0.q": delta(4, 2.0, 0), "model.layers.0.v": delta(4, 2.0, 1)}
+    write_adapter(updates, src, torch.float32)
+    back, config = read_adapter(src)
+    assert config["r"] == 4 and set(back) == set(updates)
+    for name, d in updates.items():
+        torch.testing.assert_close(back[name].delta(), d.delta())
+    main([str(src), str(dst), "--rank", "2"])
+    out, config = read_adapter(dst)
+    assert config["r"] == 2 and all(d.A.dtype == torch.bfloat16 and d.A.shape[0] == 2 for d in out.values())
+    expected, _ = truncate_lora(updates, 2)
+    for name in updates:
+        torch.testing.assert_close(out[name].delta(), expected[name].delta(), rtol=2e-2, atol=2e-2)
+    for argv in ([str(src), str(tmp_path / "x"), "--rank", "0"], [str(tmp_path / "missing"), str(tmp_path / "x")]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    assert not (tmp_path / "x").exists()
+    patterned = json.loads((src / "adapter_config.json").read_text()) | {"rank_pattern": {"q": 8}}
+    (src / "adapter_config.json").write_text(json.dumps(patterned))
+    with pytest.raises(ValueError, match="rank_pattern"):
+        read_adapter(src)
