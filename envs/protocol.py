@@ -79,6 +79,7 @@ ANSWER_CLOSE = re.compile(r"<\s*/\s*answer\s*>", re.IGNORECASE)
 CALL_QUERY = re.compile(r"<\s*call\s*>(.*?)<\s*/\s*call\s*>", re.IGNORECASE | re.DOTALL)
 CALL_OPEN = re.compile(r"<\s*call\s*>", re.IGNORECASE)
 OBS_BLOCK = re.compile(r"<\s*obs\s*>(.*?)<\s*/\s*obs\s*>", re.IGNORECASE | re.DOTALL)
+THOUGHT_BLOCK = re.compile(r"<\s*thought\s*>(.*?)<\s*/\s*thought\s*>", re.IGNORECASE | re.DOTALL)
 # One tag: "<", optional "/", a known name, ">" with any spaces and any case: "< / Answer >".
 # Linear time: each backtracking step is O(1) and each "<" only scans the whitespace after it.
 _TAG = re.compile(r"<\s*(/\s*)?(thought|call|obs|answer)\s*>", re.IGNORECASE)
@@ -203,3 +204,8 @@ def parse_completion(text: str) -> Parsed:
 def observations(text: str) -> list[str]:
     """The text of every closed <obs>...</obs> block of a completion, in order."""
     return OBS_BLOCK.findall(text)
+
+
+def thoughts(text: str) -> list[str]:
+    """The text of every closed <thought>...</thought> block of a completion, in order."""
+    return THOUGHT_BLOCK.findall(text)

@@ -18,7 +18,8 @@ is the token mean of the global batch; std and clip_frac are means of per-rank v
     loss/ratio_mean            Σ m·ρ / Σ m, ρ = π_θ/π_old at the last of the μ updates
     reward/mean, reward/std    mean and (sample) std of the N total rewards
     reward/<component>         mean of each reward term (VOI: correct, format, tool_cost, no_obs_penalty,
-                               direct_bonus, guess_penalty; OTC: correct, format, tool_factor)
+                               direct_bonus, guess_penalty, ungrounded_penalty; OTC: correct, format,
+                               tool_factor)
     reward/frac_zero_std       #{groups whose G rewards are all equal} / B   (they teach nothing)
     tools/calls_per_sample     Σ calls_n / N
     tools/no_obs_per_sample    Σ no_obs_n / N

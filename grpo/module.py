@@ -29,7 +29,8 @@ from grpo.agent import AgentModule, check_positive
 from grpo.logprobs import completion_logprobs, loss_micro_batches
 from grpo.losses import GRPOLossOutput, Normaliser, group_advantages, grpo_loss, sum_losses
 from grpo.metrics import step_metrics
-from grpo.rewards import OTCWeights, VOIWeights, check_finite_rewards, judge, otc_group_rewards, voi_reward
+from grpo.rewards import (OTCWeights, VOIWeights, answer_grounded, check_finite_rewards, judge, otc_group_rewards,
+                          voi_reward)
 from grpo.rollout import Rollout
 from models.loading import SMOLLM2, frozen_copy, reference_policy
 
@@ -156,7 +157,8 @@ class GRPOModule(AgentModule):
         correct, well_formed = map(list, zip(*(judge(text, g) for text, g in zip(ro.texts, golds))))
         if self.hparams.reward == "voi":
             parts = [voi_reward(correct[n], well_formed[n], int(ro.num_calls[n]), int(ro.num_calls_no_obs[n]),
-                                self.voi_weights) for n in range(N)]
+                                self.voi_weights, answer_grounded(ro.texts[n], batch[n // G].question))
+                     for n in range(N)]
         else:
             parts = []
             for b in range(len(batch)):

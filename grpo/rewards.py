@@ -17,8 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from data.answers import exact_match
-from envs.protocol import parse_completion
+from data.answers import contains_gold, exact_match
+from envs.protocol import parse_completion, thoughts
 
 # ---------------------------------------------------------------------------------------------
 # Reading a completion
@@ -32,6 +32,21 @@ def judge(text: str, golds: Sequence[str]) -> tuple[bool, bool]:
     """
     parsed = parse_completion(text)
     return parsed.answer is not None and exact_match(parsed.answer, golds) == 1.0, parsed.well_formed
+
+
+def answer_grounded(text: str, question: str) -> bool:
+    """Whether the completion's answer is stated in its own thoughts: the normalized answer occurs as
+    whole words in the text of its <thought> blocks and not in the question (`contains_gold`).
+
+        "<thought>The capital of Kenya is Nairobi.</thought><answer>Nairobi</answer>"       True
+        "<thought>The capital of Mozambique is Maputo.</thought><answer>Mozambique</answer>" False
+        "<thought>Guam is an island in the Pacific.</thought><answer>Asia</answer>"        False
+    A completion without an answer has nothing to ground: True (it is wrong and malformed already).
+    """
+    answer = parse_completion(text).answer
+    if answer is None:
+        return True
+    return contains_gold(" ".join(thoughts(text)), [answer]) and not contains_gold(question, [answer])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,6 +76,11 @@ class VOIWeights:
     one search (accuracy q) iff the direct accuracy p > (1.5 q - 0.05 + x) / (1.5 + b + x) at the
     other default weights: a large b alone also makes 50/50 guesses pay; x takes that back, but it
     also raises the bar for known facts (b = 1, x = 1 collapsed to always-search: results/economy)."""
+    ungrounded_direct: float = 0.0
+    """An answer without any tool call that its own thoughts do not state (`answer_grounded`), on
+    top of the rest, right or wrong: System 1 may answer only what its recall has just said. Aimed
+    at a textual pattern that carries over from one question to another ("Guam is an island in the
+    Pacific." → "Asia"), where a price on wrong answers only teaches about the questions trained on."""
 
 
 def _check_counts(num_calls: int, num_calls_no_obs: int) -> None:
@@ -70,17 +90,20 @@ def _check_counts(num_calls: int, num_calls_no_obs: int) -> None:
 
 
 def voi_reward(correct: bool, well_formed: bool, num_calls: int, num_calls_no_obs: int,
-               weights: VOIWeights = VOIWeights()) -> dict[str, float]:
+               weights: VOIWeights = VOIWeights(), grounded: bool = True) -> dict[str, float]:
     """Value-of-information reward: be right, use the tool only when the answer is worth it.
 
-    total = correct + format + tool_cost + no_obs_penalty + direct_bonus + guess_penalty, where
+    total = correct + format + tool_cost + no_obs_penalty + direct_bonus + guess_penalty
+            + ungrounded_penalty, where
       correct        = w.correct if correct else w.wrong                  (`judge`; no answer -> wrong)
       format         = w.well_formed if well_formed else w.malformed
       tool_cost      = w.per_call * num_calls
       no_obs_penalty = w.per_call_no_obs * num_calls_no_obs          (refused or unclosed calls)
       direct_bonus   = w.direct_bonus if correct and num_calls == num_calls_no_obs == 0 else 0
       guess_penalty  = w.wrong_direct if not correct and num_calls == num_calls_no_obs == 0 else 0
-    num_calls / num_calls_no_obs come from the rollout (the environment counts them).
+      ungrounded_penalty = w.ungrounded_direct if not grounded and num_calls == num_calls_no_obs == 0 else 0
+    num_calls / num_calls_no_obs come from the rollout (the environment counts them); grounded
+    from the text (`answer_grounded`).
     With the default weights: correct and direct 1.2; correct with 2 calls 1.0; wrong -0.4;
     and with max_tool_calls=5, max_no_obs=1 every total lies in [-1.45, 1.2]
     (see voi_reward_bounds).
@@ -94,6 +117,7 @@ def voi_reward(correct: bool, well_formed: bool, num_calls: int, num_calls_no_ob
         "no_obs_penalty": weights.per_call_no_obs * num_calls_no_obs,
         "direct_bonus": weights.direct_bonus if correct and direct else 0.0,
         "guess_penalty": weights.wrong_direct if not correct and direct else 0.0,
+        "ungrounded_penalty": weights.ungrounded_direct if not grounded and direct else 0.0,
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -106,7 +130,7 @@ def voi_reward_bounds(weights: VOIWeights, max_tool_calls: int, max_no_obs: int)
     """
     terms = [(weights.correct, weights.wrong), (weights.well_formed, weights.malformed),
              (0.0, weights.per_call * max_tool_calls), (0.0, weights.per_call_no_obs * max_no_obs),
-             (0.0, weights.direct_bonus), (0.0, weights.wrong_direct)]
+             (0.0, weights.direct_bonus), (0.0, weights.wrong_direct), (0.0, weights.ungrounded_direct)]
     return sum(min(t) for t in terms), sum(max(t) for t in terms)
 
 

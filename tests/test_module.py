@@ -22,7 +22,7 @@ from grpo.agent import cosine_with_warmup
 from envs.protocol import parse_completion
 from grpo.losses import masked_mean_tokens
 from grpo.module import GRPOModule, ddp_token_scale
-from grpo.rewards import OTCWeights
+from grpo.rewards import OTCWeights, VOIWeights
 from grpo.rollout import rollout
 from models.tokenizer import ByteTokenizer
 from tests.fakes import Biased, fake_rollout
@@ -416,7 +416,24 @@ def test_nan_reward_names_the_sample_and_the_component(monkeypatch):
     monkeypatch.setattr(grpo.module, "voi_reward", real)
     rewards, parts, _ = module.compute_rewards(fake_rollout(["<answer>Paris</answer>"] * 8, G=4), BATCH)
     assert rewards.tolist() == pytest.approx([1.2] * 8) and set(parts) == {
-        "correct", "format", "tool_cost", "no_obs_penalty", "direct_bonus", "guess_penalty"}
+        "correct", "format", "tool_cost", "no_obs_penalty", "direct_bonus", "guess_penalty", "ungrounded_penalty"}
+
+
+def test_ungrounded_penalty_reads_each_samples_own_text_and_question():
+    """compute_rewards grounds sample n in batch[n // G].question: with ungrounded_direct -0.6, for France
+    a direct "Paris" its thought states earns 1.2, and "France" stated in the thought is ungrounded (the
+    question's own word: -0.4 - 0.6); for Kenya a searched "Nairobi" 1.05 (no penalty), a direct one
+    its thought does not state 0.6."""
+    module = GRPOModule(model_name="tiny", group_size=2, voi_weights=VOIWeights(ungrounded_direct=-0.6))
+    batch = [BATCH[0], QAExample(id="k", question="What is the capital of Kenya?", answers=("Nairobi",), kind=LOOKUP)]
+    texts = ["<thought>The capital of France is Paris.</thought><answer>Paris</answer>",
+             "<thought>The capital of France is Paris.</thought><answer>France</answer>",
+             "<call>Kenya</call><obs>[Kenya] capital Nairobi</obs><answer>Nairobi</answer>",
+             "<thought>Kenya is in East Africa.</thought><answer>Nairobi</answer>"]
+    rewards, parts, correct = module.compute_rewards(fake_rollout(texts, calls=[0, 0, 1, 0], G=2), batch)
+    assert parts["ungrounded_penalty"].tolist() == pytest.approx([0.0, -0.6, 0.0, -0.6])
+    assert rewards.tolist() == pytest.approx([1.2, -1.0, 1.05, 0.6])
+    assert correct.tolist() == [True, False, True, True]
 
 
 def test_infinite_reward_weight_is_caught_through_the_otc_reward():

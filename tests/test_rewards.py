@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from envs.protocol import BUDGET_OBSERVATION, parse_completion
-from grpo.rewards import (OTCWeights, VOIWeights, check_finite_rewards, judge, otc_group_rewards, otc_optimal_calls,
-                          otc_tool_factor, voi_reward, voi_reward_bounds)
+from grpo.rewards import (OTCWeights, VOIWeights, answer_grounded, check_finite_rewards, judge, otc_group_rewards,
+                          otc_optimal_calls, otc_tool_factor, voi_reward, voi_reward_bounds)
 from tests.fakes import KENYA
 
 TWO_CALLS = ("<call>Kenya</call><obs>[Kenya] ...</obs><call>Kenya population</call>"
@@ -61,8 +61,9 @@ def test_judge_reads_correctness_and_format():
 ])
 def test_voi_table(text, calls, no_obs, expected):
     r = _voi(text, calls, no_obs)
-    assert set(r) == {"correct", "format", "tool_cost", "no_obs_penalty", "direct_bonus", "guess_penalty", "total"}
-    assert r["guess_penalty"] == 0.0                                                  # off by default
+    assert set(r) == {"correct", "format", "tool_cost", "no_obs_penalty", "direct_bonus", "guess_penalty",
+                      "ungrounded_penalty", "total"}
+    assert r["guess_penalty"] == r["ungrounded_penalty"] == 0.0                      # off by default
     for key, value in expected.items():
         assert r[key] == pytest.approx(value), key
     assert r["total"] == pytest.approx(sum(v for k, v in r.items() if k != "total"))
@@ -77,7 +78,8 @@ def test_voi_guess_penalty_charges_only_wrong_answers_without_a_call():
     assert voi_reward(False, True, 0, 1, w)["total"] == pytest.approx(-0.6)
     # a right direct answer: 1.0 + 0.1 + 1.0 = 2.1, no penalty
     assert voi_reward(True, True, 0, 0, w) == dict(correct=1.0, format=0.1, tool_cost=0.0, no_obs_penalty=0.0,
-                                                   direct_bonus=1.0, guess_penalty=0.0, total=pytest.approx(2.1))
+                                                   direct_bonus=1.0, guess_penalty=0.0, ungrounded_penalty=0.0,
+                                                   total=pytest.approx(2.1))
     # a 50/50 guess at a two-country comparison, against two searches right 75 % of the time:
     # 0.5 * 2.1 + 0.5 * -1.4 = 0.35 < 0.75 * 1.0 + 0.25 * -0.5 = 0.625 (without the penalty 0.85 > 0.625)
     guess = 0.5 * voi_reward(True, True, 0, 0, w)["total"] + 0.5 * voi_reward(False, True, 0, 0, w)["total"]
@@ -85,6 +87,38 @@ def test_voi_guess_penalty_charges_only_wrong_answers_without_a_call():
     assert guess == pytest.approx(0.35) and search == pytest.approx(0.625)
     # the bound includes it: lo = -0.5 - 0.5 - 5*0.05 - 0.2 - 1.0 = -2.45; hi = 1.0 + 0.1 + 1.0 = 2.1
     assert voi_reward_bounds(w, 5, 1) == pytest.approx((-2.45, 2.1))
+
+
+@pytest.mark.parametrize("text, grounded", [
+    ("<thought>The capital of Kenya is Nairobi.</thought><answer>Nairobi</answer>", True),
+    ("<thought>The capital of Kenya is nairobi!</thought><answer> Nairobi. </answer>", True),   # normalized
+    ("<thought>Sierra Leone is in West Africa.</thought><answer>Africa</answer>", True),         # whole words
+    ("<thought>I know it.</thought><thought>It is Nairobi.</thought><answer>Nairobi</answer>", True),  # any thought
+    ("<thought>The capital of Kenya is Nairobi.</thought><answer>Kenya</answer>", False),      # the question's word
+    ("<thought>Kenya is in East Africa.</thought><answer>Asia</answer>", False),                # not stated
+    ("<thought>Kenya is in Africa.</thought><answer>Afr</answer>", False),                      # not whole words
+    ("<thought>Nairobi?</thought><call>Kenya</call><obs>[Kenya] Nairobi</obs><answer>Nairobi</answer>", True),
+    ("<call>Kenya</call><obs>[Kenya] capital Nairobi</obs><answer>Nairobi</answer>", False),  # obs is not a thought
+    ("<answer>Nairobi</answer>", False),                                                        # no thought
+    ("<thought>Nairobi", True),                                                                 # no answer
+])
+def test_answer_grounded_by_hand(text, grounded):
+    assert answer_grounded(text, "What is the capital of Kenya?") is grounded
+
+
+def test_voi_ungrounded_penalty_charges_direct_answers_their_thought_does_not_state():
+    w = VOIWeights(direct_bonus=1.0, ungrounded_direct=-0.6)
+    # right but not stated: 1.0 + 0.1 + 1.0 - 0.6 = 1.5; wrong and not stated: -0.5 + 0.1 - 0.6 = -1.0
+    assert voi_reward(True, True, 0, 0, w, grounded=False)["total"] == pytest.approx(1.5)
+    assert voi_reward(False, True, 0, 0, w, grounded=False)["total"] == pytest.approx(-1.0)
+    # stated (right 2.1, wrong -0.4), or after a search (its answer comes from the observation): no penalty
+    assert voi_reward(True, True, 0, 0, w, grounded=True)["total"] == pytest.approx(2.1)
+    assert voi_reward(False, True, 0, 0, w, grounded=True)["total"] == pytest.approx(-0.4)
+    assert voi_reward(True, True, 1, 0, w, grounded=False)["ungrounded_penalty"] == 0.0
+    assert voi_reward(True, True, 0, 1, w, grounded=False)["ungrounded_penalty"] == 0.0
+    assert voi_reward(True, True, 0, 0, VOIWeights(), grounded=False)["ungrounded_penalty"] == 0.0  # off by default
+    # the bound: lo = -0.5 - 0.5 - 5*0.05 - 0.2 - 0.6 = -2.05; hi = 2.1
+    assert voi_reward_bounds(w, 5, 1) == pytest.approx((-2.05, 2.1))
 
 
 def test_voi_bounds_hand_computed():
