@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the tool-economy results (issue #12) from a fresh clone, on CPU, in one command:
 #
-#     bash results/economy/reproduce.sh [OUT]        # OUT defaults to outputs/economy; ~5 h on 2 cores
+#     bash results/economy/reproduce.sh [OUT]        # OUT defaults to outputs/economy; ~5.5 h on 2 cores
 #
 # Phases, each skipped when its output already exists (so a killed run resumes where it stopped):
 #   1. cold start      714 hedge-all SFT traces (156 direct, 415 one-search, 143 two-search), one epoch of SFT
@@ -11,7 +11,8 @@
 #   3. GRPO            configs/grpo_economy.yaml from the phase-1 adapter (run H: 30 updates, ~50 min),
 #                      then the same config from run H's policy (run I: 40 updates, ~60 min), then from
 #                      run I's with a quarter of the training questions given an empty tool (run L:
-#                      20 updates, ~35 min; the published policy)
+#                      20 updates, ~35 min), then from run L's with a price on direct answers their own
+#                      thoughts do not state (run P: 20 updates, ~30 min; the published policy)
 #   4. publish         the cold-start and GRPO adapters in bf16, as under results/ (seconds)
 #   5. evaluation      every policy (the bf16 ones as published), greedy, on the balanced test set and
 #                      on the out-of-domain probe (~3 min each), then one table and one EM-vs-calls
@@ -61,7 +62,8 @@ sft sft_hedge_all_714 714 --mix 0.3 0.5 0.2 --unknown-thought hedge-all
 sft sft_always 714 --mix 0 0.5 0.2 --unknown-thought plain
 
 # 3. GRPO from the cold start (run H), then 40 more updates from its policy (run I), then 20 with tool
-#    outages from run I's (run L); a killed run is started again from its beginning
+#    outages from run I's (run L), then 20 with the ungrounded-answer price from run L's (run P); a killed
+#    run is started again from its beginning
 RUN_H="$OUT/runs/grpo_economy/version_0/checkpoints"
 if [ ! -d "$RUN_H/last.adapter" ]; then
     run grpo_h "$PY" -m grpo fit -c configs/grpo_economy.yaml --model.init_adapter "$OUT/sft_hedge_all_714" \
@@ -73,11 +75,18 @@ if [ ! -d "$RUN_I/last.adapter" ]; then
         --trainer.max_steps 40 --trainer.logger.init_args.save_dir "$OUT/runs" \
         --trainer.logger.init_args.name grpo_economy_more --trainer.logger.init_args.version 0
 fi
-GRPO_DIR="$OUT/runs/grpo_economy_outages/version_0/checkpoints"
-if [ ! -d "$GRPO_DIR/last.adapter" ]; then
+RUN_L="$OUT/runs/grpo_economy_outages/version_0/checkpoints"
+if [ ! -d "$RUN_L/last.adapter" ]; then
     run grpo_l "$PY" -m grpo fit -c configs/grpo_economy.yaml --model.init_adapter "$RUN_I/last.adapter" \
         --trainer.max_steps 20 --model.tool_outage_rate 0.25 --trainer.logger.init_args.save_dir "$OUT/runs" \
         --trainer.logger.init_args.name grpo_economy_outages --trainer.logger.init_args.version 0
+fi
+GRPO_DIR="$OUT/runs/grpo_economy_grounded/version_0/checkpoints"
+if [ ! -d "$GRPO_DIR/last.adapter" ]; then
+    run grpo_p "$PY" -m grpo fit -c configs/grpo_economy.yaml --model.init_adapter "$RUN_L/last.adapter" \
+        --trainer.max_steps 20 --model.tool_outage_rate 0.25 --model.voi_weights.ungrounded_direct -1.0 \
+        --trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.name grpo_economy_grounded \
+        --trainer.logger.init_args.version 0
 fi
 
 # 4. the adapters as published under results/ (bf16)
