@@ -1,9 +1,9 @@
 """Rewards for a search-tool agent: the value-of-information (VOI) and OTC rewards.
 
 Pure Python (no torch). A completion is read once (`judge`: is its answer correct, is it
-well-formed); a reward is then a function of those two facts and of the tool-call counts, which
-the rollout supplies, because the environment, not the text, knows which calls were executed and
-which were refused. The completion format and its tolerant parser (`parse_completion`) are the
+well-formed; `answer_grounded`: do its own thoughts state its answer); a reward is then a function
+of those facts and of the tool-call counts, which the rollout supplies, because the environment,
+not the text, knows which calls were executed and which were refused. The completion format and its tolerant parser (`parse_completion`) are the
 tool protocol's (`envs/protocol.py`); exact match is HotpotQA's (`data/answers.py`).
 
 References
