@@ -136,8 +136,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"written: {args.target} ({args.dtype})")
     if errors:
         cut = sorted(errors.values())
-        print(f"rank {args.rank}: relative error of the updates (Frobenius) median {cut[len(cut) // 2]:.3f}, "
-              f"max {cut[-1]:.3f} over {len(cut)} modules")
+        if any(cut):
+            print(f"rank {args.rank}: relative error of the updates (Frobenius) median {cut[len(cut) // 2]:.3f}, "
+                  f"max {cut[-1]:.3f} over {len(cut)} modules")
+        else:
+            print(f"rank {args.rank}: no update was above it, the adapter keeps its rank (exact)")
 
 
 if __name__ == "__main__":

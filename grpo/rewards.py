@@ -14,10 +14,11 @@ References
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from data.answers import contains_gold, exact_match
+from data.answers import exact_match, normalize_answer
 from envs.protocol import parse_completion, thoughts
 
 # ---------------------------------------------------------------------------------------------
@@ -36,17 +37,23 @@ def judge(text: str, golds: Sequence[str]) -> tuple[bool, bool]:
 
 def answer_grounded(text: str, question: str) -> bool:
     """Whether the completion's answer is stated in its own thoughts: the normalized answer occurs as
-    whole words in the text of its <thought> blocks and not in the question (`contains_gold`).
+    whole words in the text of its closed <thought> blocks more often than in the question (HotpotQA
+    normalisation, `normalize_answer`), so that naming the question's own subject is not stating it:
 
-        "<thought>The capital of Kenya is Nairobi.</thought><answer>Nairobi</answer>"       True
-        "<thought>The capital of Mozambique is Maputo.</thought><answer>Mozambique</answer>" False
-        "<thought>Guam is an island in the Pacific.</thought><answer>Asia</answer>"        False
+        "<thought>The capital of Kenya is Nairobi.</thought><answer>Nairobi</answer>"          True
+        "<thought>The capital of Djibouti is Djibouti.</thought><answer>Djibouti</answer>"     True
+        "<thought>The capital of Mozambique is Maputo.</thought><answer>Mozambique</answer>"   False
+        "<thought>Guam is an island in the Pacific.</thought><answer>Asia</answer>"           False
     A completion without an answer has nothing to ground: True (it is wrong and malformed already).
     """
-    answer = parse_completion(text).answer
-    if answer is None:
+    parsed = parse_completion(text).answer
+    if parsed is None:
         return True
-    return contains_gold(" ".join(thoughts(text)), [answer]) and not contains_gold(question, [answer])
+    answer = normalize_answer(parsed)
+
+    def count(haystack: str) -> int:  # whole-word occurrences of the answer
+        return len(re.findall(rf"(?<!\S){re.escape(answer)}(?!\S)", normalize_answer(haystack)))
+    return bool(answer) and count(" ".join(thoughts(text))) > count(question)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -127,7 +127,8 @@ def truncate_lora(deltas: dict[str, LoraDelta], rank: int) -> tuple[dict[str, Lo
         B = Q_B R_B,  Aᵀ = Q_A R_A  (reduced QR)  ⇒  ΔW = Q_B (s·R_B R_Aᵀ) Q_Aᵀ,  s·R_B R_Aᵀ = U Σ Vᵀ
         ΔW_k = (Q_B U_k √Σ_k) · (√Σ_k V_kᵀ Q_Aᵀ)  =  B' · A'
 
-    An update whose rank r is already ≤ `rank` is kept as it is (error 0).
+    An update whose rank r is already ≤ `rank` is kept as it is (error 0); when a side of ΔW is
+    shorter than `rank` (m = min(d_out, d_in, r) < k) the factors are padded with zeros to rank k.
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank={rank!r}: expected a positive integer")
@@ -136,12 +137,14 @@ def truncate_lora(deltas: dict[str, LoraDelta], rank: int) -> tuple[dict[str, Lo
         if d.A.shape[0] <= rank:
             out[name], errors[name] = d, 0.0
             continue
-        QB, RB = torch.linalg.qr(d.B.float())                          # (d_out, r), (r, r)
-        QA, RA = torch.linalg.qr(d.A.float().T)                        # (d_in, r), (r, r)
-        U, S, Vh = torch.linalg.svd(d.scale * RB @ RA.T)               # (r, r), (r,), (r, r); S descending
-        root = S[:rank].sqrt()                                          # (k,)
-        out[name] = LoraDelta(A=root[:, None] * (Vh[:rank] @ QA.T),    # (k, d_in)
-                              B=(QB @ U[:, :rank]) * root,              # (d_out, k)
+        QB, RB = torch.linalg.qr(d.B.float())                          # (d_out, r), (r, r) if r ≤ d_out
+        QA, RA = torch.linalg.qr(d.A.float().T)                        # (d_in, r), (r, r) if r ≤ d_in
+        U, S, Vh = torch.linalg.svd(d.scale * RB @ RA.T, full_matrices=False)  # S descending, m values
+        root = S[:rank].sqrt()                                          # (k',) k' = min(k, m) ...
+        A, B = root[:, None] * (Vh[:rank] @ QA.T), (QB @ U[:, :rank]) * root  # (k', d_in), (d_out, k')
+        pad = rank - root.numel()                                       # ... zeros up to rank k when m < k
+        out[name] = LoraDelta(A=torch.cat([A, A.new_zeros(pad, A.shape[1])]),        # (k, d_in)
+                              B=torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1),  # (d_out, k)
                               scale=1.0)
         total = S.square().sum()
         errors[name] = float((S[rank:].square().sum() / total).sqrt()) if total > 0 else 0.0

@@ -231,6 +231,10 @@ def test_truncate_is_the_best_low_rank_approximation_and_keeps_low_ranks():
     assert err["q"] == pytest.approx((S[2:].square().sum() / S.square().sum()).sqrt().item(), rel=1e-4)
     assert cut["v"] is not None and err["v"] == 0.0
     torch.testing.assert_close(cut["v"].delta(), delta(2, 1.0, 8).delta())
+    thin = LoraDelta(A=torch.randn(4, 2), B=torch.randn(D_OUT, 4), scale=1.0)   # d_in = 2: ΔW has rank 2 < k = 3
+    cut, err = truncate_lora({"t": thin}, 3)
+    assert cut["t"].A.shape == (3, 2) and cut["t"].B.shape == (D_OUT, 3) and err["t"] == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(cut["t"].delta(), thin.delta(), rtol=1e-4, atol=1e-5)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match=f"rank={bad!r}"):
             truncate_lora({"q": d}, bad)
@@ -262,7 +266,11 @@ def test_export_rank_writes_a_folder_that_reads_back_as_the_cut_update(tmp_path)
         with pytest.raises(SystemExit):
             main(argv)
     assert not (tmp_path / "x").exists()
-    patterned = json.loads((src / "adapter_config.json").read_text()) | {"rank_pattern": {"q": 8}}
+    rs = json.loads((src / "adapter_config.json").read_text()) | {"use_rslora": True, "lora_alpha": 8}
+    (src / "adapter_config.json").write_text(json.dumps(rs))                      # rsLoRA: s = α / √r = 8 / 2
+    back, _ = read_adapter(src)
+    assert back["model.layers.0.q"].scale == 4.0
+    patterned = rs | {"rank_pattern": {"q": 8}}
     (src / "adapter_config.json").write_text(json.dumps(patterned))
     with pytest.raises(ValueError, match="rank_pattern"):
         read_adapter(src)

@@ -95,6 +95,8 @@ def test_voi_guess_penalty_charges_only_wrong_answers_without_a_call():
     ("<thought>Sierra Leone is in West Africa.</thought><answer>Africa</answer>", True),         # whole words
     ("<thought>I know it.</thought><thought>It is Nairobi.</thought><answer>Nairobi</answer>", True),  # any thought
     ("<thought>The capital of Kenya is Nairobi.</thought><answer>Kenya</answer>", False),      # the question's word
+    ("<thought>Kenya's capital is Kenya City, in Kenya.</thought><answer>Kenya</answer>", True),  # 2 > 1 in the question
+    ("<thought>I know it.</thought><answer>...</answer>", False),                              # nothing left to state
     ("<thought>Kenya is in East Africa.</thought><answer>Asia</answer>", False),                # not stated
     ("<thought>Kenya is in Africa.</thought><answer>Afr</answer>", False),                      # not whole words
     ("<thought>Nairobi?</thought><call>Kenya</call><obs>[Kenya] Nairobi</obs><answer>Nairobi</answer>", True),
@@ -104,6 +106,19 @@ def test_voi_guess_penalty_charges_only_wrong_answers_without_a_call():
 ])
 def test_answer_grounded_by_hand(text, grounded):
     assert answer_grounded(text, "What is the capital of Kenya?") is grounded
+
+
+def test_answer_grounded_when_the_answer_is_a_word_of_the_question():
+    """Stated means more often in the thoughts than in the question: a capital named like its country
+    and a comparison's country are grounded when the thought states them beyond naming the subject."""
+    djibouti = "What is the capital of Djibouti?"
+    assert answer_grounded("<thought>The capital of Djibouti is Djibouti.</thought><answer>Djibouti</answer>", djibouti)
+    assert not answer_grounded("<thought>Djibouti is in Africa.</thought><answer>Djibouti</answer>", djibouti)
+    peru = "Which has more people, Kenya or Peru?"
+    assert answer_grounded("<thought>Kenya has 54 million people, Peru 34 million, so Kenya.</thought>"
+                           "<answer>Kenya</answer>", peru)
+    assert not answer_grounded("<thought>Kenya and Peru are big.</thought><answer>Kenya</answer>", peru)
+    assert not answer_grounded("<thought>Peru and Peru and Kenya.</thought><answer>Kenya</answer>", peru)
 
 
 def test_voi_ungrounded_penalty_charges_direct_answers_their_thought_does_not_state():
