@@ -192,11 +192,13 @@ def _lookup_questions(countries: list[Country], documents: list[Document]) -> li
 
 # --------------------------------------------------------------------------- memory measurement
 
-def read_memory_json(path: str | Path) -> dict | None:
+def read_memory_json(path: str | Path, required: bool = False) -> dict | None:
     """The measurement file as written by `experiments.measure_memory` ({'model', 'results'}), checked
-    for that shape; None if it is absent."""
+    for that shape; None if it is absent (FileNotFoundError naming it if `required`)."""
     path = Path(path)
     if not path.is_file():
+        if required:
+            raise FileNotFoundError(f"{path}: no measured memory file (python -m experiments.measure_memory)")
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -201,9 +201,7 @@ def closed_book_replies(memory_file: str | Path = DEFAULT_MEMORY_FILE) -> dict[s
 
 def sampled_accuracies(memory_file: str | Path = DEFAULT_MEMORY_FILE) -> dict[str, float]:
     """question id -> the base model's closed-book accuracy over its sampled replies (T = 1)."""
-    data = read_memory_json(memory_file)
-    if data is None:
-        raise FileNotFoundError(f"{memory_file}: no measured memory file (python -m experiments.measure_memory)")
+    data = read_memory_json(memory_file, required=True)
     return {qid: float(r["sampled_accuracy"]) for qid, r in data["results"].items() if "sampled_accuracy" in r}
 
 

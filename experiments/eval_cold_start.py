@@ -85,10 +85,7 @@ def table(rows_by_mode: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
 
 def base_closed_book(memory_ids: list[str], memory_file: Path = DEFAULT_MEMORY_FILE) -> dict[str, float]:
     """The base model's measured closed-book greedy and sampled accuracy on these questions."""
-    data = read_memory_json(memory_file)
-    if data is None:
-        raise FileNotFoundError(f"{memory_file}: no measured memory file (python -m experiments.measure_memory)")
-    results = data["results"]
+    results = read_memory_json(memory_file, required=True)["results"]
     rows = [results[i] for i in memory_ids if i in results]
     if not rows:
         return {}

@@ -3,8 +3,9 @@
 Pure Python (no torch). A completion is read once (`judge`: is its answer correct, is it
 well-formed; `answer_grounded`: do its own thoughts state its answer); a reward is then a function
 of those facts and of the tool-call counts, which the rollout supplies, because the environment,
-not the text, knows which calls were executed and which were refused. The completion format and its tolerant parser (`parse_completion`) are the
-tool protocol's (`envs/protocol.py`); exact match is HotpotQA's (`data/answers.py`).
+not the text, knows which calls were executed and which were refused. The completion format and
+its tolerant parser (`parse_completion`) are the tool protocol's (`envs/protocol.py`); exact match
+is HotpotQA's (`data/answers.py`).
 
 References
 - OTC-PO: Wang et al. 2025, "Acting Less is Reasoning More! Teaching Model to Act Efficiently"

@@ -117,6 +117,14 @@ def stack_lora(first: dict[str, LoraDelta], second: dict[str, LoraDelta]) -> dic
     return out
 
 
+def check_adapter_folder(folder: Path) -> Path:
+    """`folder` as a Path; FileNotFoundError naming it unless it holds adapter_config.json and the weights."""
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{str(folder)!r}: not a PEFT adapter folder (adapter_config.json + {ADAPTER_WEIGHTS})")
+    return folder
+
+
 def truncate_lora(deltas: dict[str, LoraDelta], rank: int) -> tuple[dict[str, LoraDelta], dict[str, float]]:
     """Each update cut to its best rank-`rank` approximation (Eckart–Young: the top singular values
     of ΔW = s·BA), scale 1, with the relative Frobenius error of each: √(Σ_{i>k} σᵢ²) / √(Σ σᵢ²).
@@ -158,9 +166,7 @@ def read_adapter(folder: Path) -> tuple[dict[str, LoraDelta], dict]:
 
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    if not (folder / "adapter_config.json").is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{str(folder)!r}: not a PEFT adapter folder (adapter_config.json + {ADAPTER_WEIGHTS})")
+    folder = check_adapter_folder(folder)
     config = json.loads((folder / "adapter_config.json").read_text())
     check_lora_config(config, str(folder))
     patterns = {k: config[k] for k in ("rank_pattern", "alpha_pattern") if config.get(k)}
@@ -230,9 +236,7 @@ def cast_adapter(source: Path, folder: Path, dtype: torch.dtype) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    source, folder = Path(source), Path(folder)
-    if not (source / "adapter_config.json").is_file() or not (source / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{str(source)!r}: not a PEFT adapter folder (adapter_config.json + {ADAPTER_WEIGHTS})")
+    source, folder = check_adapter_folder(source), Path(folder)
     state = load_file(source / ADAPTER_WEIGHTS)
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source / "adapter_config.json", folder / "adapter_config.json")
