@@ -20,7 +20,8 @@ median of `--steps` timed steps is printed for each, then their ratio. Last line
 
     pip install -e .[bench]                                       # TRL (benchmark-only extra)
     python benchmarks/bench_vs_trl.py                             # fp32
-    python benchmarks/bench_vs_trl.py --dtype bf16                # bf16-mixed on both sides
+    python benchmarks/bench_vs_trl.py --dtype bf16                # bf16-mixed on both sides (ours decodes
+                                                                  # a bf16 copy: model.rollout_dtype)
     python benchmarks/bench_vs_trl.py --batch-size 2 --steps 5    # B = 2, as configs/grpo_smollm2.yaml
 """
 from __future__ import annotations
@@ -115,7 +116,8 @@ def run_ours(examples, env, args) -> dict[str, list[float]]:
     module = Module(model_name="smollm2-135m-instruct", group_size=args.group_size,
                     max_new_tokens=args.max_new_tokens, max_tool_calls=0, temperature=TEMPERATURE,
                     beta=BETA, lr=LR, warmup_ratio=0.0, max_grad_norm=MAX_GRAD_NORM, lora_r=LORA["r"],
-                    lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], lora_targets=tuple(LORA["targets"]))
+                    lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], lora_targets=tuple(LORA["targets"]),
+                    rollout_dtype="bfloat16" if args.dtype == "bf16" else None)  # bf16: decode a bf16 copy
     module.env = env
     timer = Timer()
     trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed" if args.dtype == "bf16" else "32-true",

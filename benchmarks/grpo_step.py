@@ -28,7 +28,9 @@ and tools are rarely called. `--synthetic` then also times the loss passes on a 
 the shape of an SFT policy's (same prompts, completion lengths spread over 40..500 tokens with
 observation blocks: as long and as ragged as the 16 x 500 batches measured in the README).
 
-    python benchmarks/grpo_step.py [--synthetic] [--threads 1] [--repeats 3]
+    python benchmarks/grpo_step.py [--synthetic] [--threads 1] [--repeats 3] [--rollout-dtype bfloat16]
+
+The rollout is the module's own (`GRPOModule.rollout`: LoRA merged, decoded in `model.rollout_dtype`).
 """
 from __future__ import annotations
 
@@ -71,24 +73,17 @@ class Timed:
 
 
 def timed_rollout(module, batch, G):
-    """The module's rollout with a forward hook on the policy: time of prefill / decode / observation forwards."""
-    from envs.protocol import build_prompt
-    from grpo.rollout import rollout
-
+    """The module's rollout (`GRPOModule.rollout`: LoRA merged, decoded in `rollout_dtype`) with a forward hook
+    on the policy: time of prefill / decode / observation forwards."""
     log = []  # (input shape, seconds)
     pre = module.policy.register_forward_pre_hook(lambda m, a, k: log.append([tuple(k["input_ids"].shape), time.perf_counter()]),
                                                    with_kwargs=True)
     post = module.policy.register_forward_hook(lambda m, a, k, o: log[-1].__setitem__(1, time.perf_counter() - log[-1][1]),
                                                with_kwargs=True)
     env = Timed(module.env)
-    hp = module.hparams
-    prompts = [build_prompt(module.tokenizer, ex.question) for ex in batch]
-    module.policy.eval()
     t0 = time.perf_counter()
-    ro = rollout(module.policy, module.tokenizer, prompts, env, G, hp.max_new_tokens, hp.temperature, hp.top_p,
-                 hp.max_tool_calls, hp.max_obs_tokens, generator=module.sampler)
+    ro = module.rollout(batch, temperature=module.hparams.temperature, group_size=G, env=env)
     total = time.perf_counter() - t0
-    module.policy.train()
     pre.remove(), post.remove()
     prefill = log[0][1]
     decode = [(s, t) for s, t in log[1:] if s[1] == 1]
@@ -166,6 +161,8 @@ if __name__ == "__main__":
     ap.add_argument("--skip-real", action="store_true", help="with --synthetic: time the loss passes on the synthetic rollout only")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--impl", choices=("both", "fast", "padded"), default="both")
+    ap.add_argument("--rollout-dtype", choices=("float32", "bfloat16"), default=None,
+                    help="model.rollout_dtype (default: the config's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,6 +179,8 @@ if __name__ == "__main__":
         margs["init_adapter"] = None
     elif adapter and not Path(adapter).exists():
         margs["init_adapter"] = str(ROOT / adapter)
+    if args.rollout_dtype:
+        margs["rollout_dtype"] = args.rollout_dtype
     precision = cfg["trainer"].get("precision", "32-true")
     bf16 = "bf16" in str(precision)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
@@ -189,7 +188,8 @@ if __name__ == "__main__":
     if bf16 and not flags & {"amx_bf16", "avx512_bf16"}:
         print("note: this CPU has neither AMX nor AVX512_BF16: bf16 GEMMs are emulated (~30 GFLOP/s per thread, "
               "slower than fp32; benchmarks/matmul_dtype.py), so the 1,700 GFLOP/s bf16 floor is out of reach here")
-    print(f"config {args.config}: precision {precision}, threads {torch.get_num_threads()}, "
+    print(f"config {args.config}: precision {precision}, rollout_dtype {margs.get('rollout_dtype')}, "
+          f"threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f} (2 cores)", flush=True)
 
     torch.manual_seed(0)
@@ -213,16 +213,20 @@ if __name__ == "__main__":
     obs_s, obs_tok = sum(t for _, t in rt["obs"]), sum(s[0] * s[1] for s, _ in rt["obs"])
     sampled_tokens = int(ro.completion_mask.sum())
     rows_per_step = decode_tok / max(1, len(rt["decode"]))
-    step_floor = max(weight_bytes / MEM_BW, 2 * n_params * rows_per_step / PEAK["fp32"])  # decode is fp32 (rollout.py)
+    decode_bf16 = module.rollout_torch_dtype == torch.bfloat16 or (module.rollout_torch_dtype is None and
+                                                                     module.hparams.dtype == "bfloat16")
+    decode_peak = PEAK["bf16" if decode_bf16 else "fp32"]
+    weight_bytes = weight_bytes // 2 if decode_bf16 and module.hparams.dtype == "float32" else weight_bytes
+    step_floor = max(weight_bytes / MEM_BW, 2 * n_params * rows_per_step / decode_peak)
     prompt_tokens = int(ro.attention_mask[::G, :P].sum())
     print(f"B={B} G={G} N={N}: prompt {P} columns, completion {ro.completion_mask.shape[1]} columns, "
           f"{sampled_tokens} sampled + {int(ro.attention_mask[:, P:].sum()) - sampled_tokens} observation tokens, "
           f"{rt['calls']} tool calls, {int(ro.truncated.sum())} truncated; peak RSS {rss_mb():.0f} MB", flush=True)
     print(f"\n  {'piece':<34} {'time':>10} {'tok/s':>9} {'floor':>9} {'of it':>6}")
     row("rollout (total)", rt["total"], sampled_tokens, None, f"{len(rt['decode'])} decode steps")
-    row("  prefill (B prompts)", rt["prefill"], prompt_tokens, PEAK["fp32"] / (2 * n_params))
+    row("  prefill (B prompts)", rt["prefill"], prompt_tokens, decode_peak / (2 * n_params))
     row("  decode steps", decode_s, decode_tok, rows_per_step / step_floor, f"{rows_per_step:.1f} rows/step")
-    row("  observation forwards", obs_s, obs_tok or None, PEAK["fp32"] / (2 * n_params), f"{len(rt['obs'])} forwards")
+    row("  observation forwards", obs_s, obs_tok or None, decode_peak / (2 * n_params), f"{len(rt['obs'])} forwards")
     row("  tool (search env)", rt["tool"], None, None, f"{rt['calls']} calls")
     row("  sampling, tags, book-keeping", rt["total"] - rt["prefill"] - decode_s - obs_s - rt["tool"])
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ step differs: the sampled tokens and calls per sample are printed beside the tim
 sampled token" ratio ignores observation tokens: read it as a rough figure only). Use more steps
 and rounds to average the luck out.
 
-    python benchmarks/step_old_vs_new.py --adapter outputs/sft_smollm2_adapter [--steps 4] [--rounds 2]
+    python benchmarks/step_old_vs_new.py --adapter outputs/sft_smollm2_adapter [--steps 4] [--rounds 2] [--new-bf16]
 
 Last line: `speedup_vs_old: X.XX` (median old step / median new step).
 """
@@ -99,6 +99,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="old/new pairs, alternating")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--old-precision", default=None, help="e.g. 32-true (default: the old config's own)")
+    ap.add_argument("--new-bf16", action="store_true",
+                    help="the new code with --trainer.precision bf16-mixed --model.rollout_dtype bfloat16 (hosts with "
+                         "bf16 hardware: AVX512_BF16, AMX)")
     args = ap.parse_args(argv)
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps {args.steps} must exceed --warmup {args.warmup}")
@@ -114,7 +117,8 @@ def main(argv=None):
         log = Path(tmp) / "steps.jsonl"
         results = {"old": [], "new": []}
         for r in range(args.rounds):
-            for name, tree, extra in (("old", old_tree, old_extra), ("new", ROOT, [])):
+            new_extra = ["--trainer.precision", "bf16-mixed", "--model.rollout_dtype", "bfloat16"] if args.new_bf16 else []
+            for name, tree, extra in (("old", old_tree, old_extra), ("new", ROOT, new_extra)):
                 rows = run(tree, args.config, adapter, args.steps, args.threads, extra, log)
                 results[name].append(summary(rows, args.warmup))
                 print(f"round {r} {name}: {json.dumps(results[name][-1])}", flush=True)

@@ -172,6 +172,12 @@ BUGS = [  # (name, file, correct code, planted bug)
     ('adapter read with scale alpha * r', 'models/lora.py',
      'else alpha / r',
      'else alpha * r'),
+    ('decoding weights cast back instead of given back', 'models/loading.py',
+     '            p.data = data\n',
+     '            p.data = p.data.to(data.dtype)\n'),
+    ('rollout_dtype ignored', 'grpo/agent.py',
+     'weights_in(policy, self.rollout_torch_dtype)',
+     'weights_in(policy, None)'),
 ]
 
 

@@ -36,11 +36,13 @@ Where we depart from the GRPO paper, and why
     * The reward is shaped (value-of-information table, or OTC), not a plain 0/1 outcome.
     * The reference policy is the SFT policy (the cold-start adapter merged, fresh LoRA
       disabled), not the raw base model; with LoRA it costs no memory.
-    * Sampling is in the weights' dtype even under bf16 autocast: on CPU, small-batch bf16
-      decoding is several times slower than fp32.
+    * Sampling is in the weights' dtype even under bf16 autocast (autocast casts every weight at
+      every decode step), or in a cast copy of them (`rollout_dtype`, e.g. bf16 on hardware with
+      fast bf16 matmuls).
     * π_old is the distribution the rollout sampled from, recorded at each decode step
       (`Rollout.sample_logp`), not a recomputation: no extra pass, and at μ = 1 the ratio then
-      carries the sampler/learner numerical gap (fp32 decode vs bf16 loss), which the clip bounds.
+      carries the sampler/learner numerical gap (fp32 or bf16 decode vs the loss pass's
+      precision), which the clip bounds.
     * Under DDP the token-level loss is rescaled by the global token count (`ddp_token_scale`),
       so that the gradient average equals the single-process loss.
 """

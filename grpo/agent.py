@@ -19,8 +19,8 @@ from data.types import QAExample
 from envs.protocol import build_prompt
 from grpo.evaluation import EvaluationHooks, all_ranks
 from grpo.rollout import Rollout, rollout
-from models.loading import (DEFAULT_LORA_TARGETS, SMOLLM2, add_lora, check_4bit, check_model_name,
-                            load_model_and_tokenizer)
+from models.loading import (DEFAULT_LORA_TARGETS, DTYPES, SMOLLM2, add_lora, check_4bit, check_model_name,
+                            load_model_and_tokenizer, weights_in)
 from models.lora import merged_lora
 
 
@@ -79,7 +79,7 @@ class AgentModule(EvaluationHooks, L.LightningModule):
                  max_grad_norm: float = 1.0, max_new_tokens: int = 256, max_tool_calls: int = 5,
                  max_obs_tokens: int = 160, eval_temperature: float = 0.0,
                  eval_max_new_tokens: int | None = None, seed: int = 0, show_budget: bool = False,
-                 eval_top_p: float = 1.0):
+                 eval_top_p: float = 1.0, rollout_dtype: str | None = None):
         """
         Args:
             model_name: "smollm2-135m-instruct" (default, offline), "tiny" (random, tests), a HF folder or hub id.
@@ -106,6 +106,10 @@ class AgentModule(EvaluationHooks, L.LightningModule):
                 Tracker of "Budget-Aware Tool-Use Enables Effective Agent Scaling"; SFT traces, GRPO
                 rollouts and evaluation alike (train the cold start with the same setting).
             eval_top_p: nucleus threshold of evaluation rollouts (eval_temperature > 0).
+            rollout_dtype: dtype the rollouts decode in (a copy of the weights, LoRA merged): None = the
+                weights' own. "bfloat16" is faster where bf16 matmuls are (GPUs; CPUs with AVX512_BF16 or
+                AMX: `benchmarks/matmul_dtype.py`); the sampler is then a rounded copy of the policy, and
+                GRPO's π_old stays what was sampled (the rollout's record), so the ratio carries the gap.
         """
         super().__init__()
         check_model_name(model_name)
@@ -115,6 +119,8 @@ class AgentModule(EvaluationHooks, L.LightningModule):
             check_positive(name, locals()[name])
         for name in ("max_tool_calls", "eval_temperature", "weight_decay", "max_grad_norm"):
             check_positive(name, locals()[name], allow_zero=True)
+        if rollout_dtype is not None and rollout_dtype not in DTYPES:
+            raise ValueError(f"model.rollout_dtype={rollout_dtype!r}: expected None or one of {sorted(DTYPES)}")
         if not 0 < eval_top_p <= 1:
             raise ValueError(f"model.eval_top_p={eval_top_p}: must be in (0, 1]")
         if not 0.0 <= lora_dropout < 1.0:
@@ -148,6 +154,12 @@ class AgentModule(EvaluationHooks, L.LightningModule):
                 self._sampler.manual_seed(self.hparams.seed + 1_000_003 * self.global_rank)
             self._sampler_state = None
         return self._sampler
+
+    @property
+    def rollout_torch_dtype(self) -> torch.dtype | None:
+        """The dtype rollouts decode in when it is not the policy's own (`rollout_dtype`), else None."""
+        name = self.hparams.get("rollout_dtype")
+        return None if name is None or name == self.hparams.dtype else DTYPES[name]
 
     @property
     def updates_per_batch(self) -> int:
@@ -210,9 +222,10 @@ class AgentModule(EvaluationHooks, L.LightningModule):
         was_training = self.policy.training
         self.policy.eval()
         # LoRA merged into the weights while decoding (one matmul per adapted Linear, not three), restored
-        # bit-identical after (`models.lora.merged_lora`: when it merges and when it cannot); bf16 autocast
-        # makes CPU decoding ~4x slower here (small matmuls): decode in the weights' dtype
-        with merged_lora(self.policy) as policy, torch.autocast(
+        # bit-identical after (`models.lora.merged_lora`: when it merges and when it cannot); then decoded in
+        # `rollout_dtype` (a cast copy, `weights_in`), not under autocast: autocast casts every weight at every
+        # decode step, which made CPU decoding ~4x slower on a host without bf16 hardware
+        with merged_lora(self.policy) as policy, weights_in(policy, self.rollout_torch_dtype), torch.autocast(
                 self.device.type, enabled=self.device.type == "cuda" and torch.is_autocast_enabled()):
             ro = rollout(policy, self.tokenizer, prompts, self.env if env is None else env, group_size,
                          max_new_tokens or self.hparams.max_new_tokens, temperature, top_p,

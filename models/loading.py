@@ -234,6 +234,30 @@ def reference_policy(policy: nn.Module, frozen_copy: nn.Module | None = None):
         raise ValueError("no reference policy: full fine-tuning needs a frozen copy")
 
 
+@contextlib.contextmanager
+def weights_in(model: nn.Module, dtype: torch.dtype | None):
+    """`model` with every floating parameter cast to `dtype` (a copy), for decoding only (no gradient).
+
+    Used by the rollout (`model.rollout_dtype`) to decode with bf16 weights on hardware where bf16
+    matmuls are fast (GPUs; CPUs with AVX512_BF16 or AMX), while the learner keeps its fp32 weights.
+    On exit every parameter's data is the very tensor it was (kept aside, never cast back), so the
+    weights are bit-identical to before, also when the body raises. Buffers (RoPE frequencies) keep
+    their dtype. `dtype` None, or every weight already in it: the model as is. Memory: one copy of the
+    weights in `dtype` while inside (~0.27 GB for SmolLM2 in bf16).
+    """
+    kept = []  # (parameter, its original data)
+    try:
+        with torch.no_grad():
+            for p in model.parameters():  # a tied weight (embeddings = LM head) is one parameter, cast once
+                if dtype is not None and p.is_floating_point() and p.dtype != dtype:
+                    kept.append((p, p.data))
+                    p.data = p.data.to(dtype)
+        yield model
+    finally:
+        for p, data in reversed(kept):
+            p.data = data
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A frozen deep copy (full fine-tuning keeps one as π_ref)."""
     import copy

@@ -56,6 +56,8 @@ def test_bad_options_fail_before_loading(option, value):
 def test_model_name_and_dtype_are_checked():
     with pytest.raises(ValueError, match="model_name='no-such-model'"):
         SFTModule(model_name="no-such-model")
+    with pytest.raises(ValueError, match="model.rollout_dtype='fp8'"):
+        GRPOModule(model_name="tiny", rollout_dtype="fp8")
     m = SFTModule(model_name="tiny", dtype="int8")  # checked when the weights load; only the name up front
     with pytest.raises(ValueError, match="dtype='int8'"):
         m.configure_model()
@@ -132,6 +134,36 @@ def test_rollout_decodes_with_lora_merged_and_samples_from_the_adapter_policy():
             logp = completion_logprobs(m.policy, ro, 0.7)                            # (N, C) adapters unmerged
         assert calls or not lora
         torch.testing.assert_close(ro.sample_logp[mask], logp[mask], atol=1e-5, rtol=1e-5)
+
+def test_rollout_dtype_decodes_a_bf16_copy_and_records_what_it_sampled():
+    """`rollout_dtype="bfloat16"`: every decode matmul runs on bf16 weights (LoRA merged, then cast), the fp32
+    policy comes back bit-identical, and π_old (sample_logp) is the bf16 sampler's: close to the fp32 loss
+    pass's log-probs, not equal to them. The policy's own dtype, or None, casts nothing."""
+    from grpo.logprobs import completion_logprobs
+
+    batch = [QAExample(id="a", question="What is the capital of France?", answers=("Paris",), kind=LOOKUP)]
+    m = GRPOModule(model_name="tiny", lora_r=4, group_size=4, max_new_tokens=24, temperature=0.7,
+                   rollout_dtype="bfloat16")
+    m.env = lambda query: "nothing found"
+    m.configure_model()
+    before = {n: p.detach().clone() for n, p in m.policy.named_parameters()}
+    seen = set()
+    for module in m.policy.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda mod, args, out: seen.add((mod.weight.dtype, args[0].dtype)))
+    ro = m.rollout(batch, temperature=0.7, group_size=4)
+    assert seen == {(torch.bfloat16, torch.bfloat16)}
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in m.policy.named_parameters())
+    mask = ro.completion_mask.bool()
+    assert mask.sum() > 30
+    with torch.no_grad():
+        logp = completion_logprobs(m.policy, ro, 0.7)                                   # (N, C) fp32
+    gap = (ro.sample_logp - logp)[mask].abs()
+    assert 0 < gap.max() < 0.5 and gap.mean() < 0.05
+    assert m.rollout_torch_dtype == torch.bfloat16
+    assert GRPOModule(model_name="tiny", rollout_dtype="float32").rollout_torch_dtype is None  # = the weights'
+    assert GRPOModule(model_name="tiny").rollout_torch_dtype is None
+
 
 # --------------------------------------------------------------------------------------- evaluation
 

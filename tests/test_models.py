@@ -8,7 +8,7 @@ import torch
 from envs.protocol import build_prompt
 from grpo.rollout import rollout
 from models.loading import (SMOLLM2, add_lora, cache_dir, check_4bit, check_model_name, frozen_copy,
-                           load_model_and_tokenizer, reference_policy, trainable_state_dict)
+                           load_model_and_tokenizer, reference_policy, trainable_state_dict, weights_in)
 from models.tokenizer import SPECIAL_TOKENS, ByteTokenizer
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),  # peft calls a renamed transformers method:
@@ -97,6 +97,31 @@ def test_reference_policy_is_the_base_model():
     with reference_policy(policy) as ref:
         torch.testing.assert_close(logits(ref), base)
     assert not torch.allclose(logits(policy), base, atol=1e-3)  # adapters back on afterwards
+
+
+def test_weights_in_casts_a_copy_and_gives_back_the_very_tensors():
+    """Inside `weights_in(model, bf16)` every floating weight is bf16 (the tied embedding / LM head once) and
+    the model runs in bf16; on exit each parameter holds the very fp32 tensor it had (same storage, same
+    bits: casting back would lose the bits bf16 drops), also when the body raises. None: nothing changes."""
+    model, _ = load_model_and_tokenizer("tiny")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    assert params["lm_head.weight"] is params["model.embed_tokens.weight"]  # tied: one parameter
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in params.items()}
+    buffers = {n: b.dtype for n, b in model.named_buffers()}
+    fp32 = logits(model)
+    with weights_in(model, torch.bfloat16) as m:
+        assert m is model and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert {n: b.dtype for n, b in model.named_buffers()} == buffers     # RoPE frequencies untouched
+        bf16 = logits(model)
+    assert bf16.dtype == torch.bfloat16 and not torch.equal(bf16.float(), fp32)
+    torch.testing.assert_close(bf16.float(), fp32, atol=0.1, rtol=0.05)  # the same model, rounded
+    for n, p in model.named_parameters(remove_duplicate=False):
+        assert p.dtype == torch.float32 and p.data_ptr() == before[n][0] and torch.equal(p, before[n][1])
+    with pytest.raises(RuntimeError, match="boom"), weights_in(model, torch.bfloat16):
+        raise RuntimeError("boom")
+    assert all(p.dtype == torch.float32 and p.data_ptr() == before[n][0] for n, p in params.items())
+    with weights_in(model, None):
+        assert all(p.data_ptr() == before[n][0] for n, p in model.named_parameters(remove_duplicate=False))
 
 
 def test_reference_policy_full_finetuning():
