@@ -10,14 +10,22 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """`write(tmp_path)` into a temporary file next to `path`, then rename it over `path`."""
+    """`write(tmp_path)` into a temporary file next to `path`, then rename it over `path`. The file gets
+    the permissions `open()` would give it (0666 less the umask), not the temporary file's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -29,13 +37,15 @@ def atomic_write_dir(path: Path, write: Callable[[Path], object]) -> Path:
 
     A folder is never half-written at `path`: a crash during `write` leaves the old one. A rename
     cannot replace a non-empty folder, so an old `path` is first renamed aside (`.<name>.old`) and
-    removed after the new one is in place.
+    removed after the new one is in place. The folder gets the permissions `mkdir` would give it
+    (0777 less the umask), not the temporary folder's 0700.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
         write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             os.replace(path, old)

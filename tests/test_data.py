@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import string
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from data.files import atomic_write_dir
+from data.files import atomic_write, atomic_write_dir
 from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import build_offline_task, memory_candidates, summary
 from data.types import LOOKUP, MEMORY
@@ -299,6 +300,20 @@ def test_summary_counts_every_split():
     for name, split in (("train", task.train), ("validation", task.validation), ("test", task.test)):
         line = next(line for line in text.splitlines() if line.startswith(name + " "))
         assert int(line.split()[1]) == len(split)
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    """A report, table or adapter written atomically is as readable as one written with open() / mkdir:
+    0666 / 0777 less the umask (022 here: 0644 / 0755), not the temporary file's 0600 or folder's 0700."""
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "table.md", lambda tmp: Path(tmp).write_text("| a |"))
+        atomic_write_dir(tmp_path / "adapter", lambda tmp: (Path(tmp) / "w.bin").write_bytes(b"0"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "table.md").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o755
+    assert (tmp_path / "table.md").read_text() == "| a |"
 
 
 def test_atomic_write_dir_replaces_the_folder_or_leaves_the_old_one(tmp_path):
