@@ -14,7 +14,9 @@
 #                      20 updates, ~35 min), then from run L's with a price on direct answers their own
 #                      thoughts do not state (run P: 20 updates, ~30 min; the published adapter is run P,
 #                      trained at commit 7928744 with the first version of that check; this script, with
-#                      the check as fixed, trains run P2 — results/economy/README.md)
+#                      the check as fixed, trains run P2 — results/economy/README.md; runs of this last
+#                      stage with other seeds scored 0.789–0.816 on the balanced set, run P 0.868: expect
+#                      the former)
 #   4. publish         the cold-start and GRPO adapters in bf16, as under results/ (seconds)
 #   5. evaluation      every policy (the bf16 ones as published), greedy, on the balanced test set and
 #                      on the out-of-domain probe (~3 min each), then one table and one EM-vs-calls
