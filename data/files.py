@@ -11,14 +11,23 @@ from typing import Any, Callable, Iterator
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status), else set
+    and restored at once (a thread creating a file in between would get the wrong mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """`write(tmp_path)` into a temporary file next to `path`, then rename it over `path`. The file gets
-    the permissions `open()` would give it (0666 less the umask), not the temporary file's 0600."""
+    the permissions `open()` gives a new file (0666 less the umask), not the temporary file's 0600; an
+    existing file at `path` is replaced, mode included."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)

@@ -110,6 +110,9 @@ class AgentModule(EvaluationHooks, L.LightningModule):
                 weights' own. "bfloat16" is faster where bf16 matmuls are (GPUs; CPUs with AVX512_BF16 or
                 AMX: `benchmarks/matmul_dtype.py`); the sampler is then a rounded copy of the policy, and
                 GRPO's π_old stays what was sampled (the rollout's record), so the ratio carries the gap.
+                Validation rollouts decode the same way (greedy figures of the rounded policy; validate
+                without the option for fp32 figures). Only fp32 weights get LoRA merged for decoding
+                (`models.lora.merged_lora`): bf16 weights with rollout_dtype float32 decode unmerged.
         """
         super().__init__()
         check_model_name(model_name)

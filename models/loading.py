@@ -243,7 +243,8 @@ def weights_in(model: nn.Module, dtype: torch.dtype | None):
     On exit every parameter's data is the very tensor it was (kept aside, never cast back), so the
     weights are bit-identical to before, also when the body raises. Buffers (RoPE frequencies) keep
     their dtype. `dtype` None, or every weight already in it: the model as is. Memory: one copy of the
-    weights in `dtype` while inside (~0.27 GB for SmolLM2 in bf16).
+    weights in `dtype` while inside (~0.27 GB for SmolLM2 in bf16), on top of what the caller holds
+    (inside `merged_lora`, its merged fp32 weights and the originals kept aside).
     """
     kept = []  # (parameter, its original data)
     try:

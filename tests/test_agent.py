@@ -138,14 +138,21 @@ def test_rollout_decodes_with_lora_merged_and_samples_from_the_adapter_policy():
 def test_rollout_dtype_decodes_a_bf16_copy_and_records_what_it_sampled():
     """`rollout_dtype="bfloat16"`: every decode matmul runs on bf16 weights (LoRA merged, then cast), the fp32
     policy comes back bit-identical, and π_old (sample_logp) is the bf16 sampler's: close to the fp32 loss
-    pass's log-probs, not equal to them. The policy's own dtype, or None, casts nothing."""
+    pass's log-probs of the adapter policy, not equal to them, and far from the policy without its
+    adapters (the update is decoded too). The policy's own dtype, or None, casts nothing."""
     from grpo.logprobs import completion_logprobs
+    from models.loading import reference_policy
 
     batch = [QAExample(id="a", question="What is the capital of France?", answers=("Paris",), kind=LOOKUP)]
     m = GRPOModule(model_name="tiny", lora_r=4, group_size=4, max_new_tokens=24, temperature=0.7,
                    rollout_dtype="bfloat16")
     m.env = lambda query: "nothing found"
     m.configure_model()
+    with torch.no_grad(), torch.random.fork_rng():  # a fresh LoRA has B = 0: give the update weight
+        torch.manual_seed(1)
+        for name, p in m.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
     before = {n: p.detach().clone() for n, p in m.policy.named_parameters()}
     seen = set()
     for module in m.policy.modules():
@@ -158,8 +165,11 @@ def test_rollout_dtype_decodes_a_bf16_copy_and_records_what_it_sampled():
     assert mask.sum() > 30
     with torch.no_grad():
         logp = completion_logprobs(m.policy, ro, 0.7)                                   # (N, C) fp32
+        with reference_policy(m.policy) as base:
+            base_logp = completion_logprobs(base, ro, 0.7)                              # (N, C) no LoRA
     gap = (ro.sample_logp - logp)[mask].abs()
     assert 0 < gap.max() < 0.5 and gap.mean() < 0.05
+    assert (ro.sample_logp - base_logp)[mask].abs().mean() > 5 * gap.mean()
     assert m.rollout_torch_dtype == torch.bfloat16
     assert GRPOModule(model_name="tiny", rollout_dtype="float32").rollout_torch_dtype is None  # = the weights'
     assert GRPOModule(model_name="tiny").rollout_torch_dtype is None

@@ -302,17 +302,19 @@ def test_summary_counts_every_split():
         assert int(line.split()[1]) == len(split)
 
 
-def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path, umask, file_mode, dir_mode):
     """A report, table or adapter written atomically is as readable as one written with open() / mkdir:
-    0666 / 0777 less the umask (022 here: 0644 / 0755), not the temporary file's 0600 or folder's 0700."""
-    old = os.umask(0o022)
+    0666 / 0777 less the umask, not the temporary file's 0600 or folder's 0700; the umask is unchanged."""
+    old = os.umask(umask)
     try:
         atomic_write(tmp_path / "table.md", lambda tmp: Path(tmp).write_text("| a |"))
         atomic_write_dir(tmp_path / "adapter", lambda tmp: (Path(tmp) / "w.bin").write_bytes(b"0"))
+        assert os.umask(umask) == umask
     finally:
         os.umask(old)
-    assert stat.S_IMODE((tmp_path / "table.md").stat().st_mode) == 0o644
-    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "table.md").stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == dir_mode
     assert (tmp_path / "table.md").read_text() == "| a |"
 
 
