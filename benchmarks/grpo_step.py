@@ -170,6 +170,7 @@ if __name__ == "__main__":
     from data.datamodule import QADataModule
     from grpo.logprobs import completion_logprobs, completion_logprobs_padded
     from grpo.module import GRPOModule
+    from models.loading import DTYPES
 
     cfg = yaml.safe_load(open(args.config))
     margs = dict(cfg["model"]["init_args"])
@@ -201,7 +202,6 @@ if __name__ == "__main__":
     module.sampler.manual_seed(margs.get("seed", 0))
     batch = next(iter(dm.train_dataloader()))
     n_params = sum(p.numel() for p in module.policy.parameters() if not p.requires_grad)
-    weight_bytes = sum(p.numel() * p.element_size() for p in module.policy.parameters())
     G = module.hparams.group_size
 
     # ---- rollout
@@ -213,11 +213,10 @@ if __name__ == "__main__":
     obs_s, obs_tok = sum(t for _, t in rt["obs"]), sum(s[0] * s[1] for s, _ in rt["obs"])
     sampled_tokens = int(ro.completion_mask.sum())
     rows_per_step = decode_tok / max(1, len(rt["decode"]))
-    decode_bf16 = module.rollout_torch_dtype == torch.bfloat16 or (module.rollout_torch_dtype is None and
-                                                                     module.hparams.dtype == "bfloat16")
-    decode_peak = PEAK["bf16" if decode_bf16 else "fp32"]
-    weight_bytes = weight_bytes // 2 if decode_bf16 and module.hparams.dtype == "float32" else weight_bytes
-    step_floor = max(weight_bytes / MEM_BW, 2 * n_params * rows_per_step / decode_peak)
+    decode_dtype = module.rollout_torch_dtype or DTYPES[module.hparams.dtype]  # what the rollout decoded in
+    decode_peak = PEAK["bf16" if decode_dtype == torch.bfloat16 else "fp32"]
+    decode_bytes = sum(p.numel() for p in module.policy.parameters()) * decode_dtype.itemsize
+    step_floor = max(decode_bytes / MEM_BW, 2 * n_params * rows_per_step / decode_peak)
     prompt_tokens = int(ro.attention_mask[::G, :P].sum())
     print(f"B={B} G={G} N={N}: prompt {P} columns, completion {ro.completion_mask.shape[1]} columns, "
           f"{sampled_tokens} sampled + {int(ro.attention_mask[:, P:].sum()) - sampled_tokens} observation tokens, "

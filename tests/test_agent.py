@@ -101,6 +101,21 @@ def test_sampler_state_from_another_device_type_restarts_with_a_warning():
 # --------------------------------------------------------------------------------------- decoding with LoRA merged
 
 
+def tiny_module_with_lora_update(**options) -> GRPOModule:
+    """A tiny GRPO module (G = 4, 24 tokens, T = 0.7, a tool that finds nothing) whose LoRA update is not
+    zero: a fresh LoRA has B = 0, so its B is drawn from N(0, 0.2²) (seeded)."""
+    m = GRPOModule(model_name="tiny", **{"lora_r": 4, "group_size": 4, "max_new_tokens": 24, "temperature": 0.7}
+                   | options)
+    m.env = lambda query: "nothing found"
+    m.configure_model()
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(1)
+        for name, p in m.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return m
+
+
 def test_rollout_decodes_with_lora_merged_and_samples_from_the_adapter_policy():
     """The rollout decodes with the LoRA update merged into the weights (no LoRA matmul runs), yet what it
     records as π_old is the adapter policy's: its sample_logp equals `completion_logprobs` of the same
@@ -111,14 +126,7 @@ def test_rollout_decodes_with_lora_merged_and_samples_from_the_adapter_policy():
     batch = [QAExample(id="a", question="Hi?", answers=("x",), kind=LOOKUP),
              QAExample(id="b", question="What is the capital of France?", answers=("Paris",), kind=LOOKUP)]
     for lora in (True, False):
-        m = GRPOModule(model_name="tiny", lora=lora, lora_r=4, group_size=4, max_new_tokens=24, temperature=0.7)
-        m.env = lambda query: "nothing found"
-        m.configure_model()
-        with torch.no_grad(), torch.random.fork_rng():  # a fresh LoRA has B = 0: give the update weight
-            torch.manual_seed(1)
-            for name, p in m.policy.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.2)
+        m = tiny_module_with_lora_update(lora=lora)
         before = {n: p.detach().clone() for n, p in m.policy.named_parameters()}
         calls = []
         for name, module in m.policy.named_modules():
@@ -135,6 +143,7 @@ def test_rollout_decodes_with_lora_merged_and_samples_from_the_adapter_policy():
         assert calls or not lora
         torch.testing.assert_close(ro.sample_logp[mask], logp[mask], atol=1e-5, rtol=1e-5)
 
+
 def test_rollout_dtype_decodes_a_bf16_copy_and_records_what_it_sampled():
     """`rollout_dtype="bfloat16"`: every decode matmul runs on bf16 weights (LoRA merged, then cast), the fp32
     policy comes back bit-identical, and π_old (sample_logp) is the bf16 sampler's: close to the fp32 loss
@@ -144,15 +153,7 @@ def test_rollout_dtype_decodes_a_bf16_copy_and_records_what_it_sampled():
     from models.loading import reference_policy
 
     batch = [QAExample(id="a", question="What is the capital of France?", answers=("Paris",), kind=LOOKUP)]
-    m = GRPOModule(model_name="tiny", lora_r=4, group_size=4, max_new_tokens=24, temperature=0.7,
-                   rollout_dtype="bfloat16")
-    m.env = lambda query: "nothing found"
-    m.configure_model()
-    with torch.no_grad(), torch.random.fork_rng():  # a fresh LoRA has B = 0: give the update weight
-        torch.manual_seed(1)
-        for name, p in m.policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
+    m = tiny_module_with_lora_update(rollout_dtype="bfloat16")
     before = {n: p.detach().clone() for n, p in m.policy.named_parameters()}
     seen = set()
     for module in m.policy.modules():
