@@ -9,10 +9,17 @@ A question file is JSON Lines, one question per line:
 HotpotQA files are read by `data.hotpotqa` instead (`data.task: hotpotqa`).
 
     python -m data.questions --out questions/test_balanced.jsonl      # the offline test split, balanced
+    python -m data.questions --split train --within-types 12 --out questions/train_within_types.jsonl
 
 Balanced: as many memory as lookup questions (all of the rarer kind, the same number of the other
 drawn with a string-seeded RNG and stratified by type), so that the headline EM and search rate are
 not dominated by the lookup questions, which outnumber memory questions ~7 to 1 in the offline task.
+
+Balanced within types (`--within-types N`, for training prompts): every type that has memory questions
+gets as many lookups *of that type* as memory questions, and each lookup-only type N questions. A set
+balanced only by kind keeps the types' own mix (offline training split: capitals and continents are 87 %
+known in `balanced`'s draw, 45-53 % in the split), so "capitals and continents are answered directly" is a
+rule that pays there; within types, only what the model knows of each question tells the two apart.
 """
 from __future__ import annotations
 
@@ -93,6 +100,34 @@ def balanced(examples: Sequence[QAExample], seed: int = 0) -> list[QAExample]:
     return sorted(picked, key=lambda ex: (ex.kind, ex.id))
 
 
+def balanced_within_types(examples: Sequence[QAExample], per_lookup_type: int, seed: int = 0) -> list[QAExample]:
+    """For every type with memory questions, as many memory as lookup questions of that type (all of the
+    rarer kind, a draw of the other); for every lookup-only type, `per_lookup_type` of them (or all if fewer).
+
+    Draws shuffle each (type, kind) with random.Random(f"{seed}/{type}/{kind}") over examples sorted by id.
+    """
+    if isinstance(per_lookup_type, bool) or not isinstance(per_lookup_type, int) or per_lookup_type < 0:
+        raise ValueError(f"per_lookup_type={per_lookup_type!r}: must be an integer >= 0")
+    pools = defaultdict(list)  # (type, kind) -> examples sorted by id
+    for ex in sorted(examples, key=lambda ex: ex.id):
+        pools[(ex.type, ex.kind)].append(ex)
+    memory_types = {t for t, kind in pools if kind == MEMORY}
+    if not memory_types:
+        raise ValueError("cannot balance within types: no memory questions")
+    picked = []
+    for t in sorted({t for t, _ in pools}, key=str):
+        if t in memory_types:
+            n = min(len(pools[(t, MEMORY)]), len(pools[(t, LOOKUP)]))
+            quotas = {MEMORY: n, LOOKUP: n}
+        else:
+            quotas = {LOOKUP: per_lookup_type}
+        for kind, n in quotas.items():
+            group = list(pools[(t, kind)])
+            random.Random(f"{seed}/{t}/{kind}").shuffle(group)
+            picked += group[:n]
+    return sorted(picked, key=lambda ex: (ex.kind, ex.id))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from data.offline_task import build_offline_task
 
@@ -100,10 +135,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="the question file to write (.jsonl)")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"))
     p.add_argument("--seed", type=int, default=0, help="seed of the offline task's splits and of the draw")
-    p.add_argument("--unbalanced", action="store_true", help="the whole split, not a balanced draw")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--unbalanced", action="store_true", help="the whole split, not a balanced draw")
+    how.add_argument("--within-types", type=int, metavar="N",
+                     help="balanced within each type that has memory questions, N of each lookup-only type")
     args = p.parse_args(argv)
     examples = getattr(build_offline_task(seed=args.seed), args.split)
-    chosen = examples if args.unbalanced else balanced(examples, args.seed)
+    if args.unbalanced:
+        chosen = examples
+    elif args.within_types is not None:
+        chosen = balanced_within_types(examples, args.within_types, args.seed)
+    else:
+        chosen = balanced(examples, args.seed)
     write_questions(chosen, args.out)
     counts = {k: sum(ex.kind == k for ex in chosen) for k in KINDS}
     print(f"{args.out}: {len(chosen)} questions of the {args.split} split ({counts})")

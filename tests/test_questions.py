@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from data.questions import balanced, read_questions, write_questions
+from data.questions import balanced, balanced_within_types, read_questions, write_questions
 from data.types import LOOKUP, MEMORY, QAExample
 
 
@@ -46,6 +46,29 @@ def test_balanced_takes_all_of_the_rarer_kind_and_stratifies_the_other():
     assert balanced(list(reversed(memory + lookup)), seed=0) == out  # order of the input does not matter
     with pytest.raises(ValueError, match="0 memory and 12 lookup"):
         balanced(lookup)
+
+
+def test_balanced_within_types_pairs_known_and_unknown_of_each_type():
+    """capital: 3 memory, 5 lookup -> 3 + 3; continent: 4 memory, 1 lookup -> 1 + 1; area (lookup only,
+    4 of them) -> per_lookup_type = 2; currency (1 of them) -> all 1. 3 + 3 + 1 + 1 + 2 + 1 = 11."""
+    pool = ([q(i, MEMORY, "capital") for i in range(3)] + [q(10 + i, LOOKUP, "capital") for i in range(5)]
+            + [q(i, MEMORY, "continent") for i in range(4)] + [q(10, LOOKUP, "continent")]
+            + [q(i, LOOKUP, "area") for i in range(4)] + [q(0, LOOKUP, "currency")])
+    out = balanced_within_types(pool, per_lookup_type=2, seed=0)
+    counts = {}
+    for ex in out:
+        counts[(ex.type, ex.kind)] = counts.get((ex.type, ex.kind), 0) + 1
+    assert counts == {("capital", MEMORY): 3, ("capital", LOOKUP): 3, ("continent", MEMORY): 1,
+                      ("continent", LOOKUP): 1, ("area", LOOKUP): 2, ("currency", LOOKUP): 1}
+    assert {ex.id for ex in out if ex.type == "capital" and ex.kind == MEMORY} == {"capital/0", "capital/1", "capital/2"}
+    assert "continent/10" in {ex.id for ex in out}  # the rarer kind is taken whole
+    assert len({ex.id for ex in out}) == len(out)
+    assert balanced_within_types(list(reversed(pool)), 2, seed=0) == out  # input order does not matter
+    assert balanced_within_types(pool, 2, seed=1) != out  # the draw follows the seed
+    with pytest.raises(ValueError, match="no memory questions"):
+        balanced_within_types([q(0, LOOKUP, "area")], 2)
+    with pytest.raises(ValueError, match="per_lookup_type=-1"):
+        balanced_within_types(pool, -1)
 
 
 def test_validate_on_a_question_file_writes_eval_files(tmp_path):
