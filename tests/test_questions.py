@@ -71,6 +71,20 @@ def test_balanced_within_types_pairs_known_and_unknown_of_each_type():
         balanced_within_types(pool, -1)
 
 
+@pytest.mark.parametrize("committed, options", [("train_balanced.jsonl", []),
+                                                 ("train_within_types.jsonl", ["--within-types", "12"])])
+def test_committed_training_prompts_are_what_their_command_writes(tmp_path, committed, options):
+    """results/questions/ holds the training prompts of the economy runs; the README's command must
+    rebuild them byte for byte (the offline task is embedded, so this needs no data)."""
+    from pathlib import Path
+
+    from data.questions import main
+
+    main(["--split", "train", "--out", str(tmp_path / committed), *options])
+    root = Path(__file__).resolve().parents[1]
+    assert (tmp_path / committed).read_bytes() == (root / "results/questions" / committed).read_bytes()
+
+
 def test_validate_on_a_question_file_writes_eval_files(tmp_path):
     """Any checkpoint (here the tiny config's fresh policy) on any question file: eval.json holds one row
     per question and the metrics per kind; eval.md a row for all questions and one per kind."""
