@@ -11,6 +11,7 @@ process of its own, on one saved rollout:
     python benchmarks/loss_micro_batches.py --rollout /tmp/ro_b8.pt --adapter PATH --tokens 1024 [--repeats 2]
     ... --groups 3 --tokens 0        # one group alone, in one pass: memory as a function of its tokens
     ... --truncate 12 --tokens 0     # completions cut to 12 positions: a batch whose one pass fits in memory
+    ... --precision bf16             # the passes under bf16 autocast, as `trainer.precision: bf16-mixed`
 
 The rollout is made by `AgentModule.rollout` (SmolLM2 + the SFT adapter merged + a fresh LoRA r 16,
 configs/grpo_smollm2.yaml's sampling: G = 8, T = 1, 96 sampled tokens, tools on, offline task). For the
@@ -126,22 +127,25 @@ def passes(args) -> None:
           f"{ro.completion_mask.shape[1]}; budget {args.tokens or 'one pass'}: {len(micro)} micro-batches of "
           f"{[len(r) for r in micro]} rows; threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}", flush=True)
     base = rss_gb()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")  # as bf16-mixed
     times = {"ref": [], "update": []}
     peaks = {"ref": 0.0, "update": 0.0}
     for _ in range(args.repeats):
         reset_peak()
         t0 = time.perf_counter()
-        ref_logp = m.reference_logprobs(ro, micro)
+        with autocast:
+            ref_logp = m.reference_logprobs(ro, micro)
         times["ref"].append(time.perf_counter() - t0)
         peaks["ref"] = max(peaks["ref"], rss_gb("VmHWM"))
         reset_peak()
         t0 = time.perf_counter()
-        out = m.policy_update(ro, micro, ro.sample_logp, ref_logp, advantages, torch.ones(()))
+        with autocast:
+            out = m.policy_update(ro, micro, ro.sample_logp, ref_logp, advantages, torch.ones(()))
         times["update"].append(time.perf_counter() - t0)
         peaks["update"] = max(peaks["update"], rss_gb("VmHWM"))
         print(f"  ref {times['ref'][-1]:.1f} s (peak {peaks['ref']:.2f} GB)  update {times['update'][-1]:.1f} s "
               f"(peak {peaks['update']:.2f} GB)  loss {float(out.loss):.6f} kl {float(out.kl):.3e}", flush=True)
-    print(f"RESULT tokens_per_micro_batch={args.tokens or 'one pass'} micro_batches={len(micro)} "
+    print(f"RESULT precision={args.precision} tokens_per_micro_batch={args.tokens or 'one pass'} micro_batches={len(micro)} "
           f"rss_before={base:.2f}GB ref_peak={peaks['ref']:.2f}GB update_peak={peaks['update']:.2f}GB "
           f"ref_s={statistics.median(times['ref']):.1f} update_s={statistics.median(times['update']):.1f} "
           f"load={os.getloadavg()[0]:.2f}", flush=True)
@@ -157,6 +161,7 @@ if __name__ == "__main__":
     ap.add_argument("--groups", help="only these groups of the rollout, e.g. 0,3")
     ap.add_argument("--truncate", type=int, default=0, help="cut every completion to its first K positions")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--precision", choices=("32", "bf16"), default="32", help="bf16: the passes under bf16 autocast")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-rss-gb", type=float, default=4.0)
     args = ap.parse_args()
