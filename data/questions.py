@@ -74,6 +74,13 @@ def write_questions(examples: Sequence[QAExample], path: str | Path) -> None:
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def _draw(pool: Sequence[QAExample], n: int, key: str) -> list[QAExample]:
+    """`n` of `pool` (all if fewer): its first `n` after a shuffle by random.Random(key)."""
+    group = list(pool)
+    random.Random(key).shuffle(group)
+    return group[:n]
+
+
 def balanced(examples: Sequence[QAExample], seed: int = 0) -> list[QAExample]:
     """As many memory as lookup questions: all of the rarer kind, an equal draw of the other.
 
@@ -94,9 +101,7 @@ def balanced(examples: Sequence[QAExample], seed: int = 0) -> list[QAExample]:
         for t in sorted(exact, key=lambda t: (quota[t] - exact[t], str(t)))[:n - sum(quota.values())]:
             quota[t] += 1
         for t in sorted(by_type, key=str):
-            group = list(by_type[t])
-            random.Random(f"{seed}/{t}").shuffle(group)
-            picked += group[:quota[t]]
+            picked += _draw(by_type[t], quota[t], f"{seed}/{t}")
     return sorted(picked, key=lambda ex: (ex.kind, ex.id))
 
 
@@ -122,9 +127,7 @@ def balanced_within_types(examples: Sequence[QAExample], per_lookup_type: int, s
         else:
             quotas = {LOOKUP: per_lookup_type}
         for kind, n in quotas.items():
-            group = list(pools[(t, kind)])
-            random.Random(f"{seed}/{t}/{kind}").shuffle(group)
-            picked += group[:n]
+            picked += _draw(pools[(t, kind)], n, f"{seed}/{t}/{kind}")
     return sorted(picked, key=lambda ex: (ex.kind, ex.id))
 
 
