@@ -17,7 +17,7 @@ over the model's forward and its KV cache. `rollout` reads as these steps:
                  built from lengths, never from `ids != pad_id` (SmolLM2's pad token is its EOS)
 
 Steps 1 and 4 (which rows go through which forward, and how their KV cache moves) are
-`grpo.kvcache`'s. Each row keeps its `completion_mask`: 1 on the tokens it sampled, 0 on the
+`grpo.kvcache`'s; every forward of the loop gives attention an explicit mask (`models.attention`). Each row keeps its `completion_mask`: 1 on the tokens it sampled, 0 on the
 observation tokens forced after a call.
 
 π_old. The log-prob of every sampled token under the distribution it was drawn from,
@@ -46,6 +46,7 @@ from torch import Tensor
 from envs.protocol import ANSWER_CLOSE, BUDGET_OBSERVATION, CALL_CLOSE, CALL_OPEN, CALL_QUERY, encode_observation
 from envs.sandbox import TOOL_TIMEOUT_S, run_tool
 from grpo.kvcache import left_pad, prefill
+from models.attention import masked_sdpa
 
 TAIL_TOKENS = 16  # a closing tag is searched for in the decoded last few sampled tokens
 OBS_CHARS_PER_TOKEN = 8  # a tool's output is cut to 8 x max_obs_tokens characters before tokenizing
@@ -325,55 +326,58 @@ def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_
         raise ValueError(f"rollout: {len(envs)} envs for {len(prompts)} prompts (one env, or one per prompt)")
     stop_ids = {tokenizer.eos_token_id}
 
-    # 1. prefill: each prompt once, its KV cache then shared by its G samples
-    prompt_ids, prompt_mask = left_pad([tokenizer.encode(p, add_special_tokens=False) for p in prompts], pad_id)
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)      # (B, P)
-    batch, logits = prefill(model, prompt_ids, prompt_mask, G, use_cache, pad_id)  # logits (N, V)
-    rows = [RowState(len(p)) for p in batch.prompts]
-    waited = 0  # steps the oldest held-back tool turn has waited
-    while True:
-        # 2. sample one token for every row (all N, running or not: the RNG stream does not depend
-        #    on which rows are still running)
-        next_tokens = sample_next(logits, temperature, top_p, generator)           # (N,)
-        next_logp = sampled_logprob(logits, next_tokens, temperature).tolist()     # N floats
-        next_tokens = next_tokens.tolist()                                         # N ints
-        for i, row in enumerate(rows):
-            if row.done or row.held:
-                continue
-            tok = next_tokens[i]
-            row.append_sampled(tok, next_logp[i])
-            closed = "eos" if tok in stop_ids else tag_closed(tokenizer, row.segment)
-            if closed in ("eos", "answer"):
-                row.stop(closed)
-            elif closed == "call":
-                # 3. tool turn: the observation follows the sampled `</call>` in the row's next forward
-                row.append_forced(observation(row, tokenizer, envs[i // G], max_tool_calls, max_obs_tokens,
-                                              tool_timeout, show_budget))
-                row.held = row.num_generated < max_new_tokens and max_tool_wait > 0
-            for check in stop_checks if not row.done else ():
-                reason = check(row)
-                if reason is not None:
-                    row.stop(reason)
-                    break
-            if not row.done and row.num_generated >= max_new_tokens:
-                row.stop("budget")
-                row.truncated = True
-        # held-back tool turns go in together: when no row samples any more, or after max_tool_wait steps
-        holding = any(r.held for r in rows)
-        waited = waited + 1 if holding else 0
-        if holding and (waited > max_tool_wait or all(r.done or r.held for r in rows)):
-            for r in rows:
-                r.held = False
-            waited = 0
-        if all(r.done for r in rows):
-            break
+    # every forward below gives SDPA an explicit mask, also where it has no hole (models/attention.py:
+    # transformers would drop it, and the mask-free SDPA call is the slower one on CPU in bf16)
+    with masked_sdpa(model):
+        # 1. prefill: each prompt once, its KV cache then shared by its G samples
+        prompt_ids, prompt_mask = left_pad([tokenizer.encode(p, add_special_tokens=False) for p in prompts], pad_id)
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)      # (B, P)
+        batch, logits = prefill(model, prompt_ids, prompt_mask, G, use_cache, pad_id)  # logits (N, V)
+        rows = [RowState(len(p)) for p in batch.prompts]
+        waited = 0  # steps the oldest held-back tool turn has waited
+        while True:
+            # 2. sample one token for every row (all N, running or not: the RNG stream does not depend
+            #    on which rows are still running)
+            next_tokens = sample_next(logits, temperature, top_p, generator)           # (N,)
+            next_logp = sampled_logprob(logits, next_tokens, temperature).tolist()     # N floats
+            next_tokens = next_tokens.tolist()                                         # N ints
+            for i, row in enumerate(rows):
+                if row.done or row.held:
+                    continue
+                tok = next_tokens[i]
+                row.append_sampled(tok, next_logp[i])
+                closed = "eos" if tok in stop_ids else tag_closed(tokenizer, row.segment)
+                if closed in ("eos", "answer"):
+                    row.stop(closed)
+                elif closed == "call":
+                    # 3. tool turn: the observation follows the sampled `</call>` in the row's next forward
+                    row.append_forced(observation(row, tokenizer, envs[i // G], max_tool_calls, max_obs_tokens,
+                                                  tool_timeout, show_budget))
+                    row.held = row.num_generated < max_new_tokens and max_tool_wait > 0
+                for check in stop_checks if not row.done else ():
+                    reason = check(row)
+                    if reason is not None:
+                        row.stop(reason)
+                        break
+                if not row.done and row.num_generated >= max_new_tokens:
+                    row.stop("budget")
+                    row.truncated = True
+            # held-back tool turns go in together: when no row samples any more, or after max_tool_wait steps
+            holding = any(r.held for r in rows)
+            waited = waited + 1 if holding else 0
+            if holding and (waited > max_tool_wait or all(r.done or r.held for r in rows)):
+                for r in rows:
+                    r.held = False
+                waited = 0
+            if all(r.done for r in rows):
+                break
 
-        # 4. feed the running rows their new tokens (the cache holds the rest); keep the last logits
-        batch.feed(model, rows, logits)
+            # 4. feed the running rows their new tokens (the cache holds the rest); keep the last logits
+            batch.feed(model, rows, logits)
 
-    for row in rows:  # a `<call>` still open at the end never got its observation
-        if CALL_OPEN.search(tokenizer.decode(row.segment)):
-            row.incomplete_calls += 1
-            row.num_calls_no_obs += 1
-    # 5. pack
-    return pack(rows, tokenizer, prompt_ids, prompt_mask, G, pad_id)
+        for row in rows:  # a `<call>` still open at the end never got its observation
+            if CALL_OPEN.search(tokenizer.decode(row.segment)):
+                row.incomplete_calls += 1
+                row.num_calls_no_obs += 1
+        # 5. pack
+        return pack(rows, tokenizer, prompt_ids, prompt_mask, G, pad_id)
