@@ -1,0 +1,41 @@
+"""experiments.answer_binding: which wrong direct answers contradict their own thought, and the
+log-prob of an answer after a context (a tiny model, checked against a by-hand chain rule)."""
+import torch
+
+from experiments.answer_binding import answer_logprob, contradictions
+from models.loading import load_model_and_tokenizer
+
+Q_MZ, Q_CR, Q_KE = "What is the capital of Mozambique?", "What is the capital of Costa Rica?", "What is the capital of Kenya?"
+GOLDS = {Q_MZ: ["Maputo"], Q_CR: ["San Jose"], Q_KE: ["Nairobi"]}
+
+
+def row(question, text, calls=0, em=0.0):
+    return {"question": question, "text": text, "calls": calls, "em": em}
+
+
+def test_contradictions_are_wrong_direct_answers_whose_thought_states_a_gold_and_not_the_answer():
+    rows = [
+        row(Q_MZ, "<thought>The capital of Mozambique is Maputo.</thought><answer>Mozambique</answer>"),  # yes
+        row(Q_CR, "<thought>The capital of Costa Rica is San José de Asunción.</thought>"
+                  "<answer>San José de Asunción</answer>"),        # its thought states its own answer
+        row(Q_KE, "<thought>The capital of Kenya is Mombasa.</thought><answer>Mombasa</answer>"),  # no gold stated
+        row(Q_MZ, "<thought>The capital of Mozambique is Maputo.</thought><answer>Maputo</answer>", em=1.0),  # right
+        row(Q_MZ, "<thought>I will search.</thought><call>Mozambique</call><obs>Maputo</obs><answer>Beira</answer>",
+            calls=1),                                             # not direct
+    ]
+    assert contradictions(rows, GOLDS) == [(rows[0], "Maputo")]
+
+
+def test_answer_logprob_is_the_chain_rule_over_the_answer_tokens():
+    model, tok = load_model_and_tokenizer("tiny")
+    model.eval()
+    context, answer = "<thought>A is B.</thought><answer>", "B"
+    ids = tok.encode(context + answer + "</answer>", add_special_tokens=False)
+    n = len(tok.encode(context, add_special_tokens=False))
+    total = 0.0
+    with torch.no_grad():
+        for t in range(n, len(ids)):  # one forward per token: P(token t | tokens before it)
+            logits = model(torch.tensor([ids[:t]])).logits[0, -1].float()
+            total += float(logits.log_softmax(-1)[ids[t]])
+    assert abs(answer_logprob(model, tok, context, answer) - total) < 1e-4
+    assert len(ids) - n == 2  # "B" and "</answer>" (one token in the test tokenizer): a sum of two terms
