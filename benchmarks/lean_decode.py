@@ -4,8 +4,11 @@ against a lean Llama step written here with the same weights.
 The lean step: q/k/v fused into one matmul and gate/up into another, a preallocated KV cache written
 in place, grouped-query attention as two small matmuls, the LM head on the one new position. Both
 read the same cache of W tokens for R rows and add one token per row per step; the rollout's decode
-step is this forward plus sampling. The first step of each is compared (logits) before timing: the
-lean step must compute the same function (fp32: |Δ logit| ~1e-5).
+step is this forward plus sampling. Row 0's first cached position is masked in both (a hole, as left
+padding makes one): without any hole transformers gives SDPA no mask, and that mask-free call is
+slower in bf16 on CPU (benchmarks/PERF.md; the rollout always passes the mask, `models.attention`).
+The first step of each is compared (logits) before timing: the lean step must compute the same
+function (fp32: |Δ logit| ~1e-5; bf16: within bf16 rounding).
 
     python benchmarks/lean_decode.py [--dtype bf16] [--rows 8] [--cached 150] [--steps 24] [--rounds 3]
 

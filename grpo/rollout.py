@@ -17,8 +17,9 @@ over the model's forward and its KV cache. `rollout` reads as these steps:
                  built from lengths, never from `ids != pad_id` (SmolLM2's pad token is its EOS)
 
 Steps 1 and 4 (which rows go through which forward, and how their KV cache moves) are
-`grpo.kvcache`'s; every forward of the loop gives attention an explicit mask (`models.attention`). Each row keeps its `completion_mask`: 1 on the tokens it sampled, 0 on the
-observation tokens forced after a call.
+`grpo.kvcache`'s; every forward of the loop gives attention an explicit mask (`models.attention`).
+Each row keeps its `completion_mask`: 1 on the tokens it sampled, 0 on the observation tokens
+forced after a call.
 
 π_old. The log-prob of every sampled token under the distribution it was drawn from,
 log softmax(logits / T)[o_t] with T the temperature, is kept (`sample_logp`): the loss uses it as
