@@ -9,8 +9,9 @@ shapes"). So the rollout builds the mask always: the same function, the same ker
 mask of ones where transformers would have dropped it.
 
 `masked_sdpa(model)` switches a transformers model (or any wrapper that shares its `config`) to it
-for the body of a `with` block, and back after, also on error. Models that do not run transformers'
-SDPA attention (`_attn_implementation` other than "sdpa") are left as they are.
+for the body of a `with` block, and back after, also on error. Left as they are: models that do not
+run transformers' SDPA attention (`_attn_implementation` other than "sdpa"), and models off the CPU
+(measured on CPU only; on a GPU an explicit mask would rule out SDPA's flash backend).
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ AttentionMaskInterface.register(NAME, _always_mask)
 def masked_sdpa(model: nn.Module):
     """`model` running `sdpa_attention_forward` with an explicit mask at every forward inside the block."""
     config = getattr(model, "config", None)
-    switch = getattr(config, "_attn_implementation", None) == "sdpa"
+    weight = next(model.parameters(), None)
+    switch = getattr(config, "_attn_implementation", None) == "sdpa" and weight is not None and weight.is_cpu
     if switch:
         config._attn_implementation = NAME  # transformers reads it at every forward (attention and mask)
     try:

@@ -106,6 +106,12 @@ def test_other_attention_implementations_are_left_alone(model):
         assert m is no_config
 
 
+def test_models_off_the_cpu_are_left_alone(model):
+    model.to("meta")  # any device but the CPU
+    with attention.masked_sdpa(model):
+        assert model.config._attn_implementation == "sdpa"
+
+
 def test_the_rollout_gives_every_forward_a_mask(masks_seen):
     """One prompt, G = 2: nothing is padded, so plain SDPA would run every forward without a mask."""
     from grpo.rollout import rollout
