@@ -41,6 +41,8 @@ def contradictions(rows: list[dict], golds: dict[str, list[str]]) -> list[tuple[
     "San José de Asunción" states its answer, even though it holds the gold "San Jose")."""
     out = []
     for row in rows:
+        if row["question"] not in golds:
+            raise ValueError(f"question {row['question']!r} of the evaluation is not in the question file")
         if row["calls"] or row["em"] or answer_grounded(row["text"], row["question"]):
             continue
         thought = normalize_answer(" ".join(thoughts(row["text"])))

@@ -4,7 +4,7 @@ transformers leaves the attention mask out when it has no hole (every row attend
 position: one prompt, or prompts of one length, and no row that waited) and lets SDPA run without
 one. On CPU with bf16 weights that mask-free call is the slower one: SmolLM2, 8 rows x 200 cached
 tokens, 2 threads, a decode step took 67-80 ms without a mask and 48-60 ms with one (the same
-step, one masked position added; fp32: no difference; benchmarks/PERF.md, "Attention at decode
+step, one masked position added; fp32: no difference; benchmarks/PERF.md, "… attention at decode
 shapes"). So the rollout builds the mask always: the same function, the same kernel inputs plus a
 mask of ones where transformers would have dropped it.
 

@@ -1,5 +1,6 @@
 """experiments.answer_binding: which wrong direct answers contradict their own thought, and the
 log-prob of an answer after a context (a tiny model, checked against a by-hand chain rule)."""
+import pytest
 import torch
 
 from experiments.answer_binding import answer_logprob, contradictions
@@ -24,6 +25,11 @@ def test_contradictions_are_wrong_direct_answers_whose_thought_states_a_gold_and
             calls=1),                                             # not direct
     ]
     assert contradictions(rows, GOLDS) == [(rows[0], "Maputo")]
+
+
+def test_a_question_missing_from_the_question_file_is_named():
+    with pytest.raises(ValueError, match="Capital of Peru"):
+        contradictions([row("Capital of Peru?", "<answer>Lima</answer>")], GOLDS)
 
 
 def test_answer_logprob_is_the_chain_rule_over_the_answer_tokens():
