@@ -20,6 +20,7 @@ import torch
 from data.answers import normalize_answer
 from data.questions import read_questions
 from envs.protocol import build_prompt, parse_completion, thoughts
+from grpo.logprobs import token_logprobs
 from grpo.rewards import answer_grounded
 from models.loading import load_model_and_tokenizer
 
@@ -30,9 +31,10 @@ def answer_logprob(model, tokenizer, context: str, answer: str) -> float:
     full = tokenizer.encode(context + answer + "</answer>", add_special_tokens=False)
     if full[:len(ctx)] != ctx:
         raise ValueError(f"the context's tokens change when {answer!r} follows it")
+    ids = torch.tensor([full])                                                  # (1, T)
     with torch.no_grad():
-        logp = model(torch.tensor([full])).logits[0].float().log_softmax(-1)   # (T, V)
-    return sum(float(logp[t - 1, full[t]]) for t in range(len(ctx), len(full)))
+        logits = model(ids).logits[:, len(ctx) - 1:-1]                          # (1, A, V) predict the answer
+    return float(token_logprobs(logits, ids[:, len(ctx):]).sum())
 
 
 def contradictions(rows: list[dict], golds: dict[str, list[str]]) -> list[tuple[dict, str]]:

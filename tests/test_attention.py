@@ -18,17 +18,23 @@ def model():
     return tiny_model(300).eval()
 
 
-@pytest.fixture
-def masks_seen(monkeypatch):
-    """The attention_mask argument of every call of the switched attention (None or a tensor)."""
+def spy_on(monkeypatch, name: str) -> list:
+    """The attention_mask argument (None or a tensor) of every call of attention implementation `name`,
+    which still computes transformers' SDPA attention."""
     seen = []
 
     def spy(module, query, key, value, attention_mask, **kwargs):
         seen.append(attention_mask)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
-    monkeypatch.setitem(AttentionInterface._global_mapping, attention.NAME, spy)
+    monkeypatch.setitem(AttentionInterface._global_mapping, name, spy)
     return seen
+
+
+@pytest.fixture
+def masks_seen(monkeypatch):
+    """The masks the switched attention gets."""
+    return spy_on(monkeypatch, attention.NAME)
 
 
 def decode_steps(model, ids, mask, steps=3):
@@ -57,22 +63,12 @@ def test_a_mask_reaches_attention_even_without_holes(model, masks_seen):
     assert step.shape == (2, 1, 1, 7) and bool(step.all())  # one query over 7 positions, none masked
 
 
-def test_plain_sdpa_drops_that_mask(model):
+def test_plain_sdpa_drops_that_mask(model, monkeypatch):
     """What the switch is for: outside it, transformers gives SDPA no mask for the same forwards."""
-    seen = []
-
-    def spy(module, query, key, value, attention_mask, **kwargs):
-        seen.append(attention_mask)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    before = AttentionInterface._global_mapping["sdpa"]
-    AttentionInterface._global_mapping["sdpa"] = spy
-    try:
-        ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
-        with torch.no_grad():
-            decode_steps(model, ids, torch.ones_like(ids))
-    finally:
-        AttentionInterface._global_mapping["sdpa"] = before
+    seen = spy_on(monkeypatch, "sdpa")
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad():
+        decode_steps(model, ids, torch.ones_like(ids))
     assert seen and all(m is None for m in seen)
 
 
