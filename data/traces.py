@@ -53,6 +53,12 @@ recall sentence: "<thought>The search found nothing, so I answer from memory. Th
 is Kampala.</thought><answer>Kampala</answer>" (ids "miss/<example id>", style "search"). Without
 them no trace ever sees an empty search, and out of the tool's domain GRPO's policy searched again
 and again until the call budget ran out (results/economy/README.md, probe).
+Recall, then search (`recall_search`): a search of a continent the model does not know whose
+closed-book reply names no continent starts with that reply's first clause and says so ("<thought>
+Guadeloupe is a French island located in the Atlantic Ocean. That does not say which continent; I
+will search for Guadeloupe.</thought>"): GRPO's policies recalled such a sentence for a territory and
+then guessed a continent; here the fork comes after the recall, where the model can see what its
+recall did not state.
 Run `python -m data.traces --out outputs/traces.jsonl [--hotpotqa PATH]`.
 """
 from __future__ import annotations
@@ -110,6 +116,10 @@ LOOKUP_HEDGE_TEMPLATES = {
 # A one-hop search of a capital/continent is always one the model does not know: known ones are direct.
 HEDGED_SEARCHES = {"plain": {}, "hedge": HEDGE_TEMPLATES, "hedge-all": HEDGE_TEMPLATES | LOOKUP_HEDGE_TEMPLATES}
 UNKNOWN_THOUGHT_STYLES = tuple(HEDGED_SEARCHES)
+# Recall, then search (`recall_search`): a search of a continent the model does not know starts with the
+# model's own closed-book sentence when that names no continent, and says so before searching.
+RECALL_SEARCH_THOUGHT = "{recall} That does not say which continent; I will search for {c}."
+CONTINENT_STEMS = ("africa", "asia", "europe", "america", "oceania", "australia", "antarctica")  # "Eurasian" too
 
 
 # --------------------------------------------------------------------------- the record
@@ -181,6 +191,20 @@ def own_words(reply: str, answers: Sequence[str], subject: str = "") -> str | No
     return None
 
 
+def recall_without_continent(reply: str, subject: str) -> str | None:
+    """The first clause of the reply's first sentence if it is about `subject` and names no continent:
+    "Guadeloupe is a French island located in the Atlantic Ocean, ..." -> "Guadeloupe is a French island
+    located in the Atlantic Ocean." None when it names one (even wrongly, or as an adjective: "European"),
+    does not name the subject, is shorter than 3 or longer than MAX_RECALL_WORDS words, or holds a tag."""
+    sentence = re.split(r"(?<=[.!?])\s+", reply.strip())[0]
+    clause = re.split(r"[,;:.!?](?:\s|$)", sentence)[0].strip()
+    lowered = clause.lower()
+    if (subject.lower() not in lowered or any(stem in lowered for stem in CONTINENT_STEMS)
+            or not 3 <= len(clause.split()) <= MAX_RECALL_WORDS or "<" in clause or ">" in clause):
+        return None
+    return clause + "."
+
+
 def recall_sentence(example: QAExample, replies: Mapping[str, str] | None = None) -> str:
     """A sentence stating the example's first gold: the model's own reply (`own_words`) if usable,
     else a template ("The capital of Kenya is Nairobi.", "Kenya is in Africa.", "The answer is X.")."""
@@ -218,7 +242,7 @@ def demote_half_known(examples: Sequence[QAExample], sampled: Mapping[str, float
 
 def build_trace(example: QAExample, style: str, env, rng: random.Random,
                 replies: Mapping[str, str] | None = None, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT,
-                miss: bool = False) -> Trace:
+                miss: bool = False, recall_search: bool = False) -> Trace:
     """The trace of one example in one style; each observation is `run_tool(env, query)[0]`.
 
     replies: None gives a direct trace the plain "I know this." thought; a mapping (even empty)
@@ -228,6 +252,9 @@ def build_trace(example: QAExample, style: str, env, rng: random.Random,
     "hedge-all" hedges every one-hop search at its fact (LOOKUP_HEDGE_TEMPLATES for the other types).
     miss: a one-search trace whose search finds nothing (`no_results`), then answers from memory
     (MISS_THOUGHT with the recall sentence); id "miss/<example id>".
+    recall_search: a one-search trace of a continent whose closed-book reply (in `replies`) names no
+    continent thinks that reply first, then searches (RECALL_SEARCH_THOUGHT, `recall_without_continent`);
+    the other searches keep the `unknown_thought` ones.
     """
     if miss and (style != "search" or len(example.hops) != 1):
         raise ValueError(f"example {example.id!r}: only a one-search trace can miss (style {style!r}, "
@@ -240,7 +267,12 @@ def build_trace(example: QAExample, style: str, env, rng: random.Random,
         first = SEARCH_THOUGHTS if style == "search" else MULTIHOP_THOUGHTS
         listed = queries[0] if len(queries) == 1 else ", ".join(queries[:-1]) + " and " + queries[-1]
         hedged = HEDGED_SEARCHES[unknown_thought].get(example.type) if style == "search" else None
-        thought = hedged.format(c=queries[0]) if hedged else rng.choice(first).format(q=queries[0], qs=listed)
+        recall = (recall_without_continent(replies.get(example.id, ""), queries[0])
+                  if recall_search and replies and style == "search" and example.type == "continent" else None)
+        if recall:
+            thought = RECALL_SEARCH_THOUGHT.format(recall=recall, c=queries[0])
+        else:
+            thought = hedged.format(c=queries[0]) if hedged else rng.choice(first).format(q=queries[0], qs=listed)
         segments = [("model", f"<thought>{thought}</thought><call>{queries[0]}</call>")]
         for i, query in enumerate(queries):
             segments.append(("obs", no_results(query, env.max_chars) if miss else run_tool(env, query)[0]))
@@ -280,10 +312,12 @@ def quotas(n: int, mix: Sequence[float]) -> dict[str, int]:
 
 
 def _valid_traces(pool: list[QAExample], style: str, env, seed: int, verify_gold: bool, report: TraceReport,
-                  replies: Mapping[str, str] | None = None, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT) -> Iterator[Trace]:
+                  replies: Mapping[str, str] | None = None, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT,
+                  recall_search: bool = False) -> Iterator[Trace]:
     """The traces of `pool` in order, skipping (and counting) the ones that fail a check."""
     for ex in pool:
-        trace = build_trace(ex, style, env, random.Random(f"{seed}/{ex.id}"), replies, unknown_thought)
+        trace = build_trace(ex, style, env, random.Random(f"{seed}/{ex.id}"), replies, unknown_thought,
+                            recall_search=recall_search)
         problem = check_trace(trace, ex.hops if style != "direct" else ())
         observed = " ".join(text for role, text in trace.segments if role == "obs")
         if not problem and style != "direct":
@@ -306,7 +340,7 @@ def unknown_memory(example: QAExample) -> bool:
 def draw_traces(examples: Sequence[QAExample], env, counts: dict[str, int], seed: int = 0,
                 verify_gold: bool = True, fill: bool = True, replies: Mapping[str, str] | None = None,
                 unknown_share: float = DEFAULT_UNKNOWN_SHARE, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT,
-                miss_share: float = 0.0) -> tuple[list[Trace], TraceReport]:
+                miss_share: float = 0.0, recall_search: bool = False) -> tuple[list[Trace], TraceReport]:
     """Up to counts[style] traces per style (see the module docstring) and what was skipped.
 
     fill: a short style's remainder is drawn from the other styles with a positive count.
@@ -315,12 +349,15 @@ def draw_traces(examples: Sequence[QAExample], env, counts: dict[str, int], seed
         questions the model does not know (0: the search pool is drawn uniformly).
     unknown_thought: "hedge", "plain" or "hedge-all", the thought of the searches (module docstring).
     miss_share: this share of the drawn searches of unknown capitals/continents (in draw order) miss.
+    recall_search: searches of continents start from the model's reply when it names none (`build_trace`).
     """
     for name, share in (("unknown_share", unknown_share), ("miss_share", miss_share)):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {share!r}")
     if unknown_thought not in UNKNOWN_THOUGHT_STYLES:
         raise ValueError(f"unknown_thought={unknown_thought!r}: expected one of {UNKNOWN_THOUGHT_STYLES}")
+    if recall_search and replies is None:
+        raise ValueError("recall_search needs the model's closed-book replies (direct_thought='recall')")
     report = TraceReport()
     eligible = sorted((ex for ex in examples if style_of(ex)), key=lambda e: e.id)
     sources = {}
@@ -331,7 +368,8 @@ def draw_traces(examples: Sequence[QAExample], env, counts: dict[str, int], seed
             k = round(unknown_share * counts.get("search", 0))
             first = [ex for ex in pool if unknown_memory(ex)][:k]
             pool = first + [ex for ex in pool if ex not in first]
-        sources[style] = _valid_traces(pool, style, env, seed, verify_gold, report, replies, unknown_thought)
+        sources[style] = _valid_traces(pool, style, env, seed, verify_gold, report, replies, unknown_thought,
+                                       recall_search)
     out = {style: list(islice(sources[style], counts.get(style, 0))) for style in STYLES}
     shortfall = sum(counts.values()) - sum(map(len, out.values()))
     for style in STYLES:
@@ -350,7 +388,7 @@ def draw_traces(examples: Sequence[QAExample], env, counts: dict[str, int], seed
     unknown = [i for i, ex in enumerate(searched) if unknown_memory(ex)]
     for i in unknown[:round(miss_share * len(unknown))]:
         out["search"][i] = build_trace(searched[i], "search", env, random.Random(f"{seed}/{searched[i].id}"),
-                                       replies, unknown_thought, miss=True)
+                                       replies, unknown_thought, miss=True, recall_search=recall_search)
     traces = [t for style in STYLES for t in out[style]]
     random.Random(f"{seed}/order").shuffle(traces)
     return traces, report
@@ -366,10 +404,11 @@ def direct_replies(direct_thought: str, memory_file: str | Path = DEFAULT_MEMORY
 def make_traces(examples: Sequence[QAExample], env, n: int = 500, mix: Sequence[float] = DEFAULT_MIX,
                 seed: int = 0, verify_gold: bool = True, direct_thought: str = "recall",
                 unknown_share: float = DEFAULT_UNKNOWN_SHARE, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT,
-                miss_share: float = 0.0) -> list[Trace]:
+                miss_share: float = 0.0, recall_search: bool = False) -> list[Trace]:
     """n traces, shares `mix` of (direct, search, multihop); same seed -> same list."""
     return draw_traces(examples, env, quotas(n, mix), seed, verify_gold, replies=direct_replies(direct_thought),
-                       unknown_share=unknown_share, unknown_thought=unknown_thought, miss_share=miss_share)[0]
+                       unknown_share=unknown_share, unknown_thought=unknown_thought, miss_share=miss_share,
+                       recall_search=recall_search)[0]
 
 
 def offline_traces(n: int = 500, mix: Sequence[float] = DEFAULT_MIX, seed: int = 0, split: str = "train",
@@ -441,7 +480,8 @@ def read_traces(path: str | Path) -> list[Trace]:
 def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = None, hotpotqa: str | None = None,
                hotpotqa_share: float = 0.5, direct_thought: str = "recall",
                unknown_share: float = DEFAULT_UNKNOWN_SHARE, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT,
-               miss_share: float = 0.0, direct_min_sampled: float = 0.0) -> tuple[list[Trace], list[TraceReport]]:
+               miss_share: float = 0.0, direct_min_sampled: float = 0.0,
+               recall_search: bool = False) -> tuple[list[Trace], list[TraceReport]]:
     """Offline train traces; with `hotpotqa`, that file gives `hotpotqa_share` of the multihop count
     (fewer if it is short) and offline comparisons the rest. Each source keeps its own env: the
     one its GRPO run searches. direct_min_sampled > 0: `demote_half_known` first."""
@@ -455,7 +495,7 @@ def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = 
     train = demote_half_known(task.train, sampled_accuracies(), direct_min_sampled) if direct_min_sampled else task.train
     offline, report = draw_traces(train, LocalSearchEnv(task.documents), counts, seed,
                                   replies=direct_replies(direct_thought), unknown_share=unknown_share,
-                                  unknown_thought=unknown_thought, miss_share=miss_share)
+                                  unknown_thought=unknown_thought, miss_share=miss_share, recall_search=recall_search)
     traces = hp + offline
     random.Random(f"{seed}/mixed").shuffle(traces)
     return traces, reports + [report]
@@ -498,13 +538,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--direct-min-sampled", type=float, default=0.0,
                         help="direct traces only for questions the base model answers right at least this "
                              "often when sampled (T = 1); the others get hedged searches")
+    parser.add_argument("--recall-search", action="store_true",
+                        help="searches of continents the model does not know start from its own closed-book "
+                             "sentence when that names no continent ('... located in the Atlantic Ocean. That "
+                             "does not say which continent; I will search for ...')")
     args = parser.parse_args(argv)
     if not 0 <= args.hotpotqa_share <= 1:
         parser.error(f"--hotpotqa-share must be in [0, 1], got {args.hotpotqa_share}")
     try:
         traces, reports = cli_traces(args.n, args.mix, args.seed, args.task_seed, args.hotpotqa, args.hotpotqa_share,
                                      args.direct_thought, args.unknown_share, args.unknown_thought, args.miss_share,
-                                     args.direct_min_sampled)
+                                     args.direct_min_sampled, args.recall_search)
     except ValueError as err:
         parser.error(str(err))
     write_traces(traces, args.out)

@@ -23,7 +23,7 @@ from data.answers import contains_gold, normalize_answer
 from data.offline_task import build_offline_task
 from data.traces import (STYLES, Trace, build_trace, closed_book_replies, demote_half_known, draw_traces,
                          hotpotqa_traces, main, make_traces, offline_traces, own_words, quotas, read_traces,
-                         recall_sentence, unknown_memory, write_traces)
+                         recall_sentence, recall_without_continent, unknown_memory, write_traces)
 from data.types import LOOKUP, MEMORY
 from envs.base import Document
 from envs.protocol import parse_completion
@@ -296,6 +296,65 @@ def test_hedge_all_leaves_no_generic_one_hop_search(task, env, by_id):
     # direct and two-hop traces are those of "hedge"
     hedge = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4, unknown_thought="hedge")
     assert [t.text for t in traces if t.style != "search"] == [t.text for t in hedge if t.style != "search"]
+
+
+def test_recall_without_continent_keeps_a_first_clause_that_names_none():
+    reply = "Guadeloupe is a French island located in the Atlantic Ocean, near Dominica. It is warm."
+    assert recall_without_continent(reply, "Guadeloupe") == \
+        "Guadeloupe is a French island located in the Atlantic Ocean."
+    assert recall_without_continent("Kuwait is a country located in the Middle East.", "Kuwait") == \
+        "Kuwait is a country located in the Middle East."
+    # a continent named, even a wrong one or as an adjective, is a recall to answer from, not to search after
+    assert recall_without_continent("Georgia is a state located in the continent of Africa.", "Georgia") is None
+    assert recall_without_continent("Malta is a European country in the Mediterranean Sea.", "Malta") is None
+    assert recall_without_continent("Kyrgyzstan is a member of the Eurasian continent.", "Kyrgyzstan") is None
+    # about another country, garbled, too short or too long: nothing to recall
+    assert recall_without_continent("Luxembourg is a member of the EU.", "Slovenia") is None
+    assert recall_without_continent("Barb = 1", "Barbados") is None
+    assert recall_without_continent("Chad exists.", "Chad") is None
+    assert recall_without_continent("Chad is " + "a very " * 12 + "big place.", "Chad") is None
+
+
+def test_recall_search_thinks_the_recall_then_searches_only_continents(task, env):
+    continent = next(ex for ex in task.train if ex.type == "continent" and ex.kind == LOOKUP)
+    capital = next(ex for ex in task.train if ex.type == "capital" and ex.kind == LOOKUP)
+    country = continent.hops[0]
+    replies = {continent.id: f"{country} is a small island located in the Atlantic Ocean, far away.",
+               capital.id: f"{capital.hops[0]} is a small island located in the Atlantic Ocean."}
+    trace = build_trace(continent, "search", env, random.Random(0), replies, recall_search=True)
+    assert thought_of(trace) == (f"{country} is a small island located in the Atlantic Ocean. "
+                                 f"That does not say which continent; I will search for {country}.")
+    parsed = parse_completion(trace.text)
+    assert parsed.well_formed and parsed.calls == (country,) and parsed.answer == continent.answers[0]
+    assert obs_texts(trace) == [run_tool(env, country)[0]]
+    # off, a reply naming a continent, or a capital question: the hedge-all thought as before
+    hedge = build_trace(continent, "search", env, random.Random(0), replies)
+    assert thought_of(hedge) == f"{country} is a country located in a part of the world I do not know; " \
+                                f"I will search for {country}."
+    naming = {continent.id: f"{country} is a country located in Europe."}
+    assert thought_of(build_trace(continent, "search", env, random.Random(0), naming, recall_search=True)) == \
+        thought_of(hedge)
+    assert "does not say" not in build_trace(capital, "search", env, random.Random(0), replies,
+                                             recall_search=True).text
+    with pytest.raises(ValueError, match="recall_search"):
+        make_traces(task.train, env, n=10, direct_thought="plain", recall_search=True)
+
+
+def test_recall_search_changes_only_the_thoughts_of_continent_searches(task, env, by_id):
+    replies = closed_book_replies()
+    if not replies:
+        pytest.skip("data/smollm2_memory.json (the base model's closed-book replies) is absent")
+    base = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4)
+    recall = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, unknown_share=0.4, recall_search=True)
+    assert [t.id for t in recall] == [t.id for t in base]
+    changed = [(a, b) for a, b in zip(base, recall) if a.text != b.text]
+    assert changed
+    for old, new in changed:
+        example = example_of(new, by_id)
+        assert new.type == "continent" and new.style == "search" and "part of the world" in old.text
+        first = recall_without_continent(replies[example.id], example.hops[0])
+        assert thought_of(new) == f"{first} That does not say which continent; I will search for {example.hops[0]}."
+        assert old.segments[1:] == new.segments[1:]  # same search, observations and answer
 
 
 def test_missed_searches_find_nothing_and_answer_from_memory(task, env, by_id):
