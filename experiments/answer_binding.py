@@ -8,6 +8,14 @@ Maputo." → `<answer>Mozambique</answer>`), the policy's probability, after tha
         --eval results/economy/evals/grpo_l_step20_test_full.json --questions results/questions/test_full.jsonl
 
 Prints one line per such answer, then how often the given answer was the likelier of the two.
+
+With `--forced-recall`: the memory questions of each split of the offline task, each followed by the
+thought its cold-start direct trace has (the base model's recall sentence, `data.traces.recall_sentence`)
+and `<answer>`; the policy's greedy answer there, right or not (exact match). On the training split
+that is what the cold start was taught, on the held-out splits how well the answer binds to a
+recalled fact it has not seen.
+
+    python -m experiments.answer_binding --adapter results/cold_start/sft_adapter_hedge_all_714 --forced-recall
 """
 from __future__ import annotations
 
@@ -17,7 +25,10 @@ import math
 
 import torch
 
-from data.answers import normalize_answer
+from data.answers import exact_match, normalize_answer
+from data.offline_task import build_offline_task
+from data.traces import closed_book_replies, recall_sentence
+from data.types import MEMORY, QAExample
 from data.questions import read_questions
 from envs.protocol import build_prompt, parse_completion, thoughts
 from grpo.logprobs import token_logprobs
@@ -35,6 +46,24 @@ def answer_logprob(model, tokenizer, context: str, answer: str) -> float:
     with torch.no_grad():
         logits = model(ids).logits[:, len(ctx) - 1:-1]                          # (1, A, V) predict the answer
     return float(token_logprobs(logits, ids[:, len(ctx):]).sum())
+
+
+def forced_recall_context(tokenizer, example: QAExample, replies: dict[str, str]) -> str:
+    """The prompt, then the example's direct-trace thought (its recall sentence) and `<answer>`."""
+    return build_prompt(tokenizer, example.question) + f"<thought>{recall_sentence(example, replies)}</thought><answer>"
+
+
+def greedy_answer(model, tokenizer, context: str, max_new_tokens: int = 12) -> str:
+    """The greedy continuation of `context` up to `</answer>` (or `max_new_tokens`), one forward per token."""
+    ids = tokenizer.encode(context, add_special_tokens=False)
+    start, text = len(ids), ""
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            text = tokenizer.decode(ids[start:])
+            if "</answer>" in text or ids[-1] == tokenizer.eos_token_id:
+                break
+    return text.split("</answer>")[0]
 
 
 def contradictions(rows: list[dict], golds: dict[str, list[str]]) -> list[tuple[dict, str]]:
@@ -57,9 +86,14 @@ def contradictions(rows: list[dict], golds: dict[str, list[str]]) -> list[tuple[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", required=True, help="the policy (a PEFT adapter folder)")
-    ap.add_argument("--eval", required=True, help="an eval.json of that policy (rows with text)")
-    ap.add_argument("--questions", required=True, help="the question file it was evaluated on (gold answers)")
+    ap.add_argument("--eval", help="an eval.json of that policy (rows with text)")
+    ap.add_argument("--questions", help="the question file it was evaluated on (gold answers)")
+    ap.add_argument("--forced-recall", action="store_true", help="answers after the recall thought, per split")
     args = ap.parse_args()
+    if args.forced_recall:
+        return forced_recall_report(args.adapter)
+    if not (args.eval and args.questions):
+        ap.error("--eval and --questions are required (or --forced-recall)")
     golds = {q.question: list(q.answers) for q in read_questions(args.questions)}
     rows = json.load(open(args.eval))["rows"]
     model, tokenizer = load_model_and_tokenizer(init_adapter=args.adapter)
@@ -77,6 +111,19 @@ def main() -> None:
     direct_wrong = sum(1 for r in rows if not r["calls"] and not r["em"])
     print(f"{len(cases)} of {direct_wrong} wrong direct answers contradict a gold answer their thought states; "
           f"the given answer is the likelier in {given_likelier} of them")
+
+
+def forced_recall_report(adapter: str) -> None:
+    model, tokenizer = load_model_and_tokenizer(init_adapter=adapter)
+    model.eval()
+    task, replies = build_offline_task(0), closed_book_replies()
+    for split in ("train", "validation", "test"):
+        examples = [ex for ex in getattr(task, split) if ex.kind == MEMORY]
+        answers = [greedy_answer(model, tokenizer, forced_recall_context(tokenizer, ex, replies)) for ex in examples]
+        wrong = [(ex, a) for ex, a in zip(examples, answers) if not exact_match(a, ex.answers)]
+        print(f"{split}: {len(examples) - len(wrong)} of {len(examples)} right after the recall thought")
+        for ex, a in wrong:
+            print(f"    {ex.question} | {recall_sentence(ex, replies)} -> {a!r}")
 
 
 if __name__ == "__main__":

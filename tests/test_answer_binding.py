@@ -3,7 +3,9 @@ log-prob of an answer after a context (a tiny model, checked against a by-hand c
 import pytest
 import torch
 
-from experiments.answer_binding import answer_logprob, contradictions
+from data.types import MEMORY, QAExample
+from envs.protocol import build_prompt
+from experiments.answer_binding import answer_logprob, contradictions, forced_recall_context, greedy_answer
 from models.loading import load_model_and_tokenizer
 
 Q_MZ, Q_CR, Q_KE = "What is the capital of Mozambique?", "What is the capital of Costa Rica?", "What is the capital of Kenya?"
@@ -45,3 +47,23 @@ def test_answer_logprob_is_the_chain_rule_over_the_answer_tokens():
             total += float(logits.log_softmax(-1)[ids[t]])
     assert abs(answer_logprob(model, tok, context, answer) - total) < 1e-4
     assert len(ids) - n == 2  # "B" and "</answer>" (one token in the test tokenizer): a sum of two terms
+
+
+def test_forced_recall_context_is_the_prompt_then_the_direct_traces_thought():
+    _, tok = load_model_and_tokenizer("tiny")
+    kenya = QAExample(id="capital/KE", question=Q_KE, answers=("Nairobi",), kind=MEMORY, type="capital", hops=("Kenya",))
+    own = {"capital/KE": "Well. The capital of Kenya is Nairobi, a big city."}
+    assert forced_recall_context(tok, kenya, own) == \
+        build_prompt(tok, Q_KE) + "<thought>The capital of Kenya is Nairobi.</thought><answer>"
+    assert forced_recall_context(tok, kenya, {}).endswith("<thought>The capital of Kenya is Nairobi.</thought><answer>")
+
+
+def test_greedy_answer_is_generates_greedy_continuation_cut_at_the_closing_tag():
+    model, tok = load_model_and_tokenizer("tiny")
+    model.eval()
+    for context in ("<thought>A is B.</thought><answer>", "Q: where? <thought>C.</thought><answer>"):
+        ids = torch.tensor([tok.encode(context, add_special_tokens=False)])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        expected = tok.decode(out[0, ids.shape[1]:]).split("</answer>")[0]
+        assert greedy_answer(model, tok, context, max_new_tokens=6) == expected
