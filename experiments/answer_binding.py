@@ -11,7 +11,7 @@ Prints one line per such answer, then how often the given answer was the likelie
 
 With `--forced-recall`: the memory questions of each split of the offline task, each followed by the
 thought its cold-start direct trace has (the base model's recall sentence, `data.traces.recall_sentence`)
-and `<answer>`; the policy's greedy answer there, right or not (exact match). On the training split
+and `<answer>`; the policy's greedy answer there (`grpo.rollout.rollout`, T = 0), right or not (exact match). On the training split
 that is what the cold start was taught, on the held-out splits how well the answer binds to a
 recalled fact it has not seen.
 
@@ -31,7 +31,9 @@ from data.traces import closed_book_replies, recall_sentence
 from data.types import MEMORY, QAExample
 from data.questions import read_questions
 from envs.protocol import build_prompt, parse_completion, thoughts
+from envs.search import EmptySearch
 from grpo.logprobs import token_logprobs
+from grpo.rollout import rollout
 from grpo.rewards import answer_grounded
 from models.loading import load_model_and_tokenizer
 
@@ -53,17 +55,15 @@ def forced_recall_context(tokenizer, example: QAExample, replies: dict[str, str]
     return build_prompt(tokenizer, example.question) + f"<thought>{recall_sentence(example, replies)}</thought><answer>"
 
 
-def greedy_answer(model, tokenizer, context: str, max_new_tokens: int = 12) -> str:
-    """The greedy continuation of `context` up to `</answer>` (or `max_new_tokens`), one forward per token."""
-    ids = tokenizer.encode(context, add_special_tokens=False)
-    start, text = len(ids), ""
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-            text = tokenizer.decode(ids[start:])
-            if "</answer>" in text or ids[-1] == tokenizer.eos_token_id:
-                break
-    return text.split("</answer>")[0]
+def greedy_answers(model, tokenizer, contexts: list[str], max_new_tokens: int = 12, batch: int = 16) -> list[str]:
+    """The greedy continuation of each context up to `</answer>` (or EOS, or `max_new_tokens`): the
+    rollout's own decoding (G = 1, T = 0), in batches; a call is answered by a tool that finds nothing."""
+    out = []
+    for start in range(0, len(contexts), batch):
+        ro = rollout(model, tokenizer, contexts[start:start + batch], EmptySearch(), group_size=1,
+                     max_new_tokens=max_new_tokens, temperature=0.0)
+        out += [t.replace(tokenizer.eos_token, "").split("</answer>")[0] for t in ro.texts]
+    return out
 
 
 def contradictions(rows: list[dict], golds: dict[str, list[str]]) -> list[tuple[dict, str]]:
@@ -119,7 +119,7 @@ def forced_recall_report(adapter: str) -> None:
     task, replies = build_offline_task(0), closed_book_replies()
     for split in ("train", "validation", "test"):
         examples = [ex for ex in getattr(task, split) if ex.kind == MEMORY]
-        answers = [greedy_answer(model, tokenizer, forced_recall_context(tokenizer, ex, replies)) for ex in examples]
+        answers = greedy_answers(model, tokenizer, [forced_recall_context(tokenizer, ex, replies) for ex in examples])
         wrong = [(ex, a) for ex, a in zip(examples, answers) if not exact_match(a, ex.answers)]
         print(f"{split}: {len(examples) - len(wrong)} of {len(examples)} right after the recall thought")
         for ex, a in wrong:

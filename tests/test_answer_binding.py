@@ -5,7 +5,7 @@ import torch
 
 from data.types import MEMORY, QAExample
 from envs.protocol import build_prompt
-from experiments.answer_binding import answer_logprob, contradictions, forced_recall_context, greedy_answer
+from experiments.answer_binding import answer_logprob, contradictions, forced_recall_context, greedy_answers
 from models.loading import load_model_and_tokenizer
 
 Q_MZ, Q_CR, Q_KE = "What is the capital of Mozambique?", "What is the capital of Costa Rica?", "What is the capital of Kenya?"
@@ -58,12 +58,18 @@ def test_forced_recall_context_is_the_prompt_then_the_direct_traces_thought():
     assert forced_recall_context(tok, kenya, {}).endswith("<thought>The capital of Kenya is Nairobi.</thought><answer>")
 
 
-def test_greedy_answer_is_generates_greedy_continuation_cut_at_the_closing_tag():
+def test_greedy_answers_are_generates_greedy_continuations_cut_at_the_closing_tag():
     model, tok = load_model_and_tokenizer("tiny")
     model.eval()
-    for context in ("<thought>A is B.</thought><answer>", "Q: where? <thought>C.</thought><answer>"):
+    # the tiny model repeats the last token: three contexts, three different continuations, one of them
+    # the closing tag at once (an empty answer)
+    contexts = ["<thought>A is B.</thought><answer>", "Q: where? C", "<thought>C.</thought></answer>"]
+    expected = []
+    for context in contexts:  # one at a time, no padding: HF generate's greedy decoding
         ids = torch.tensor([tok.encode(context, add_special_tokens=False)])
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
-        expected = tok.decode(out[0, ids.shape[1]:]).split("</answer>")[0]
-        assert greedy_answer(model, tok, context, max_new_tokens=6) == expected
+        expected.append(tok.decode(out[0, ids.shape[1]:]).replace(tok.eos_token, "").split("</answer>")[0])
+    assert len(set(expected)) == 3 and expected[2] == ""
+    assert greedy_answers(model, tok, contexts, max_new_tokens=6) == expected
+    assert greedy_answers(model, tok, contexts, max_new_tokens=6, batch=1) == expected
