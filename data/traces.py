@@ -163,6 +163,11 @@ def style_of(example: QAExample) -> str | None:
     return {0: None, 1: "search"}.get(len(example.hops), "multihop")
 
 
+def sentences(reply: str) -> list[str]:
+    """The reply split after each ".", "!" or "?" that a space follows."""
+    return re.split(r"(?<=[.!?])\s+", reply.strip())
+
+
 def own_words(reply: str, answers: Sequence[str], subject: str = "") -> str | None:
     """The base model's reply cut to the first sentence, and in it the first clause, that states a gold.
 
@@ -177,7 +182,7 @@ def own_words(reply: str, answers: Sequence[str], subject: str = "") -> str | No
             text = re.sub(re.escape(subject), " ", text, count=1, flags=re.IGNORECASE)
         return contains_gold(text, answers)
 
-    for sentence in re.split(r"(?<=[.!?])\s+", reply.strip()):
+    for sentence in sentences(reply):
         if not states(sentence):
             continue
         words = sentence.split()
@@ -196,7 +201,7 @@ def recall_without_continent(reply: str, subject: str) -> str | None:
     "Guadeloupe is a French island located in the Atlantic Ocean, ..." -> "Guadeloupe is a French island
     located in the Atlantic Ocean." None when it names one (even wrongly, or as an adjective: "European"),
     does not name the subject, is shorter than 3 or longer than MAX_RECALL_WORDS words, or holds a tag."""
-    sentence = re.split(r"(?<=[.!?])\s+", reply.strip())[0]
+    sentence = sentences(reply)[0]
     clause = re.split(r"[,;:.!?](?:\s|$)", sentence)[0].strip()
     lowered = clause.lower()
     if (subject.lower() not in lowered or any(stem in lowered for stem in CONTINENT_STEMS)
