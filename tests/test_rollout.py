@@ -678,3 +678,27 @@ def test_cache_matches_no_cache_when_tool_turns_go_in_at_once(max_tool_wait):
     assert len(steps_c) == len(steps_r)
     for c, ref in zip(steps_c[1:], steps_r[1:]):
         torch.testing.assert_close(c, ref, atol=1e-5, rtol=1e-4)                     # (rows, V)
+
+
+def test_tool_turn_runs_the_last_call_of_the_segment_or_an_empty_query():
+    """`observation`: the query is the last well-formed `<call>…</call>` since the last observation;
+    a `</call>` without one (`<call Angola>Angola</call>`, seen in run RS-L) runs the empty query, is
+    charged as a call, and its completion is malformed for the reward (`parse_completion`)."""
+    from envs.protocol import parse_completion
+    from grpo.rollout import RowState, observation
+
+    asked = []
+    env = lambda q: asked.append(q) or f"found {q}"                   # noqa: E731
+    row = RowState()
+    row.segment = TOK.encode("<thought>t</thought><call>Kenya</call> <call>Chad </call>")
+    obs = TOK.decode(observation(row, TOK, env, max_tool_calls=3, max_obs_tokens=50, tool_timeout=None,
+                                 show_budget=False))
+    assert (asked, row.queries, row.num_calls, row.segment) == (["Chad"], ["Chad"], 1, [])
+    assert obs == "<obs>found Chad</obs>"
+
+    text = "<thought>t</thought><call Angola>Angola</call>"
+    row.segment = TOK.encode(text)
+    obs = TOK.decode(observation(row, TOK, env, 3, 50, None, False))
+    assert (asked[-1], row.queries[-1], row.num_calls, row.num_calls_no_obs) == ("", "", 2, 0)
+    assert obs == "<obs>found </obs>"
+    assert not parse_completion(text + obs + "<answer>x</answer>").well_formed
