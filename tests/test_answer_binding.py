@@ -58,7 +58,7 @@ def test_forced_recall_context_is_the_prompt_then_the_direct_traces_thought():
     assert forced_recall_context(tok, kenya, {}).endswith("<thought>The capital of Kenya is Nairobi.</thought><answer>")
 
 
-def test_greedy_answers_are_generates_greedy_continuations_cut_at_the_closing_tag():
+def test_greedy_answers_are_greedy_continuations_cut_at_the_closing_tag():
     model, tok = load_model_and_tokenizer("tiny")
     model.eval()
     # the tiny model repeats the last token: three contexts, three different continuations, one of them

@@ -688,7 +688,11 @@ def test_tool_turn_runs_the_last_call_of_the_segment_or_an_empty_query():
     from grpo.rollout import RowState, observation
 
     asked = []
-    env = lambda q: asked.append(q) or f"found {q}"                   # noqa: E731
+
+    def env(query: str) -> str:
+        asked.append(query)
+        return f"found {query}"
+
     row = RowState()
     row.segment = TOK.encode("<thought>t</thought><call>Kenya</call> <call>Chad </call>")
     obs = TOK.decode(observation(row, TOK, env, max_tool_calls=3, max_obs_tokens=50, tool_timeout=None,
