@@ -18,8 +18,9 @@ log-softmax in fp32 one sample at a time.
      padding positions get 0: the completion mask removes them from the loss), from the final
      hidden states h in chunks of positions:
          log π(y | h) = z_y / T - logsumexp(z / T),   z = W h   (the LM head)
-     in fp32 per chunk, under activation checkpointing: no (N, C, V) tensor is kept for the
-     backward, each chunk's logits are recomputed from h instead.
+     in fp32 per chunk, by one autograd function (`SampledLogSoftmax`) whose backward is written
+     out, ∂/∂z = (onehot(y) - softmax(z / T)) / T: the backward keeps the chunk's logits in the
+     dtype the head produced them (bf16 under autocast) and no fp32 (n, V) graph.
 
 `loss_micro_batches` cuts a rollout into micro-batches of whole groups under a token budget:
 `GRPOModule` computes the loss passes one micro-batch at a time (a backward each), so that their
@@ -31,16 +32,13 @@ the tokens, trl #4159). Shapes: B, G, N = B*G, P, C, L (the tokens of a length b
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from grpo.kvcache import position_ids_from_mask
 from grpo.rollout import Rollout
 
-CHUNK_POSITIONS = 512   # positions per LM-head chunk: a (512, V) fp32 block is 100 MB for SmolLM2
+CHUNK_POSITIONS = 512   # positions per LM-head chunk: its fp32 (512, V) temporaries are 100 MB for SmolLM2
 FORWARD_COST_TOKENS = 32  # a bucket's forward costs about as much as this many more tokens (overhead)
 
 
@@ -128,25 +126,48 @@ def loss_micro_batches(ro: Rollout, tokens_per_micro_batch: int) -> list[Tensor]
     return [torch.cat(rows[r.start:r.stop]) for r in group_micro_batches(tokens.tolist(), tokens_per_micro_batch)]
 
 
-def _chunk_logprobs(head, hidden: Tensor, targets: Tensor, temperature: float) -> Tensor:
-    """z_y / T - logsumexp(z / T) with z = head(hidden), in fp32. hidden (n, d), targets (n,) -> (n,)."""
-    z = head(hidden).float() / temperature                          # (n, V) fp32
-    return z.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)  # (n,)
+class SampledLogSoftmax(torch.autograd.Function):
+    """log softmax(z / T)[y] for logits z (n, V) and targets y (n,): (n,), in fp32 (fp64 for fp64 z).
+
+    Forward:   out_i = z_iy / T - logsumexp_v(z_iv / T)
+    Backward:  ∂out_i/∂z_iv = (1[v = y_i] - softmax(z_i / T)_v) / T
+    Saved: z as it came (bf16 logits under autocast stay bf16), y and the (n,) logsumexp. Autograd
+    through `log_softmax`/`logsumexp` would keep fp32 (n, V) tensors and run a chain of (n, V) ops
+    for the backward; here the backward is four in-place passes over one fp32 (n, V) buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, targets: Tensor, temperature: float) -> Tensor:
+        zt = z.to(torch.promote_types(z.dtype, torch.float32))                      # (n, V)
+        if temperature != 1.0:
+            zt = zt / temperature
+        lse = torch.logsumexp(zt, dim=-1)                                           # (n,)
+        ctx.save_for_backward(z, targets, lse)
+        ctx.temperature = temperature
+        return zt.gather(-1, targets[:, None]).squeeze(-1) - lse                    # (n,)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, targets, lse = ctx.saved_tensors
+        T = ctx.temperature
+        g = grad / T                                                                # (n,)
+        dz = z.to(lse.dtype, copy=True)                                             # (n, V), never z itself
+        if T != 1.0:
+            dz.div_(T)
+        dz.sub_(lse[:, None]).exp_().mul_(-g[:, None])                              # -g·softmax(z / T) / T
+        dz.scatter_add_(-1, targets[:, None], g[:, None])                           # + g / T at y
+        return dz.to(z.dtype), None, None
 
 
 def sampled_token_logprobs(head, hidden: Tensor, targets: Tensor, temperature: float = 1.0,
                            chunk: int = CHUNK_POSITIONS) -> Tensor:
     """log softmax(head(h) / T)[y] for each row of hidden (M, d) and targets (M,): (M,) fp32.
 
-    Chunks of `chunk` positions; with gradient, each chunk is checkpointed, so the backward keeps
-    only h and recomputes the chunk's logits instead of holding an (M, V) fp32 block.
+    Chunks of `chunk` positions bound the fp32 (chunk, V) temporaries; with gradient, each chunk keeps
+    its logits head(h) for the backward in the head's output dtype (`SampledLogSoftmax`).
     """
-    fn = functools.partial(_chunk_logprobs, head, temperature=temperature)
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
-    out = []
-    for s in range(0, hidden.shape[0], chunk):
-        h, y = hidden[s:s + chunk], targets[s:s + chunk]            # (n, d), (n,)
-        out.append(checkpoint(fn, h, y, use_reentrant=False) if grad else fn(h, y))
+    out = [SampledLogSoftmax.apply(head(hidden[s:s + chunk]), targets[s:s + chunk], temperature)  # (n,)
+           for s in range(0, hidden.shape[0], chunk)]
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)  # (M,)
 
 
