@@ -114,7 +114,7 @@ def loss_micro_batches(ro: Rollout, tokens_per_micro_batch: int) -> list[Tensor]
 
     A group counts the tokens its loss pass feeds: its prompt once and its G completions (sampled and
     observation tokens), no padding. The memory a pass with gradient keeps for its backward grows with
-    that count (SmolLM2, fp32, LoRA: ~2.3 MB per token; benchmarks/PERF.md), so the budget bounds it.
+    that count (SmolLM2, fp32, LoRA: 2.3-3.1 MB per token; benchmarks/PERF.md), so the budget bounds it.
     """
     P = ro.prompt_length
     _, counts = torch.unique_consecutive(ro.group_ids, return_counts=True)            # (B,) rows per group

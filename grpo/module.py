@@ -78,9 +78,11 @@ class GRPOModule(AgentModule):
                 batch in micro-batches of whole groups of at most this many tokens (prompts once, completions
                 with their observations, no padding; a larger group goes alone). Gradient, loss and logged
                 values are those of one pass over the batch; only memory changes. Peak memory grows with the
-                largest micro-batch: SmolLM2, fp32, LoRA: ~1.25 GB + ~2.3 MB per token (measured,
-                benchmarks/PERF.md), so the default 2048 keeps a B = 8, G = 8 batch under ~6 GB, where one pass
-                needed ~20 GB. Smaller budgets cost little time (groups of ~230 tokens: no slower, measured).
+                largest micro-batch: SmolLM2, fp32, LoRA: ~1.25 GB + 2.3-3.1 MB per token (more for longer rows;
+                benchmarks/PERF.md). Measured on a B = 8, G = 8 rollout of 10,888 tokens whose largest group
+                (two searches per sample) has 2,616: 2048 → update peak 10.4 GB in fp32, 7.6-7.8 GB under bf16
+                autocast (one pass: ~26 GB predicted); 1024 → 9.4 GB (that group goes alone: a budget
+                cannot cut a group). Smaller budgets cost little time (groups of ~230 tokens: no slower).
             tool_outage_rate: share of the training questions whose search tool is down: every call of their G
                 samples finds nothing (`envs.search.EmptySearch`), so that answering from memory after an empty
                 search is rewarded, and looping on it is not. Drawn per question from (seed, step, rank, index);
