@@ -133,7 +133,8 @@ class SampledLogSoftmax(torch.autograd.Function):
     Backward:  ∂out_i/∂z_iv = (1[v = y_i] - softmax(z_i / T)_v) / T
     Saved: z as it came (bf16 logits under autocast stay bf16), y and the (n,) logsumexp. Autograd
     through `log_softmax`/`logsumexp` would keep fp32 (n, V) tensors and run a chain of (n, V) ops
-    for the backward; here the backward is four in-place passes over one fp32 (n, V) buffer.
+    for the backward; here the backward is one fp32 (n, V) copy of z and three in-place passes over
+    it (four at T ≠ 1).
     """
 
     @staticmethod
