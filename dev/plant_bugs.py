@@ -17,7 +17,8 @@ import tempfile
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_rollout.py", "tests/test_module.py", "tests/test_agent.py", "tests/test_losses.py",
          "tests/test_rewards.py", "tests/test_metrics.py", "tests/test_protocol.py", "tests/test_answers.py",
-         "tests/test_sft.py", "tests/test_checkpoint.py", "tests/test_logprobs.py", "tests/test_lora.py"]
+         "tests/test_sft.py", "tests/test_checkpoint.py", "tests/test_logprobs.py", "tests/test_lora.py",
+         "tests/test_attention.py"]
 BUGS = [  # (name, file, correct code, planted bug)
     ('logp t scored with t+1', 'grpo/logprobs.py',
      'logits = out.logits[:, :-1]',
@@ -178,6 +179,21 @@ BUGS = [  # (name, file, correct code, planted bug)
     ('rollout_dtype ignored', 'grpo/agent.py',
      'weights_in(policy, self.rollout_torch_dtype)',
      'weights_in(policy, None)'),
+    ("sampled log-softmax backward: softmax term's sign", 'grpo/logprobs.py',
+     '.exp_().mul_(-g[:, None])',
+     '.exp_().mul_(g[:, None])'),
+    ('sampled log-softmax backward: one-hot term without /T', 'grpo/logprobs.py',
+     'dz.scatter_add_(-1, targets[:, None], g[:, None])',
+     'dz.scatter_add_(-1, targets[:, None], grad[:, None])'),
+    ('sampled log-softmax backward: /T dropped', 'grpo/logprobs.py',
+     'g = grad / T ',
+     'g = grad '),
+    ('sampled log-softmax backward writes into the saved logits', 'grpo/logprobs.py',
+     'dz = z.to(lse.dtype, copy=True)',
+     'dz = z.to(lse.dtype)'),
+    ('rollout attention mask skipped again', 'models/attention.py',
+     'kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)',
+     'kwargs.update(allow_is_causal_skip=True, allow_is_bidirectional_skip=True)'),
 ]
 
 
