@@ -194,6 +194,9 @@ BUGS = [  # (name, file, correct code, planted bug)
     ('rollout attention mask skipped again', 'models/attention.py',
      'kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)',
      'kwargs.update(allow_is_causal_skip=True, allow_is_bidirectional_skip=True)'),
+    ('evaluation samples from the training stream', 'grpo/evaluation.py',
+     'top_p=hp.eval_top_p, generator=self.eval_generator(batch_idx))',
+     'top_p=hp.eval_top_p)'),
 ]
 
 

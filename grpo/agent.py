@@ -219,8 +219,10 @@ class AgentModule(EvaluationHooks, L.LightningModule):
         self.lr_schedulers().step()
 
     def rollout(self, batch: list[QAExample], temperature: float, group_size: int,
-                max_new_tokens: int | None = None, top_p: float = 1.0, env=None) -> Rollout:
-        """G completions per question; `env`: the tool, or one per question (None: `self.env`)."""
+                max_new_tokens: int | None = None, top_p: float = 1.0, env=None,
+                generator: torch.Generator | None = None) -> Rollout:
+        """G completions per question; `env`: the tool, or one per question (None: `self.env`);
+        `generator`: the RNG to sample with (None: the training stream, `sampler`)."""
         prompts = [build_prompt(self.tokenizer, ex.question) for ex in batch]
         was_training = self.policy.training
         self.policy.eval()
@@ -232,7 +234,7 @@ class AgentModule(EvaluationHooks, L.LightningModule):
                 self.device.type, enabled=self.device.type == "cuda" and torch.is_autocast_enabled()):
             ro = rollout(policy, self.tokenizer, prompts, self.env if env is None else env, group_size,
                          max_new_tokens or self.hparams.max_new_tokens, temperature, top_p,
-                         self.hparams.max_tool_calls, self.hparams.max_obs_tokens, generator=self.sampler,
+                         self.hparams.max_tool_calls, self.hparams.max_obs_tokens, generator=self.sampler if generator is None else generator,
                          show_budget=self.hparams.get("show_budget", False))
         self.policy.train(was_training)
         return ro

@@ -28,6 +28,7 @@ comparison's country), misread counts every wrong answer whose searches reached 
 """
 from __future__ import annotations
 
+import random
 from typing import Mapping, Sequence
 
 import torch
@@ -127,10 +128,18 @@ class EvaluationHooks:
         hp = self.hparams
         ro = self.rollout(batch, temperature=hp.eval_temperature, group_size=1,
                           max_new_tokens=hp.eval_max_new_tokens or hp.max_new_tokens,
-                          top_p=hp.eval_top_p)
+                          top_p=hp.eval_top_p, generator=self.eval_generator(batch_idx))
         rows = eval_rows(batch, ro)
         self._eval_rows += tuple(rows)
         return rows
+
+    def eval_generator(self, batch_idx: int) -> torch.Generator:
+        """The RNG of one evaluation batch, seeded from (seed, global step, rank, batch) — never the
+        training rollouts' stream (`sampler`): how often and on what a run evaluates does not change
+        what it trains on, a resumed run evaluates as the uninterrupted one did, and a checkpoint
+        evaluated twice gives the same rows. (Greedy evaluation, the default, draws nothing.)"""
+        key = f"{self.hparams.seed}/eval/{self.global_step}/{self.global_rank}/{batch_idx}"
+        return torch.Generator(self.device).manual_seed(random.Random(key).getrandbits(63))
 
     def test_step(self, batch: list[QAExample], batch_idx: int) -> list[dict]:
         return self.validation_step(batch, batch_idx)

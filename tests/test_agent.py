@@ -186,8 +186,9 @@ def test_evaluation_rollouts_use_the_eval_settings(monkeypatch):
                    eval_max_new_tokens=7)
     seen = []
 
-    def recorded_rollout(batch, temperature, group_size, max_new_tokens=None, top_p=1.0):
+    def recorded_rollout(batch, temperature, group_size, max_new_tokens=None, top_p=1.0, generator=None):
         seen.append((temperature, group_size, max_new_tokens, top_p))
+        assert generator is not None and generator is not m.sampler  # its own RNG, not the training stream
         return fake_rollout(["<answer>Paris</answer>", "<call>x</call><obs>o</obs><answer>Rome</answer>"], [0, 1])
 
     monkeypatch.setattr(m, "rollout", recorded_rollout)
@@ -196,6 +197,20 @@ def test_evaluation_rollouts_use_the_eval_settings(monkeypatch):
     rows = m.validation_step(batch, 0)
     assert seen == [(0.0, 1, 7, 0.5)]
     assert [(r["em"], r["calls"], r["kind"]) for r in rows] == [(1.0, 0.0, "memory"), (0.0, 1.0, "lookup")]
+
+
+def test_sampled_evaluation_leaves_the_training_stream_alone():
+    """An evaluation at eval_temperature > 0 samples from its own RNG, keyed by (seed, step, rank, batch):
+    the training sampler's state is the same after it (so how often a run evaluates cannot change what it
+    trains on, nor a resume what it evaluates), and the same batch at the same step gives the same rows."""
+    m = tiny_module_with_lora_update(eval_temperature=1.0, eval_max_new_tokens=12)
+    batch = [QAExample(id="fr", question="Capital of France?", answers=("Paris",), kind="memory")]
+    before = m.sampler.get_state().clone()
+    first, again = m.validation_step(batch, 0), m.validation_step(batch, 0)
+    assert torch.equal(m.sampler.get_state(), before)
+    assert first[0]["text"] == again[0]["text"]
+    texts = {m.validation_step(batch, b)[0]["text"] for b in range(1, 5)}   # other batches: other draws
+    assert len(texts | {first[0]["text"]}) > 1
 
 
 def test_an_interrupted_evaluation_does_not_count_in_the_next(monkeypatch):
