@@ -197,6 +197,9 @@ BUGS = [  # (name, file, correct code, planted bug)
     ('evaluation samples from the training stream', 'grpo/evaluation.py',
      'top_p=hp.eval_top_p, generator=self.eval_generator(batch_idx))',
      'top_p=hp.eval_top_p)'),
+    ('token means not scaled by the token share', 'grpo/metrics.py',
+     '"loss/clip_frac": out.clip_frac * token_share, "loss/ratio_mean": out.ratio_mean * token_share',
+     '"loss/clip_frac": out.clip_frac, "loss/ratio_mean": out.ratio_mean'),
 ]
 
 

@@ -8,8 +8,10 @@ the OTC reward), m the completion mask (1 on sampled tokens).
 
 Training: one value per step, means over the batch (`step_metrics`). `GRPOModule` logs them with
 sync_dist: the mean over ranks, which is the mean over the global batch since every rank holds N
-samples. Token means are multiplied by the rank's `token_scale` first, so that their mean over ranks
-is the token mean of the global batch; std and clip_frac are means of per-rank values.
+samples. Token means (loss/clip_frac, loss/ratio_mean) are multiplied by the rank's token share
+M_r·W/M first, so that their mean over ranks is the token mean of the global batch; the loss terms
+by the loss's own DDP factor (that share for the token-level loss, 1 for per-sequence means); the std
+is a mean of per-rank values.
 
     loss/policy                clipped surrogate -min(ρÂ, clip(ρ, 1-ε, 1+ε_high)Â), aggregated as the loss
     loss/kl                    k3 KL exp(ref - logp) - (ref - logp) - 1, aggregated as the loss
@@ -67,14 +69,16 @@ GROUPS = ("all", *KINDS)
 
 
 def step_metrics(ro: Rollout, rewards: Tensor, components: Mapping[str, Tensor], zero_std: Tensor,
-                 out: GRPOLossOutput, token_scale: Tensor | float = 1.0) -> dict[str, Tensor]:
+                 out: GRPOLossOutput, token_scale: Tensor | float = 1.0,
+                 token_share: Tensor | float = 1.0) -> dict[str, Tensor]:
     """The loss/, reward/, tools/ and rollout/ means of one step (see the table). rewards (N,),
-    components {k: (N,)}, zero_std (B,) bool; token means (loss/policy, loss/kl, loss/total) × token_scale."""
+    components {k: (N,)}, zero_std (B,) bool; the loss terms (loss/policy, loss/kl, loss/total) ×
+    token_scale (the loss's DDP factor), the token means (clip_frac, ratio_mean) × token_share (M_r·W/M)."""
     sampled = ro.completion_mask.sum(1).float()                                          # (N,)
     return {
         "loss/policy": out.policy_loss * token_scale, "loss/kl": out.kl * token_scale,
         "loss/total": out.loss.detach() * token_scale,
-        "loss/clip_frac": out.clip_frac, "loss/ratio_mean": out.ratio_mean,
+        "loss/clip_frac": out.clip_frac * token_share, "loss/ratio_mean": out.ratio_mean * token_share,
         "reward/mean": rewards.mean(), "reward/std": rewards.std(),
         "reward/frac_zero_std": zero_std.float().mean(),
         **{f"reward/{k}": v.mean() for k, v in components.items()},

@@ -125,11 +125,12 @@ class GRPOModule(AgentModule):
         old_logp = ro.sample_logp                                                           # (N, C)
         ref_logp = self.reference_logprobs(ro, micro)                                       # (N, C) or None
         # 5. μ policy updates: clipped surrogate + β·KL on the sampled tokens only
-        token_scale = self.token_scale(ro.completion_mask)                                  # (), 1 on one process
+        share = self.token_share(ro.completion_mask)                                        # (), 1 on one process
+        token_scale = share if hp.token_level else torch.ones_like(share)                   # the loss's DDP factor
         for _ in range(hp.num_updates):
             out = self.policy_update(ro, micro, old_logp, ref_logp, advantages, token_scale)  # + one LR step
         # 6. log the step's means, over ranks too (grpo.metrics: every metric and its formula)
-        metrics = step_metrics(ro, rewards, parts, zero_std, out, token_scale)
+        metrics = step_metrics(ro, rewards, parts, zero_std, out, token_scale, share)
         metrics |= {"time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0}
         if hp.tool_outage_rate > 0:
             metrics["tools/outage_share"] = sum(isinstance(e, EmptySearch) for e in envs) / len(envs)
@@ -172,16 +173,17 @@ class GRPOModule(AgentModule):
         return components.pop("total").to(self.device), components, torch.tensor(correct, dtype=torch.bool)
 
     @torch.no_grad()
-    def token_scale(self, completion_mask: torch.Tensor) -> torch.Tensor:
-        """`ddp_token_scale` of this rank under DDP with the token-level loss, else 1.
+    def token_share(self, completion_mask: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the batch's sampled tokens, M_r·W/M (`ddp_token_scale`); 1 on one process.
 
-        The loss is a token mean over the local batch and DDP averages gradients over ranks: that
-        is the token mean of the global batch only when every rank has as many completion tokens.
-        Rescaling by M_r·W/M (one all-reduce of the token count) normalises by the token count of
-        the whole batch, once (PITFALLS, "Length bias of per-sequence means").
+        A token mean over the local batch, averaged over ranks (DDP's gradient average, `sync_dist`), is
+        the token mean of the global batch only when every rank has as many completion tokens. Scaled
+        by M_r·W/M (one all-reduce of the token count) it is: the token-level loss is normalised by the
+        token count of the whole batch, once (PITFALLS, "Length bias of per-sequence means"), and so
+        are the logged token means (loss/clip_frac, loss/ratio_mean).
         """
         world_size = self.trainer.world_size
-        if not self.hparams.token_level or world_size == 1:
+        if world_size == 1:
             return torch.ones((), device=self.device)
         local_tokens = completion_mask.sum().float()                                        # ()
         global_tokens = self.trainer.strategy.reduce(local_tokens.clone(), reduce_op="sum")  # () Σ_r M_r

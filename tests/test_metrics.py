@@ -77,6 +77,23 @@ def test_step_metrics_by_hand():
     assert m["rollout/truncated_frac"] == 0.25
 
 
+def test_step_token_means_average_over_ranks_to_the_global_token_mean():
+    """Two ranks, 1 and 3 sampled tokens: rank 0 clipped with ρ = 2, rank 1 unclipped with ρ = 1. Global
+    token means: clip_frac 1/4, ratio_mean (2 + 1 + 1 + 1)/4 = 1.25. Token shares M_r·W/M: 1·2/4 = 0.5 and
+    3·2/4 = 1.5; the mean over ranks of the logged values (what sync_dist gives) is the global mean,
+    not the mean of the ranks' means (1/2 and 1.5). With per-sequence means the loss terms keep
+    token_scale 1 while the token means are still scaled by their share."""
+    logged = []
+    for clip, ratio, share in ((1.0, 2.0, 0.5), (0.0, 1.0, 1.5)):
+        out = GRPOLossOutput(loss=torch.tensor(0.5), policy_loss=torch.tensor(0.25), kl=torch.tensor(0.1),
+                             clip_frac=torch.tensor(clip), ratio_mean=torch.tensor(ratio))
+        logged.append(step_metrics(rollout(), REWARDS, {}, torch.tensor([False, False]), out,
+                                   token_scale=1.0, token_share=share))
+    assert (logged[0]["loss/clip_frac"] + logged[1]["loss/clip_frac"]) / 2 == pytest.approx(0.25)
+    assert (logged[0]["loss/ratio_mean"] + logged[1]["loss/ratio_mean"]) / 2 == pytest.approx(1.25)
+    assert logged[0]["loss/policy"] == 0.25 and logged[1]["loss/kl"] == pytest.approx(0.1)
+
+
 def test_eval_metrics_by_hand():
     """3 questions: memory right without a call (10 tokens), lookup right with 2 calls (30),
     lookup wrong with 1 call (20)."""
