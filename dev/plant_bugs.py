@@ -18,7 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_rollout.py", "tests/test_module.py", "tests/test_agent.py", "tests/test_losses.py",
          "tests/test_rewards.py", "tests/test_metrics.py", "tests/test_protocol.py", "tests/test_answers.py",
          "tests/test_sft.py", "tests/test_checkpoint.py", "tests/test_logprobs.py", "tests/test_lora.py",
-         "tests/test_attention.py"]
+         "tests/test_attention.py", "tests/test_models.py"]
 BUGS = [  # (name, file, correct code, planted bug)
     ('logp t scored with t+1', 'grpo/logprobs.py',
      'logits = out.logits[:, :-1]',
@@ -200,6 +200,9 @@ BUGS = [  # (name, file, correct code, planted bug)
     ('token means not scaled by the token share', 'grpo/metrics.py',
      '"loss/clip_frac": out.clip_frac * token_share, "loss/ratio_mean": out.ratio_mean * token_share',
      '"loss/clip_frac": out.clip_frac, "loss/ratio_mean": out.ratio_mean'),
+    ('pi_ref scored with dropout', 'models/loading.py',
+     'yield ref.eval()',
+     'yield ref'),
 ]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 
 import torch
 from torch import Tensor
@@ -103,6 +104,10 @@ class GRPOModule(AgentModule):
         if not 0.0 <= tool_outage_rate <= 1.0:
             raise ValueError(f"model.tool_outage_rate={tool_outage_rate!r}: must be in [0, 1]")
         super().__init__(**kwargs)
+        if self.hparams.lora and self.hparams.lora_dropout > 0:
+            warnings.warn(f"model.lora_dropout={self.hparams.lora_dropout}: rollouts sample without dropout (eval "
+                          f"mode) and the loss pass applies it, so ρ = π_θ/π_old carries dropout noise even at μ = 1 "
+                          f"(π_ref runs without it); GRPO here is meant to run with 0")
         self.voi_weights = voi_weights or VOIWeights()
         self.otc_weights = otc_weights or OTCWeights()
         self.ref_model = None  # π_ref of full fine-tuning (a frozen copy); with LoRA, the adapters disabled

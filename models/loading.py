@@ -224,14 +224,24 @@ def add_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.
 @contextlib.contextmanager
 def reference_policy(policy: nn.Module, frozen_copy: nn.Module | None = None):
     """The reference model π_ref of the KL term: the frozen copy if there is one, else the policy
-    with its LoRA adapters disabled. Use under `torch.no_grad()`."""
+    with its LoRA adapters disabled. Use under `torch.no_grad()`.
+
+    π_ref is one fixed distribution, so it runs in eval mode (no dropout) whatever mode the module
+    around it is in (Lightning puts every submodule in train mode, the frozen copy included); each
+    submodule's mode is given back on exit."""
     if frozen_copy is not None:
-        yield frozen_copy
+        ref, disabled = frozen_copy, contextlib.nullcontext()
     elif hasattr(policy, "disable_adapter"):
-        with policy.disable_adapter():
-            yield policy
+        ref, disabled = policy, policy.disable_adapter()
     else:
         raise ValueError("no reference policy: full fine-tuning needs a frozen copy")
+    modes = [(m, m.training) for m in ref.modules()]
+    with disabled:
+        try:
+            yield ref.eval()
+        finally:
+            for m, training in modes:
+                m.training = training
 
 
 @contextlib.contextmanager

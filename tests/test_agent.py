@@ -53,6 +53,15 @@ def test_bad_options_fail_before_loading(option, value):
             module(model_name="tiny", **{option: value})
 
 
+def test_grpo_with_lora_dropout_warns(recwarn):
+    """The rollout samples without dropout, the loss pass with it: GRPO warns (SFT does not)."""
+    with pytest.warns(UserWarning, match=r"lora_dropout=0\.1"):
+        GRPOModule(model_name="tiny", lora_dropout=0.1)
+    SFTModule(model_name="tiny", lora_dropout=0.1)
+    GRPOModule(model_name="tiny")
+    assert not [w for w in recwarn if "lora_dropout" in str(w.message)]
+
+
 def test_model_name_and_dtype_are_checked():
     with pytest.raises(ValueError, match="model_name='no-such-model'"):
         SFTModule(model_name="no-such-model")

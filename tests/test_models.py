@@ -124,6 +124,23 @@ def test_weights_in_casts_a_copy_and_gives_back_the_very_tensors():
         assert all(p.data_ptr() == before[n][0] for n, p in model.named_parameters(remove_duplicate=False))
 
 
+def test_reference_policy_runs_without_dropout():
+    """π_ref is a fixed distribution: scored in eval mode although the policy (LoRA dropout, attention
+    dropout) and the frozen copy are in train mode, as Lightning leaves them; their modes come back after."""
+    model, _ = load_model_and_tokenizer("tiny")
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.5
+    base = logits(model.eval())
+    copy = frozen_copy(model).train()
+    policy = add_lora(model, r=4, dropout=0.5).train()
+    assert not torch.allclose(logits(policy), base, atol=1e-3)  # dropout acts in train mode
+    for args in ((policy,), (policy, copy)):
+        with reference_policy(*args) as ref:
+            torch.testing.assert_close(logits(ref), base)
+        assert args[-1].training and all(m.training for m in args[-1].modules())
+
+
 def test_reference_policy_full_finetuning():
     """Without adapters the reference is the frozen copy, and there must be one."""
     model, _ = load_model_and_tokenizer("tiny")
