@@ -11,7 +11,7 @@ sync_dist: the mean over ranks, which is the mean over the global batch since ev
 samples. Token means (loss/clip_frac, loss/ratio_mean) are multiplied by the rank's token share
 M_r·W/M first, so that their mean over ranks is the token mean of the global batch; the loss terms
 by the loss's own DDP factor (that share for the token-level loss, 1 for per-sequence means); the std
-is a mean of per-rank values.
+is a mean of per-rank values. With μ > 1 updates per rollout, every loss/ value is the last update's.
 
     loss/policy                clipped surrogate -min(ρÂ, clip(ρ, 1-ε, 1+ε_high)Â), aggregated as the loss
     loss/kl                    k3 KL exp(ref - logp) - (ref - logp) - 1, aggregated as the loss
