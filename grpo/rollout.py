@@ -17,7 +17,8 @@ over the model's forward and its KV cache. `rollout` reads as these steps:
                  built from lengths, never from `ids != pad_id` (SmolLM2's pad token is its EOS)
 
 Steps 1 and 4 (which rows go through which forward, and how their KV cache moves) are
-`grpo.kvcache`'s; every forward of the loop gives attention an explicit mask (`models.attention`).
+`grpo.kvcache`'s; every forward of the loop gives attention an explicit mask (`models.attention`),
+and the linear layers on CPU their weights packed once per rollout (`models.packed`).
 Each row keeps its `completion_mask`: 1 on the tokens it sampled, 0 on the observation tokens
 forced after a call.
 
@@ -48,6 +49,7 @@ from envs.protocol import ANSWER_CLOSE, BUDGET_OBSERVATION, CALL_CLOSE, CALL_OPE
 from envs.sandbox import TOOL_TIMEOUT_S, run_tool
 from grpo.kvcache import left_pad, prefill
 from models.attention import masked_sdpa
+from models.packed import packed_linears
 
 TAIL_TOKENS = 16  # a closing tag is searched for in the decoded last few sampled tokens
 OBS_CHARS_PER_TOKEN = 8  # a tool's output is cut to 8 x max_obs_tokens characters before tokenizing
@@ -328,8 +330,9 @@ def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_
     stop_ids = {tokenizer.eos_token_id}
 
     # every forward below gives SDPA an explicit mask, also where it has no hole (models/attention.py:
-    # transformers would drop it, and the mask-free SDPA call is the slower one on CPU in bf16)
-    with masked_sdpa(model):
+    # transformers would drop it, and the mask-free SDPA call is the slower one on CPU in bf16); the
+    # linear layers on CPU call oneDNN with weights packed once, not at every call (models/packed.py)
+    with masked_sdpa(model), packed_linears(model):
         # 1. prefill: each prompt once, its KV cache then shared by its G samples
         prompt_ids, prompt_mask = left_pad([tokenizer.encode(p, add_special_tokens=False) for p in prompts], pad_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)      # (B, P)
