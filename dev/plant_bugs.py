@@ -18,7 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_rollout.py", "tests/test_module.py", "tests/test_agent.py", "tests/test_losses.py",
          "tests/test_rewards.py", "tests/test_metrics.py", "tests/test_protocol.py", "tests/test_answers.py",
          "tests/test_sft.py", "tests/test_checkpoint.py", "tests/test_logprobs.py", "tests/test_lora.py",
-         "tests/test_attention.py", "tests/test_models.py"]
+         "tests/test_attention.py", "tests/test_models.py", "tests/test_packed.py"]
 BUGS = [  # (name, file, correct code, planted bug)
     ('logp t scored with t+1', 'grpo/logprobs.py',
      'logits = out.logits[:, :-1]',
@@ -203,6 +203,12 @@ BUGS = [  # (name, file, correct code, planted bug)
     ('pi_ref scored with dropout', 'models/loading.py',
      'yield ref.eval()',
      'yield ref'),
+    ('packed linear drops its bias', 'models/packed.py',
+     '_linear_pointwise(x, self.packed, self.bias,',
+     '_linear_pointwise(x, self.packed, None,'),
+    ('packed forwards never given back', 'models/packed.py',
+     '            del module.forward ',
+     '            pass '),
 ]
 
 

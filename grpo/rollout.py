@@ -332,7 +332,7 @@ def rollout(model, tokenizer, prompts: list[str], env, group_size: int, max_new_
     # every forward below gives SDPA an explicit mask, also where it has no hole (models/attention.py:
     # transformers would drop it, and the mask-free SDPA call is the slower one on CPU in bf16); the
     # linear layers on CPU call oneDNN with weights packed once, not at every call (models/packed.py)
-    with masked_sdpa(model), packed_linears(model):
+    with masked_sdpa(model), packed_linears(model, rows=len(prompts) * G):
         # 1. prefill: each prompt once, its KV cache then shared by its G samples
         prompt_ids, prompt_mask = left_pad([tokenizer.encode(p, add_special_tokens=False) for p in prompts], pad_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)      # (B, P)

@@ -6,8 +6,9 @@ layout; oneDNN then reorders the weight into its blocked layout inside every cal
 1 thread, 130 µs plain against 87 µs packed; the LM head (49,152 x 576) 9.0 ms against 5.2 ms; at
 256 rows the two are equal (`benchmarks/packed_linear.py`). An fp32 `F.linear` goes to MKL's GEMM,
 which at a few rows is slower still than oneDNN with a packed weight (LM head at 8 rows: 20.6 against
-9.5 ms). Packing every weight of SmolLM2 costs ~0.2 s (bf16, 1 thread), what ~23 decode steps save;
-a rollout makes 64-200.
+9.3 ms), but not at one row (MKL is as fast there: fp32 weights are packed from 4 rows on). Packing
+every weight of SmolLM2 costs ~0.2 s (1 thread), what ~23 (bf16) or ~11 (fp32) decode steps at 8 rows
+save; a rollout makes 64-200.
 
 `packed_linears(model)` packs the weight of every bf16 or fp32 `nn.Linear` of a CPU model
 (`torch.ops.mkldnn._reorder_linear_weight`) and gives the module a forward that calls oneDNN with
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 ROWS_HINT = 8  # rows per call oneDNN picks the packed layout for (a decode step of one group)
 DTYPES = (torch.bfloat16, torch.float32)
+FP32_MIN_ROWS = 4  # fewer rows: MKL's fp32 GEMM is as fast as a packed call, packing would not pay
 
 
 def available() -> bool:
@@ -38,9 +40,10 @@ def available() -> bool:
         and hasattr(ops, "_linear_pointwise")
 
 
-def _packable(module: nn.Module) -> bool:
+def _packable(module: nn.Module, rows: int) -> bool:
     w = getattr(module, "weight", None)
-    return type(module) is nn.Linear and w is not None and w.dtype in DTYPES and w.device.type == "cpu"
+    return (type(module) is nn.Linear and w is not None and w.dtype in DTYPES and w.device.type == "cpu"
+            and (w.dtype != torch.float32 or rows >= FP32_MIN_ROWS))
 
 
 class _PackedForward:
@@ -57,15 +60,16 @@ class _PackedForward:
 
 
 @contextlib.contextmanager
-def packed_linears(model: nn.Module, rows_hint: int = ROWS_HINT):
-    """`model` whose bf16/fp32 CPU `nn.Linear`s call oneDNN with a weight packed once (module docstring)."""
+def packed_linears(model: nn.Module, rows: int = ROWS_HINT):
+    """`model` whose bf16/fp32 CPU `nn.Linear`s call oneDNN with a weight packed once (module docstring).
+    `rows`: how many rows the caller decodes at a time; fp32 weights are packed from FP32_MIN_ROWS rows on."""
     patched = []
     try:
         if available():
             with torch.no_grad():
                 for module in model.modules():
-                    if _packable(module) and "forward" not in module.__dict__:
-                        module.forward = _PackedForward(module, rows_hint)
+                    if _packable(module, rows) and "forward" not in module.__dict__:
+                        module.forward = _PackedForward(module, min(rows, ROWS_HINT))
                         patched.append(module)
         yield model
     finally:

@@ -67,6 +67,8 @@ def test_fp32_packed_equals_plain_up_to_rounding_and_fp16_is_left_alone():
             assert len(patched(model)) == 7 * model.config.num_hidden_layers + 1
             fast = decode_steps(model, ids, mask)
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
+    with packed.packed_linears(model, rows=packed.FP32_MIN_ROWS - 1):
+        assert patched(model) == []                                                     # one row: MKL is as fast
     model = tiny_model(300).half()
     with packed.packed_linears(model):
         assert patched(model) == []
@@ -90,7 +92,7 @@ def test_rollout_with_packed_weights_samples_the_same(monkeypatch):
                        group_size=3, max_new_tokens=20, temperature=1.0, generator=torch.Generator().manual_seed(4))
 
     fast = run()
-    monkeypatch.setattr(grpo.rollout, "packed_linears", lambda m: contextlib.nullcontext(m))
+    monkeypatch.setattr(grpo.rollout, "packed_linears", lambda m, rows: contextlib.nullcontext(m))
     plain = run()
     assert fast.texts == plain.texts
     assert torch.equal(fast.input_ids, plain.input_ids) and torch.equal(fast.sample_logp, plain.sample_logp)
