@@ -20,7 +20,7 @@ from envs.protocol import build_prompt
 from grpo.evaluation import EvaluationHooks, all_ranks
 from grpo.rollout import Rollout, rollout
 from models.loading import (DEFAULT_LORA_TARGETS, DTYPES, SMOLLM2, add_lora, check_4bit, check_model_name,
-                            load_model_and_tokenizer, weights_in)
+                            eval_mode, load_model_and_tokenizer, weights_in)
 from models.lora import merged_lora
 
 
@@ -224,20 +224,19 @@ class AgentModule(EvaluationHooks, L.LightningModule):
         """G completions per question; `env`: the tool, or one per question (None: `self.env`);
         `generator`: the RNG to sample with (None: the training stream, `sampler`)."""
         prompts = [build_prompt(self.tokenizer, ex.question) for ex in batch]
-        was_training = self.policy.training
-        self.policy.eval()
-        # LoRA merged into the weights while decoding (one matmul per adapted Linear, not three), restored
-        # bit-identical after (`models.lora.merged_lora`: when it merges and when it cannot); then decoded in
-        # `rollout_dtype` (a cast copy, `weights_in`), not under autocast: autocast casts every weight at every
-        # decode step, which made CPU decoding ~4x slower on a host without bf16 hardware
-        with merged_lora(self.policy) as policy, weights_in(policy, self.rollout_torch_dtype), torch.autocast(
-                self.device.type, enabled=self.device.type == "cuda" and torch.is_autocast_enabled()):
-            ro = rollout(policy, self.tokenizer, prompts, self.env if env is None else env, group_size,
-                         max_new_tokens or self.hparams.max_new_tokens, temperature, top_p,
-                         self.hparams.max_tool_calls, self.hparams.max_obs_tokens, generator=self.sampler if generator is None else generator,
-                         show_budget=self.hparams.get("show_budget", False))
-        self.policy.train(was_training)
-        return ro
+        # sampled in eval mode (no dropout; every submodule's mode given back after); LoRA merged into the
+        # weights while decoding (one matmul per adapted Linear, not three), restored bit-identical after
+        # (`models.lora.merged_lora`: when it merges and when it cannot); then decoded in `rollout_dtype` (a cast
+        # copy, `weights_in`), not under autocast: autocast casts every weight at every decode step, which made
+        # CPU decoding ~4x slower on a host without bf16 hardware
+        with eval_mode(self.policy), merged_lora(self.policy) as policy, \
+                weights_in(policy, self.rollout_torch_dtype), \
+                torch.autocast(self.device.type, enabled=self.device.type == "cuda" and torch.is_autocast_enabled()):
+            return rollout(policy, self.tokenizer, prompts, self.env if env is None else env, group_size,
+                           max_new_tokens or self.hparams.max_new_tokens, temperature, top_p,
+                           self.hparams.max_tool_calls, self.hparams.max_obs_tokens,
+                           generator=self.sampler if generator is None else generator,
+                           show_budget=self.hparams.get("show_budget", False))
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # a batch is a list of QAExample records: text, no tensors

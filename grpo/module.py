@@ -106,8 +106,8 @@ class GRPOModule(AgentModule):
         super().__init__(**kwargs)
         if self.hparams.lora and self.hparams.lora_dropout > 0:
             warnings.warn(f"model.lora_dropout={self.hparams.lora_dropout}: rollouts sample without dropout (eval "
-                          f"mode) and the loss pass applies it, so ρ = π_θ/π_old carries dropout noise even at μ = 1 "
-                          f"(π_ref runs without it); GRPO here is meant to run with 0")
+                          f"mode) and the loss pass applies it, so ρ = π_θ/π_old carries dropout noise even at "
+                          f"μ = 1 (π_ref runs without it); GRPO here is meant to run with 0")
         self.voi_weights = voi_weights or VOIWeights()
         self.otc_weights = otc_weights or OTCWeights()
         self.ref_model = None  # π_ref of full fine-tuning (a frozen copy); with LoRA, the adapters disabled

@@ -235,13 +235,20 @@ def reference_policy(policy: nn.Module, frozen_copy: nn.Module | None = None):
         ref, disabled = policy, policy.disable_adapter()
     else:
         raise ValueError("no reference policy: full fine-tuning needs a frozen copy")
-    modes = [(m, m.training) for m in ref.modules()]
-    with disabled:
-        try:
-            yield ref.eval()
-        finally:
-            for m, training in modes:
-                m.training = training
+    with disabled, eval_mode(ref):
+        yield ref
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """`model` in eval mode (no dropout) for the body of a `with` block; on exit, also on error, every
+    submodule gets back the mode it had."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model.eval()
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 @contextlib.contextmanager
