@@ -161,6 +161,13 @@ BUGS = [  # (name, file, correct code, planted bug)
     ('grounded against the wrong question', 'grpo/module.py',
      'answer_grounded(ro.texts[n], batch[n // G].question)',
      'answer_grounded(ro.texts[n], batch[n % len(batch)].question)'),
+    ('LoRA merged under the step\'s autocast (bf16 weights)', 'models/lora.py',
+     'with torch.autocast(W.device.type, enabled=False):',
+     'with contextlib.nullcontext():'),
+    ('policy update under a caching autocast', 'grpo/module.py',
+     '        for i, rows in enumerate(micro):\n            logp = completion_logprobs(self.policy,',
+     '        for i, rows in enumerate(micro):\n            torch.set_autocast_cache_enabled(True)\n'
+     '            logp = completion_logprobs(self.policy,'),
     ('truncation keeps the smallest singular values', 'models/lora.py',
      'U, S, Vh = torch.linalg.svd(d.scale * RB @ RA.T, full_matrices=False)',
      'U, S, Vh = torch.linalg.svd(d.scale * RB @ RA.T, full_matrices=False); U, S, Vh = U.flip(-1), S.flip(-1), Vh.flip(0)'),

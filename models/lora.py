@@ -298,9 +298,10 @@ def merged_lora(model: nn.Module):
                 parent, _, attr = name.rpartition(".")
                 base = layer.base_layer
                 W = merged = base.weight.data                                           # (d_out, d_in)
-                for a in (a for a in layer.active_adapters if a in layer.lora_A):      # W + s·B @ A, a new tensor
-                    merged = torch.addmm(merged, layer.lora_B[a].weight, layer.lora_A[a].weight,
-                                         alpha=layer.scaling[a])                       # (d_out, d_in)
+                with torch.autocast(W.device.type, enabled=False):  # fp32 even inside a bf16-mixed step
+                    for a in (a for a in layer.active_adapters if a in layer.lora_A):  # W + s·B @ A, a new tensor
+                        merged = torch.addmm(merged, layer.lora_B[a].weight, layer.lora_A[a].weight,
+                                             alpha=layer.scaling[a])                   # (d_out, d_in)
                 swapped.append((model.get_submodule(parent), attr, layer, W))
                 base.weight.data = merged                                               # W is kept aside
                 setattr(swapped[-1][0], attr, base)

@@ -117,6 +117,23 @@ def test_merged_lora_is_the_adapter_model_and_restores_every_parameter_bit_ident
     assert calls, "the adapters no longer run after merged_lora"
 
 
+def test_merged_lora_merges_in_fp32_inside_an_autocast_region():
+    """Lightning's bf16-mixed runs the whole training step, the rollout's merge included, under autocast,
+    where a plain `addmm` would give W + s·BA in bf16: the update rounded onto bf16(W) (lost when it is
+    below W's rounding step) and bf16 weights that an fp32 rollout cannot multiply with its fp32 inputs.
+    Merged inside a bf16 autocast region, the weights are the fp32 ones merged outside it, bit for bit."""
+    from models.lora import merged_lora
+
+    policy = _tiny_lora()
+    with torch.no_grad(), merged_lora(policy) as merged:
+        want = {n: p.detach().clone() for n, p in merged.named_parameters()}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), merged_lora(policy) as merged:
+        got = dict(merged.named_parameters())
+        assert got.keys() == want.keys()
+        for n, p in got.items():
+            assert p.dtype == torch.float32 and torch.equal(p, want[n]), n
+
+
 def test_merged_lora_leaves_alone_what_it_cannot_merge_exactly():
     """Not merged, run as usual: a model without LoRA (full fine-tuning), bf16 weights (W + ΔW would be rounded to
     bf16), adapters disabled (π_ref), an adapted LM head whose weight is tied to the embeddings (the other

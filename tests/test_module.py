@@ -53,7 +53,7 @@ class Record(L.Callback):
 
 
 def fit(module: GRPOModule, steps: int, env=lambda query: "nothing found", questions=QUESTIONS, batch_size: int = 2,
-        bias: dict[str, float] | None = None) -> Record:
+        bias: dict[str, float] | None = None, precision: str = "32-true") -> Record:
     """`steps` optimizer steps of `module` on `questions` (in order, repeated), its tool `env`, the
     tiny model's logits shifted by `bias` if given: what each step returned and logged."""
     if bias:
@@ -62,7 +62,7 @@ def fit(module: GRPOModule, steps: int, env=lambda query: "nothing found", quest
     module.env = env
     record = Record()
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[record])
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[record], precision=precision)
     trainer.fit(module, DataLoader(questions * 100, batch_size=batch_size, collate_fn=lambda b: b))
     assert trainer.global_step == steps
     record.trainer = trainer
@@ -201,6 +201,38 @@ def test_second_update_sees_the_old_policy():
                     num_updates=2, beta=0.0, clip_eps=0.05)
     fit(m, 4)
     assert max(abs(r - 1) for r in m.ratios) > 1e-2 and max(m.clip_fracs) > 0, (m.ratios, m.clip_fracs)
+
+
+class _FreshCasts(_RandomReward):
+    """After each update, inside the step's autocast region: the policy's log-probs against those of a
+    region whose casts are made afresh (no cache), max |Δ| per update."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.gaps = []
+
+    def policy_update(self, ro, *args):
+        out = super().policy_update(ro, *args)
+        with torch.no_grad():
+            now = grpo.logprobs.completion_logprobs(self.policy, ro, self.hparams.temperature)
+            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+                fresh = grpo.logprobs.completion_logprobs(self.policy, ro, self.hparams.temperature)
+        self.gaps.append(float((now - fresh).abs().max()))
+        return out
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_updates_under_bf16_autocast_see_the_updated_weights(lora):
+    """bf16-mixed, μ = 2, LoRA (merged into fp32 weights for the fp32 rollout) and full fine-tuning: the whole
+    training_step runs in one autocast region, and an autocast that kept its bf16 casts of the trainable
+    weights for the region (`cache_enabled=True`; Lightning's own disables it) would make update 2 score and
+    differentiate the weights of update 1. After every update the log-probs equal those of fresh casts.
+    (With LoRA this step used to crash: the rollout's merge ran under autocast and gave bf16 weights.)"""
+    L.seed_everything(0)
+    m = _FreshCasts(model_name="tiny", lora=lora, lora_r=4, group_size=4, max_new_tokens=8, lr=5e-2,
+                    warmup_ratio=0.0, num_updates=2, beta=0.0)
+    fit(m, 4, precision="bf16-mixed")
+    assert len(m.gaps) == 4 and max(m.gaps) == 0.0, m.gaps
 
 
 @pytest.mark.parametrize("lora", [True, False])
