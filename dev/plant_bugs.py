@@ -18,7 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_rollout.py", "tests/test_module.py", "tests/test_agent.py", "tests/test_losses.py",
          "tests/test_rewards.py", "tests/test_metrics.py", "tests/test_protocol.py", "tests/test_answers.py",
          "tests/test_sft.py", "tests/test_checkpoint.py", "tests/test_logprobs.py", "tests/test_lora.py",
-         "tests/test_attention.py", "tests/test_models.py", "tests/test_packed.py"]
+         "tests/test_attention.py", "tests/test_models.py", "tests/test_packed.py", "tests/test_frozen_casts.py"]
 BUGS = [  # (name, file, correct code, planted bug)
     ('logp t scored with t+1', 'grpo/logprobs.py',
      'logits = out.logits[:, :-1]',
@@ -168,6 +168,12 @@ BUGS = [  # (name, file, correct code, planted bug)
      '        for i, rows in enumerate(micro):\n            logp = completion_logprobs(self.policy,',
      '        for i, rows in enumerate(micro):\n            torch.set_autocast_cache_enabled(True)\n'
      '            logp = completion_logprobs(self.policy,'),
+    ('trainable weights cast once too (no gradient)', 'models/frozen_casts.py',
+     'w is not None and not w.requires_grad and w.dtype != dtype',
+     'w is not None and w.dtype != dtype'),
+    ('frozen weights cast to fp16 under bf16 autocast', 'models/frozen_casts.py',
+     'self.weight = module.weight.detach().to(dtype)',
+     'self.weight = module.weight.detach().to(torch.float16 if dtype == torch.bfloat16 else dtype)'),
     ('truncation keeps the smallest singular values', 'models/lora.py',
      'U, S, Vh = torch.linalg.svd(d.scale * RB @ RA.T, full_matrices=False)',
      'U, S, Vh = torch.linalg.svd(d.scale * RB @ RA.T, full_matrices=False); U, S, Vh = U.flip(-1), S.flip(-1), Vh.flip(0)'),

@@ -33,6 +33,7 @@ from grpo.metrics import step_metrics
 from grpo.rewards import (OTCWeights, VOIWeights, answer_grounded, check_finite_rewards, judge, otc_group_rewards,
                           voi_reward)
 from grpo.rollout import Rollout
+from models.frozen_casts import frozen_casts
 from models.loading import SMOLLM2, frozen_copy, reference_policy
 
 REWARDS = ("voi", "otc")
@@ -128,12 +129,13 @@ class GRPOModule(AgentModule):
         # 4. log-probs: π_old is what the rollout sampled from; π_ref (β > 0 only), no gradient
         micro = loss_micro_batches(ro, hp.loss_tokens_per_micro_batch)                      # [(n,) rows], whole groups
         old_logp = ro.sample_logp                                                           # (N, C)
-        ref_logp = self.reference_logprobs(ro, micro)                                       # (N, C) or None
-        # 5. μ policy updates: clipped surrogate + β·KL on the sampled tokens only
-        share = self.token_share(ro.completion_mask)                                        # (), 1 on one process
-        token_scale = share if hp.token_level else torch.ones_like(share)                   # the loss's DDP factor
-        for _ in range(hp.num_updates):
-            out = self.policy_update(ro, micro, old_logp, ref_logp, advantages, token_scale)  # + one LR step
+        with frozen_casts(self.policy, self.ref_model):  # under autocast: frozen weights cast once, not per call
+            ref_logp = self.reference_logprobs(ro, micro)                                   # (N, C) or None
+            # 5. μ policy updates: clipped surrogate + β·KL on the sampled tokens only
+            share = self.token_share(ro.completion_mask)                                    # (), 1 on one process
+            token_scale = share if hp.token_level else torch.ones_like(share)               # the loss's DDP factor
+            for _ in range(hp.num_updates):
+                out = self.policy_update(ro, micro, old_logp, ref_logp, advantages, token_scale)  # + one LR step
         # 6. log the step's means, over ranks too (grpo.metrics: every metric and its formula)
         metrics = step_metrics(ro, rewards, parts, zero_std, out, token_scale, share)
         metrics |= {"time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0}

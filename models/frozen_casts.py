@@ -1,0 +1,71 @@
+"""Frozen linear weights cast once for the loss passes under autocast, not at every call.
+
+Under `precision: bf16-mixed` the loss passes (π_ref, the policy's forward) run in an autocast region,
+where `F.linear(x, W)` computes in bf16: it casts W at every call. Lightning's autocast keeps no cache
+of the casts (`cache_enabled=False`), and autocast would only cache weights that need a gradient
+anyway, so with LoRA every frozen base weight of SmolLM2 (~135M parameters, the LM head included) is
+read in fp32 and written in bf16 again at every forward of a pass: the prompt's forward, each length
+bucket's, each LM-head chunk's. Those weights do not change during a step (the rollout's LoRA merge
+swaps them and gives them back before the loss passes), so casting each once for the step is the same
+arithmetic: `F.linear` under autocast with a weight already in the autocast dtype leaves it as it is,
+and computes what it computed with its own cast, bit for bit (tests/test_frozen_casts.py).
+
+`frozen_casts(*models)` gives every `nn.Linear` whose weight is frozen (`requires_grad` False) and
+not yet in the autocast dtype a forward that uses the cast copy, for the body of a `with` block, when
+autocast is on for the weights' device; otherwise it does nothing. Weights that train (the LoRA
+matrices; every weight under full fine-tuning) keep autocast's own per-call cast, through which their
+gradient flows. A call made with autocast switched off inside the block takes the module's own
+weight. Memory: one copy of the frozen linear weights in bf16 (~0.27 GB for SmolLM2) for the block;
+the casts autocast saved for the backward of every forward are no longer made. On exit every module
+has its own forward back, also on error.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class _CastForward:
+    """y = x Wᵀ + b with W (and b) cast once to the autocast dtype; the plain path when autocast is off."""
+
+    def __init__(self, module: nn.Linear, dtype: torch.dtype):
+        self.module = module
+        self.weight = module.weight.detach().to(dtype)                                  # (out, in)
+        self.bias = None if module.bias is None else module.bias.detach().to(dtype)     # (out,)
+
+    def __call__(self, x: Tensor) -> Tensor:                                            # (..., in) -> (..., out)
+        if not torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, self.module.weight, self.module.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def _castable(module: nn.Module, dtype: torch.dtype) -> bool:
+    w = getattr(module, "weight", None)
+    b = getattr(module, "bias", None)
+    return (type(module) is nn.Linear and w is not None and not w.requires_grad and w.dtype != dtype
+            and w.dtype in (torch.float32, torch.float64) and (b is None or not b.requires_grad))
+
+
+@contextlib.contextmanager
+def frozen_casts(*models: nn.Module | None):
+    """`models` whose frozen `nn.Linear` weights are cast once to the autocast dtype for the block (see the
+    module docstring); nothing changes when autocast is off. None entries are skipped (no π_ref copy)."""
+    patched = []
+    try:
+        with torch.no_grad():
+            for model in (m for m in models if m is not None):
+                device = next(model.parameters()).device.type
+                if not torch.is_autocast_enabled(device):
+                    continue
+                dtype = torch.get_autocast_dtype(device)
+                for module in model.modules():
+                    if _castable(module, dtype) and "forward" not in module.__dict__:
+                        module.forward = _CastForward(module, dtype)
+                        patched.append(module)
+        yield models
+    finally:
+        for module in patched:
+            del module.forward                                                         # the class's forward again
