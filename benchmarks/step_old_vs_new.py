@@ -16,6 +16,7 @@ sampled token" ratio ignores observation tokens: read it as a rough figure only)
 and rounds to average the luck out.
 
     python benchmarks/step_old_vs_new.py --adapter outputs/sft_smollm2_adapter [--steps 4] [--rounds 2] [--new-bf16]
+        [--old COMMIT --old-bf16]   # both in bf16 (an old commit that has model.rollout_dtype)
 
 Last line: `speedup_vs_old: X.XX` (median old step / median new step).
 """
@@ -99,6 +100,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="old/new pairs, alternating")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--old-precision", default=None, help="e.g. 32-true (default: the old config's own)")
+    ap.add_argument("--old-bf16", action="store_true",
+                    help="the old code with --trainer.precision bf16-mixed --model.rollout_dtype bfloat16 too (old commits "
+                         "that have model.rollout_dtype: a code-only ratio on a bf16 host)")
     ap.add_argument("--new-bf16", action="store_true",
                     help="the new code with --trainer.precision bf16-mixed --model.rollout_dtype bfloat16 (hosts with "
                          "bf16 hardware: AVX512_BF16, AMX)")
@@ -113,11 +117,12 @@ def main(argv=None):
         old_tree = Path(tmp)
         archive = subprocess.run(["git", "archive", args.old], cwd=ROOT, capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive, check=True)
-        old_extra = ["--trainer.precision", args.old_precision] if args.old_precision else []
+        bf16 = ["--trainer.precision", "bf16-mixed", "--model.rollout_dtype", "bfloat16"]
+        old_extra = bf16 if args.old_bf16 else ["--trainer.precision", args.old_precision] if args.old_precision else []
         log = Path(tmp) / "steps.jsonl"
         results = {"old": [], "new": []}
         for r in range(args.rounds):
-            new_extra = ["--trainer.precision", "bf16-mixed", "--model.rollout_dtype", "bfloat16"] if args.new_bf16 else []
+            new_extra = bf16 if args.new_bf16 else []
             for name, tree, extra in (("old", old_tree, old_extra), ("new", ROOT, new_extra)):
                 rows = run(tree, args.config, adapter, args.steps, args.threads, extra, log)
                 results[name].append(summary(rows, args.warmup))
