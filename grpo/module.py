@@ -129,7 +129,9 @@ class GRPOModule(AgentModule):
         # 4. log-probs: π_old is what the rollout sampled from; π_ref (β > 0 only), no gradient
         micro = loss_micro_batches(ro, hp.loss_tokens_per_micro_batch)                      # [(n,) rows], whole groups
         old_logp = ro.sample_logp                                                           # (N, C)
-        with frozen_casts(self.policy, self.ref_model):  # under autocast: frozen weights cast once, not per call
+        # under autocast the frozen weights are cast once for 4-5, not at every call (entered before π_ref's
+        # disabled adapters, which peft marks frozen: the LoRA matrices keep autocast's own cast)
+        with frozen_casts(self.policy):
             ref_logp = self.reference_logprobs(ro, micro)                                   # (N, C) or None
             # 5. μ policy updates: clipped surrogate + β·KL on the sampled tokens only
             share = self.token_share(ro.completion_mask)                                    # (), 1 on one process
@@ -207,7 +209,7 @@ class GRPOModule(AgentModule):
         if self.hparams.beta == 0:
             return None
         micro = [torch.arange(len(ro.texts), device=ro.input_ids.device)] if micro is None else micro
-        with reference_policy(self.policy, self.ref_model) as ref:
+        with reference_policy(self.policy, self.ref_model) as ref, frozen_casts(self.ref_model):  # copy: cast once
             return torch.cat([completion_logprobs(ref, ro.select(rows), self.hparams.temperature)
                               for rows in micro])                                           # (N, C)
 

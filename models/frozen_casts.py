@@ -11,11 +11,11 @@ arithmetic: `F.linear` under autocast with a weight already in the autocast dtyp
 and computes what it computed with its own cast, bit for bit (tests/test_frozen_casts.py).
 
 `frozen_casts(*models)` gives every `nn.Linear` whose weight is frozen (`requires_grad` False) and
-not yet in the autocast dtype a forward that uses the cast copy, for the body of a `with` block, when
-autocast is on for the weights' device; otherwise it does nothing. Weights that train (the LoRA
-matrices; every weight under full fine-tuning) keep autocast's own per-call cast, through which their
-gradient flows. A call made with autocast switched off inside the block takes the module's own
-weight. Memory: one copy of the frozen linear weights in bf16 (~0.27 GB for SmolLM2) for the block;
+fp32 a forward that uses the cast copy, for the body of a `with` block, when autocast is on for the
+weights' device; otherwise it does nothing. Weights that train (the LoRA matrices; every weight under
+full fine-tuning) keep autocast's own per-call cast, through which their gradient flows. A call made
+with autocast off or in another dtype inside the block, or after the weight was changed (in place or
+swapped), takes the module's own weight and autocast's cast. Memory: one copy of the frozen linear weights in bf16 (~0.27 GB for SmolLM2) for the block;
 the casts autocast saved for the backward of every forward are no longer made. On exit every module
 has its own forward back, also on error.
 """
@@ -29,41 +29,44 @@ from torch import Tensor, nn
 
 
 class _CastForward:
-    """y = x Wᵀ + b with W (and b) cast once to the autocast dtype; the plain path when autocast is off."""
+    """y = x Wᵀ + b with W (and b) cast once to the autocast dtype. The plain path (the module's own weight,
+    autocast's own cast) when autocast is off or in another dtype, or when the weight changed since."""
 
-    def __init__(self, module: nn.Linear, dtype: torch.dtype):
-        self.module = module
-        self.weight = module.weight.detach().to(dtype)                                  # (out, in)
-        self.bias = None if module.bias is None else module.bias.detach().to(dtype)     # (out,)
+    def __init__(self, module: nn.Linear, weight: Tensor, bias: Tensor | None):
+        self.module, self.weight, self.bias = module, weight, bias                      # (out, in), (out,)
+        self.version = (module.weight._version, module.weight.data_ptr())
 
     def __call__(self, x: Tensor) -> Tensor:                                            # (..., in) -> (..., out)
-        if not torch.is_autocast_enabled(x.device.type):
-            return F.linear(x, self.module.weight, self.module.bias)
+        device, w = x.device.type, self.module.weight
+        if (not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != self.weight.dtype
+                or (w._version, w.data_ptr()) != self.version):
+            return F.linear(x, w, self.module.bias)
         return F.linear(x, self.weight, self.bias)
 
 
-def _castable(module: nn.Module, dtype: torch.dtype) -> bool:
-    w = getattr(module, "weight", None)
-    b = getattr(module, "bias", None)
-    return (type(module) is nn.Linear and w is not None and not w.requires_grad and w.dtype != dtype
-            and w.dtype in (torch.float32, torch.float64) and (b is None or not b.requires_grad))
+def _castable(module: nn.Module) -> bool:
+    """A plain Linear whose weight (and bias) are frozen fp32: what autocast casts at every call."""
+    w, b = getattr(module, "weight", None), getattr(module, "bias", None)
+    return (type(module) is nn.Linear and w is not None and not w.requires_grad and w.dtype == torch.float32
+            and (b is None or (not b.requires_grad and b.dtype == torch.float32)))
 
 
 @contextlib.contextmanager
 def frozen_casts(*models: nn.Module | None):
     """`models` whose frozen `nn.Linear` weights are cast once to the autocast dtype for the block (see the
     module docstring); nothing changes when autocast is off. None entries are skipped (no π_ref copy)."""
-    patched = []
+    patched, copies = [], {}  # copies: id(tensor) -> its cast, so a weight two modules share is cast once
+    cast = lambda t, dtype: None if t is None else copies.setdefault(id(t), t.detach().to(dtype))  # noqa: E731
     try:
         with torch.no_grad():
             for model in (m for m in models if m is not None):
-                device = next(model.parameters()).device.type
-                if not torch.is_autocast_enabled(device):
+                first = next(model.parameters(), None)
+                if first is None or not torch.is_autocast_enabled(first.device.type):
                     continue
-                dtype = torch.get_autocast_dtype(device)
+                dtype = torch.get_autocast_dtype(first.device.type)
                 for module in model.modules():
-                    if _castable(module, dtype) and "forward" not in module.__dict__:
-                        module.forward = _CastForward(module, dtype)
+                    if _castable(module) and "forward" not in module.__dict__:
+                        module.forward = _CastForward(module, cast(module.weight, dtype), cast(module.bias, dtype))
                         patched.append(module)
         yield models
     finally:

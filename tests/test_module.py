@@ -5,6 +5,7 @@ with SFT (schedule, sampler, evaluation) is tests/test_agent.py's; the real-proc
 two ranks) are tests/test_kill_resume.py's and tests/test_ddp.py's."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -204,35 +205,73 @@ def test_second_update_sees_the_old_policy():
 
 
 class _FreshCasts(_RandomReward):
-    """After each update, inside the step's autocast region: the policy's log-probs against those of a
-    region whose casts are made afresh (no cache), max |Δ| per update."""
+    """After each update, inside the step's autocast region: the policy's log-probs against those of
+    autocast's own casts made afresh (no cache, every module's own forward), max |Δ| per update; and how
+    many linear layers use a weight cast once (`models.frozen_casts`) in the π_ref pass and the update."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        self.gaps = []
+        self.gaps, self.cast_in_ref, self.cast_in_update = [], [], []
+
+    def reference_logprobs(self, ro, micro=None):
+        seen = []
+        real = grpo.module.completion_logprobs
+
+        def spied(model, *args):
+            seen.append(len(cast_once(model)))
+            return real(model, *args)
+        grpo.module.completion_logprobs = spied
+        try:
+            return super().reference_logprobs(ro, micro)
+        finally:
+            grpo.module.completion_logprobs = real
+            self.cast_in_ref.append(seen)
 
     def policy_update(self, ro, *args):
+        self.cast_in_update.append(len(cast_once(self.policy)))
         out = super().policy_update(ro, *args)
         with torch.no_grad():
             now = grpo.logprobs.completion_logprobs(self.policy, ro, self.hparams.temperature)
-            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), own_forwards(self.policy):
                 fresh = grpo.logprobs.completion_logprobs(self.policy, ro, self.hparams.temperature)
         self.gaps.append(float((now - fresh).abs().max()))
         return out
 
 
+def cast_once(model) -> list:
+    from models.frozen_casts import _CastForward
+    return [m for m in model.modules() if isinstance(m.__dict__.get("forward"), _CastForward)]
+
+
+@contextlib.contextmanager
+def own_forwards(model):
+    """Every module of `model` with its class's forward for the block (instance forwards set aside)."""
+    saved = {m: m.__dict__.pop("forward") for m in model.modules() if "forward" in m.__dict__}
+    try:
+        yield model
+    finally:
+        for m, forward in saved.items():
+            m.forward = forward
+
+
 @pytest.mark.parametrize("lora", [True, False])
 def test_updates_under_bf16_autocast_see_the_updated_weights(lora):
-    """bf16-mixed, μ = 2, LoRA (merged into fp32 weights for the fp32 rollout) and full fine-tuning: the whole
-    training_step runs in one autocast region, and an autocast that kept its bf16 casts of the trainable
-    weights for the region (`cache_enabled=True`; Lightning's own disables it) would make update 2 score and
-    differentiate the weights of update 1. After every update the log-probs equal those of fresh casts.
-    (With LoRA this step used to crash: the rollout's merge ran under autocast and gave bf16 weights.)"""
+    """bf16-mixed, μ = 2, β > 0, LoRA (merged into fp32 weights for the fp32 rollout) and full fine-tuning: the
+    whole training_step runs in one autocast region. After every update the log-probs equal those of
+    autocast's own fresh casts: an autocast that kept its casts of the trainable weights for the region
+    (`cache_enabled=True`; Lightning's disables it) would make update 2 score update 1's weights, and a
+    frozen weight cast once that went stale would differ too. The frozen weights are cast once: LoRA's base
+    layers (2 layers x 7 + the LM head) in π_ref's pass and the updates; under full fine-tuning none of the
+    policy's (they train), the π_ref copy's in its pass. (With LoRA this step used to crash: the rollout's
+    merge ran under autocast and gave bf16 weights.)"""
     L.seed_everything(0)
     m = _FreshCasts(model_name="tiny", lora=lora, lora_r=4, group_size=4, max_new_tokens=8, lr=5e-2,
-                    warmup_ratio=0.0, num_updates=2, beta=0.0)
+                    warmup_ratio=0.0, num_updates=2, beta=0.1)
     fit(m, 4, precision="bf16-mixed")
     assert len(m.gaps) == 4 and max(m.gaps) == 0.0, m.gaps
+    frozen = 7 * 2 + 1
+    assert m.cast_in_update == [frozen if lora else 0] * 4
+    assert m.cast_in_ref == [[frozen]] * 2, m.cast_in_ref  # one micro-batch per π_ref pass, two rollouts
 
 
 @pytest.mark.parametrize("lora", [True, False])
