@@ -15,9 +15,9 @@ fp32 a forward that uses the cast copy, for the body of a `with` block, when aut
 weights' device; otherwise it does nothing. Weights that train (the LoRA matrices; every weight under
 full fine-tuning) keep autocast's own per-call cast, through which their gradient flows. A call made
 with autocast off or in another dtype inside the block, or after the weight was changed (in place or
-swapped), takes the module's own weight and autocast's cast. Memory: one copy of the frozen linear weights in bf16 (~0.27 GB for SmolLM2) for the block;
-the casts autocast saved for the backward of every forward are no longer made. On exit every module
-has its own forward back, also on error.
+swapped), takes the module's own weight and autocast's cast. Memory: one copy of the frozen linear
+weights in bf16 (~0.27 GB for SmolLM2) for the block; the casts autocast saved for the backward of
+every forward are no longer made. On exit every module has its own forward back, also on error.
 """
 from __future__ import annotations
 
@@ -56,7 +56,11 @@ def frozen_casts(*models: nn.Module | None):
     """`models` whose frozen `nn.Linear` weights are cast once to the autocast dtype for the block (see the
     module docstring); nothing changes when autocast is off. None entries are skipped (no π_ref copy)."""
     patched, copies = [], {}  # copies: id(tensor) -> its cast, so a weight two modules share is cast once
-    cast = lambda t, dtype: None if t is None else copies.setdefault(id(t), t.detach().to(dtype))  # noqa: E731
+
+    def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        if t is not None and id(t) not in copies:
+            copies[id(t)] = t.detach().to(dtype)
+        return None if t is None else copies[id(t)]
     try:
         with torch.no_grad():
             for model in (m for m in models if m is not None):

@@ -118,3 +118,10 @@ def test_nothing_changes_without_autocast_and_forwards_come_back_on_error():
             inside = completion_logprobs(policy, ro, T)
     with torch.no_grad():
         assert torch.equal(inside, completion_logprobs(policy, ro, T))                       # the fp32 weights
+
+
+def test_a_weight_two_layers_share_is_cast_once():
+    a, b = nn.Linear(8, 4, bias=False).requires_grad_(False), nn.Linear(8, 4, bias=False)
+    b.weight = a.weight
+    with torch.autocast("cpu", dtype=torch.bfloat16), frozen_casts(nn.Sequential(a, b)):
+        assert a.__dict__["forward"].weight is b.__dict__["forward"].weight
