@@ -225,7 +225,7 @@ BUGS = [  # (name, file, correct code, planted bug)
     ('packed linear drops its bias', 'models/packed.py',
      '_linear_pointwise(x, self.packed, self.bias,',
      '_linear_pointwise(x, self.packed, None,'),
-    ('packed forwards never given back', 'models/packed.py',
+    ('instance forwards (packed, frozen casts) never given back', 'models/loading.py',
      '            del module.forward ',
      '            pass '),
 ]

@@ -21,11 +21,11 @@ every forward are no longer made. On exit every module has its own forward back,
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.loading import instance_forwards
 
 
 class _CastForward:
@@ -51,28 +51,20 @@ def _castable(module: nn.Module) -> bool:
             and (b is None or (not b.requires_grad and b.dtype == torch.float32)))
 
 
-@contextlib.contextmanager
 def frozen_casts(*models: nn.Module | None):
-    """`models` whose frozen `nn.Linear` weights are cast once to the autocast dtype for the block (see the
-    module docstring); nothing changes when autocast is off. None entries are skipped (no π_ref copy)."""
-    patched, copies = [], {}  # copies: id(tensor) -> its cast, so a weight two modules share is cast once
+    """`models` whose frozen `nn.Linear` weights are cast once to the autocast dtype for the body of a `with`
+    block (see the module docstring); nothing changes when autocast is off. None entries are skipped (no π_ref
+    copy)."""
+    copies = {}  # id(tensor) -> its cast, so a weight two modules share is cast once
 
     def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
         if t is not None and id(t) not in copies:
             copies[id(t)] = t.detach().to(dtype)
         return None if t is None else copies[id(t)]
-    try:
-        with torch.no_grad():
-            for model in (m for m in models if m is not None):
-                first = next(model.parameters(), None)
-                if first is None or not torch.is_autocast_enabled(first.device.type):
-                    continue
-                dtype = torch.get_autocast_dtype(first.device.type)
-                for module in model.modules():
-                    if _castable(module) and "forward" not in module.__dict__:
-                        module.forward = _CastForward(module, cast(module.weight, dtype), cast(module.bias, dtype))
-                        patched.append(module)
-        yield models
-    finally:
-        for module in patched:
-            del module.forward                                                         # the class's forward again
+
+    def make(module: nn.Linear) -> _CastForward:
+        dtype = torch.get_autocast_dtype(module.weight.device.type)
+        return _CastForward(module, cast(module.weight, dtype), cast(module.bias, dtype))
+    modules = (m for model in models if model is not None for m in model.modules()
+               if _castable(m) and torch.is_autocast_enabled(m.weight.device.type))
+    return instance_forwards(modules, make)

@@ -252,6 +252,25 @@ def eval_mode(model: nn.Module):
 
 
 @contextlib.contextmanager
+def instance_forwards(modules, make):
+    """Each of `modules` (an iterable, read inside the block) calls `make(module)` as its forward for the body
+    of a `with` block, made under `torch.no_grad()`; a module that already has a forward of its own is left
+    alone. On exit, also on error (even one raised while the forwards are made), every module patched gets
+    its class's forward back. Used by `models.packed` and `models.frozen_casts`."""
+    patched = []
+    try:
+        with torch.no_grad():
+            for module in modules:
+                if "forward" not in module.__dict__:
+                    module.forward = make(module)
+                    patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward                                                         # the class's forward again
+
+
+@contextlib.contextmanager
 def weights_in(model: nn.Module, dtype: torch.dtype | None):
     """`model` with every floating parameter cast to `dtype` (a copy), for decoding only (no gradient).
 

@@ -22,11 +22,11 @@ other dtypes, models off the CPU, PyTorch builds without oneDNN.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.loading import instance_forwards
 
 ROWS_HINT = 8  # rows per call oneDNN picks the packed layout for (a decode step of one group)
 DTYPES = (torch.bfloat16, torch.float32)
@@ -59,19 +59,9 @@ class _PackedForward:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-@contextlib.contextmanager
 def packed_linears(model: nn.Module, rows: int = ROWS_HINT):
-    """`model` whose bf16/fp32 CPU `nn.Linear`s call oneDNN with a weight packed once (module docstring).
-    `rows`: how many rows the caller decodes at a time; fp32 weights are packed from FP32_MIN_ROWS rows on."""
-    patched = []
-    try:
-        if available():
-            with torch.no_grad():
-                for module in model.modules():
-                    if _packable(module, rows) and "forward" not in module.__dict__:
-                        module.forward = _PackedForward(module, min(rows, ROWS_HINT))
-                        patched.append(module)
-        yield model
-    finally:
-        for module in patched:
-            del module.forward                                                         # the class's forward again
+    """`model` whose bf16/fp32 CPU `nn.Linear`s call oneDNN with a weight packed once, for the body of a `with`
+    block (module docstring). `rows`: how many rows the caller decodes at a time; fp32 weights are packed from
+    FP32_MIN_ROWS rows on."""
+    modules = (m for m in model.modules() if _packable(m, rows)) if available() else ()
+    return instance_forwards(modules, lambda m: _PackedForward(m, min(rows, ROWS_HINT)))

@@ -5,7 +5,6 @@ with SFT (schedule, sampler, evaluation) is tests/test_agent.py's; the real-proc
 two ranks) are tests/test_kill_resume.py's and tests/test_ddp.py's."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import threading
@@ -27,6 +26,7 @@ from grpo.rewards import OTCWeights, VOIWeights
 from grpo.rollout import rollout
 from models.tokenizer import ByteTokenizer
 from tests.fakes import Biased, fake_rollout
+from tests.test_frozen_casts import cast_modules, own_forwards
 
 TOK = ByteTokenizer()
 EOS = TOK.eos_token
@@ -218,7 +218,7 @@ class _FreshCasts(_RandomReward):
         real = grpo.module.completion_logprobs
 
         def spied(model, *args):
-            seen.append(len(cast_once(model)))
+            seen.append(len(cast_modules(model)))
             return real(model, *args)
         grpo.module.completion_logprobs = spied
         try:
@@ -228,7 +228,7 @@ class _FreshCasts(_RandomReward):
             self.cast_in_ref.append(seen)
 
     def policy_update(self, ro, *args):
-        self.cast_in_update.append(len(cast_once(self.policy)))
+        self.cast_in_update.append(len(cast_modules(self.policy)))
         out = super().policy_update(ro, *args)
         with torch.no_grad():
             now = grpo.logprobs.completion_logprobs(self.policy, ro, self.hparams.temperature)
@@ -236,22 +236,6 @@ class _FreshCasts(_RandomReward):
                 fresh = grpo.logprobs.completion_logprobs(self.policy, ro, self.hparams.temperature)
         self.gaps.append(float((now - fresh).abs().max()))
         return out
-
-
-def cast_once(model) -> list:
-    from models.frozen_casts import _CastForward
-    return [m for m in model.modules() if isinstance(m.__dict__.get("forward"), _CastForward)]
-
-
-@contextlib.contextmanager
-def own_forwards(model):
-    """Every module of `model` with its class's forward for the block (instance forwards set aside)."""
-    saved = {m: m.__dict__.pop("forward") for m in model.modules() if "forward" in m.__dict__}
-    try:
-        yield model
-    finally:
-        for m, forward in saved.items():
-            m.forward = forward
 
 
 @pytest.mark.parametrize("lora", [True, False])
