@@ -3,10 +3,10 @@
 SmolLM2-135M-Instruct never writes our tags zero-shot, so GRPO starts from a model fine-tuned
 on traces like these (observations are real env output, shortened here):
 
-    direct    <thought>The capital of Kenya is Nairobi.</thought><answer>Nairobi</answer>
-    search    <thought>I need to look up Kenya.</thought><call>Kenya</call><obs>[Kenya] …</obs><answer>Shilling</answer>
+    direct    <thought>The capital of Kenya is Nairobi.</thought><answer> Nairobi</answer>
+    search    <thought>I need to look up Kenya.</thought><call>Kenya</call><obs>[Kenya] …</obs><answer> Shilling</answer>
     multihop  <thought>I need to look up Kenya and Peru.</thought><call>Kenya</call><obs>…</obs>
-              <thought>Now I need Peru.</thought><call>Peru</call><obs>…</obs><answer>Kenya</answer>
+              <thought>Now I need Peru.</thought><call>Peru</call><obs>…</obs><answer> Kenya</answer>
 
 A Trace is stored as segments, ("model", text) or ("obs", result), so the SFT tokenizer can
 encode them apart and mask observations as `grpo.rollout` does, whose result for a query is
@@ -27,6 +27,15 @@ first gold. An offline search/multihop trace is skipped (counted) unless a norma
 occurs as whole words in its normalized observations; HotpotQA traces (`verify_gold=False`)
 are kept and only counted (snippets are cut; yes/no answers never occur). A trace that fails
 `parse_completion(text).well_formed`, or whose calls differ from the hops, is skipped (counted).
+
+The answer slot (`ANSWER`): a space after `<answer>`. In SmolLM2's tokenizer a word after a space is
+one word-initial token (" Athens"), the token the thought or the observation holds; right after
+`>` the same word is spelled in other pieces ("At" + "hens"), so a bare `<answer>Athens` makes the
+model re-spell the fact instead of copying it, and it failed exactly there (Greece -> "Tokyo",
+Philippines -> "M Manila"). With the space one cold start bound every held-out memory question to its
+thought and misread fewer observations (results/economy/README.md, "The answer slot spells the fact in
+other tokens"). The parser strips the space. `bare_answer` (CLI `--bare-answer`) gives the old format,
+which every result before 2026-11-27 was trained on.
 
 Drawing: counts per style = n * mix by largest remainder (summing to n). Each style draws from
 its eligible examples sorted by id and shuffled by a string-seeded RNG (no hash(): the same
@@ -50,7 +59,7 @@ Missed searches (`miss_share`): that share of the searches of capitals/continent
 not know get the observation of a search that finds nothing ("No results for 'Uganda'.", as a
 tool that fails or does not cover the question returns) and go on to answer from memory, with the
 recall sentence: "<thought>The search found nothing, so I answer from memory. The capital of Uganda
-is Kampala.</thought><answer>Kampala</answer>" (ids "miss/<example id>", style "search"). Without
+is Kampala.</thought><answer> Kampala</answer>" (ids "miss/<example id>", style "search"). Without
 them no trace ever sees an empty search, and out of the tool's domain GRPO's policy searched again
 and again until the call budget ran out (results/economy/README.md, probe).
 Recall, then search (`recall_search`): a search of a continent the model does not know whose
@@ -119,6 +128,7 @@ UNKNOWN_THOUGHT_STYLES = tuple(HEDGED_SEARCHES)
 # Recall, then search (`recall_search`): a search of a continent the model does not know starts with the
 # model's own closed-book sentence when that names no continent, and says so before searching.
 RECALL_SEARCH_THOUGHT = "{recall} That does not say which continent; I will search for {c}."
+ANSWER = "<answer> {a}</answer>"  # the answer slot: a space after the tag (module docstring)
 CONTINENT_STEMS = ("africa", "asia", "europe", "america", "oceania", "australia", "antarctica")  # "Eurasian" too
 
 
@@ -264,7 +274,7 @@ def build_trace(example: QAExample, style: str, env, rng: random.Random,
     if miss and (style != "search" or len(example.hops) != 1):
         raise ValueError(f"example {example.id!r}: only a one-search trace can miss (style {style!r}, "
                          f"{len(example.hops)} hops)")
-    answer, queries = f"<answer>{example.answers[0]}</answer>", example.hops
+    answer, queries = ANSWER.format(a=example.answers[0]), example.hops
     if style == "direct":
         thought = rng.choice(DIRECT_THOUGHTS) if replies is None else recall_sentence(example, replies)
         segments = [("model", f"<thought>{thought}</thought>{answer}")]
@@ -289,6 +299,12 @@ def build_trace(example: QAExample, style: str, env, rng: random.Random,
         segments.append(("model", answer))
     return Trace(f"{'miss' if miss else style}/{example.id}", example.question, tuple(example.answers),
                  example.kind, style, tuple(segments), example.type)
+
+
+def bare_answer(trace: Trace) -> Trace:
+    """The trace with no space after `<answer>` (the format before `ANSWER`'s space); observations untouched."""
+    return replace(trace, segments=tuple((role, text.replace("<answer> ", "<answer>") if role == "model" else text)
+                                         for role, text in trace.segments))
 
 
 def check_trace(trace: Trace, queries: Sequence[str]) -> str:
@@ -547,6 +563,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="searches of continents the model does not know start from its own closed-book "
                              "sentence when that names no continent ('... located in the Atlantic Ocean. That "
                              "does not say which continent; I will search for ...')")
+    parser.add_argument("--bare-answer", action="store_true",
+                        help="no space after <answer> (the format of the results trained before 2026-11-27)")
     args = parser.parse_args(argv)
     if not 0 <= args.hotpotqa_share <= 1:
         parser.error(f"--hotpotqa-share must be in [0, 1], got {args.hotpotqa_share}")
@@ -556,6 +574,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      args.direct_min_sampled, args.recall_search)
     except ValueError as err:
         parser.error(str(err))
+    if args.bare_answer:
+        traces = [bare_answer(t) for t in traces]
     write_traces(traces, args.out)
     print(summarize(traces, reports))
     for style in STYLES:

@@ -21,7 +21,7 @@ import pytest
 
 from data.answers import contains_gold, normalize_answer
 from data.offline_task import build_offline_task
-from data.traces import (STYLES, Trace, build_trace, closed_book_replies, demote_half_known, draw_traces,
+from data.traces import (STYLES, Trace, bare_answer, build_trace, closed_book_replies, demote_half_known, draw_traces,
                          hotpotqa_traces, main, make_traces, offline_traces, own_words, quotas, read_traces,
                          recall_sentence, recall_without_continent, unknown_memory, write_traces)
 from data.types import LOOKUP, MEMORY
@@ -369,7 +369,7 @@ def test_missed_searches_find_nothing_and_answer_from_memory(task, env, by_id):
         assert obs_texts(t) == [f"No results for '{country}'."]  # what the env says when nothing matches
         recall = {"capital": f"The capital of {country} is {gold}.", "continent": f"{country} is in {gold}."}[t.type]
         assert t.segments[-1] == ("model", "<thought>The search found nothing, so I answer from memory. "
-                                           f"{recall}</thought><answer>{gold}</answer>")
+                                           f"{recall}</thought><answer> {gold}</answer>")
         parsed = parse_completion(t.text)
         assert parsed.well_formed and parsed.calls == (country,) and parsed.answer == gold
     assert LocalSearchEnv(task.documents)("Romeo and Juliet") == "No results for 'Romeo and Juliet'."
@@ -427,6 +427,29 @@ def test_read_errors_name_file_line_and_field(traces, tmp_path):
         read_traces(path)
 
 
+def test_every_answer_slot_has_a_space_before_the_first_gold(task, env, traces):
+    # the answer's first word is then the word-initial token the thought or the observation holds
+    missed = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, miss_share=1.0)
+    for t in [*traces, *missed]:
+        role, last = t.segments[-1]
+        assert role == "model" and last.endswith(f"</thought><answer> {t.answers[0]}</answer>") or \
+            last == f"<answer> {t.answers[0]}</answer>", last
+        assert t.text.count("<answer>") == 1 and parse_completion(t.text).answer == t.answers[0]
+
+
+def test_bare_answer_drops_only_the_space_after_the_answer_tag(traces):
+    for t in traces:
+        old = bare_answer(t)
+        assert old.text == t.text.replace("<answer> ", "<answer>") and "<answer> " not in old.text
+        assert obs_texts(old) == obs_texts(t) and [r for r, _ in old.segments] == [r for r, _ in t.segments]
+        assert parse_completion(old.text).answer == parse_completion(t.text).answer
+        assert (old.id, old.question, old.answers, old.style) == (t.id, t.question, t.answers, t.style)
+    obs_like = Trace("search/x", "q?", ("B",), LOOKUP, "search",
+                     (("model", "<thought>t</thought><call>A</call>"), ("obs", "[A] see <answer> B"),
+                      ("model", "<answer> B</answer>")))
+    assert bare_answer(obs_like).segments[1] == ("obs", "[A] see <answer> B")  # observations are never edited
+
+
 def test_command_line_writes_a_readable_file(tmp_path, capsys):
     out = tmp_path / "traces.jsonl"
     with warnings.catch_warnings():
@@ -435,6 +458,12 @@ def test_command_line_writes_a_readable_file(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "20 traces: direct 6, search 10, multihop 4" in printed and "skipped: none" in printed
     assert "sample search/" in printed and len(read_traces(out)) == 20
+    bare = tmp_path / "bare.jsonl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(["--out", str(bare), "--n", "20", "--seed", "1", "--bare-answer"])
+    assert [t.text for t in read_traces(bare)] == [t.text.replace("<answer> ", "<answer>") for t in read_traces(out)]
+    assert all("<answer> " in t.text for t in read_traces(out))
 
 
 # --------------------------------------------------------------------------- HotpotQA
