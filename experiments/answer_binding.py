@@ -1,8 +1,8 @@
 """Does a direct answer follow the policy's own thought? For every direct answer of an evaluation
 whose thought states a gold answer but whose answer is wrong ("The capital of Mozambique is
 Maputo." → `<answer>Mozambique</answer>`), the policy's probability, after that very thought and
-`<answer>`, of the answer it gave and of the gold answer its thought stated (each followed by
-`</answer>`, fp32, no sampling).
+`<answer>` (and the space the policy wrote after it, if any), of the answer it gave and of the gold
+answer its thought stated (each followed by `</answer>`, fp32, no sampling).
 
     python -m experiments.answer_binding --adapter results/economy/run_l_adapter \
         --eval results/economy/evals/grpo_l_step20_test_full.json --questions results/questions/test_full.jsonl
@@ -83,6 +83,13 @@ def contradictions(rows: list[dict], golds: dict[str, list[str]]) -> list[tuple[
     return out
 
 
+def answer_slot(text: str) -> str:
+    """The completion up to its answer: through the last `<answer>` and the whitespace the policy wrote
+    after it (`<answer> Tokyo` -> `<answer> `), so both answers are scored where the given one began."""
+    end = text.rindex("<answer>") + len("<answer>")
+    return text[:end] + text[end:][:len(text[end:]) - len(text[end:].lstrip())]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", required=True, help="the policy (a PEFT adapter folder)")
@@ -101,7 +108,7 @@ def main() -> None:
     cases, given_likelier = contradictions(rows, golds), 0
     for row, stated in cases:
         text = row["text"]
-        context = build_prompt(tokenizer, row["question"]) + text[:text.index("<answer>") + len("<answer>")]
+        context = build_prompt(tokenizer, row["question"]) + answer_slot(text)
         given = parse_completion(text).answer
         p_given = math.exp(answer_logprob(model, tokenizer, context, given))
         p_stated = math.exp(answer_logprob(model, tokenizer, context, stated))

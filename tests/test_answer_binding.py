@@ -5,7 +5,7 @@ import torch
 
 from data.types import MEMORY, QAExample
 from envs.protocol import build_prompt
-from experiments.answer_binding import answer_logprob, contradictions, forced_recall_context, greedy_answers
+from experiments.answer_binding import answer_logprob, answer_slot, contradictions, forced_recall_context, greedy_answers
 from models.loading import load_model_and_tokenizer
 
 Q_MZ, Q_CR, Q_KE = "What is the capital of Mozambique?", "What is the capital of Costa Rica?", "What is the capital of Kenya?"
@@ -73,3 +73,10 @@ def test_greedy_answers_are_greedy_continuations_cut_at_the_closing_tag():
     assert len(set(expected)) == 3 and expected[2] == ""
     assert greedy_answers(model, tok, contexts, max_new_tokens=6) == expected
     assert greedy_answers(model, tok, contexts, max_new_tokens=6, batch=1) == expected
+
+
+def test_answer_slot_keeps_the_space_the_policy_wrote_after_the_tag():
+    thought = "<thought>The capital of Greece is Athens.</thought>"
+    assert answer_slot(thought + "<answer> Tokyo</answer>") == thought + "<answer> "
+    assert answer_slot(thought + "<answer>Tokyo</answer>") == thought + "<answer>"
+    assert answer_slot("<answer>x</answer><answer>\n  Tokyo") == "<answer>x</answer><answer>\n  "  # the last one
