@@ -4,9 +4,9 @@ SmolLM2-135M-Instruct never writes our tags zero-shot, so GRPO starts from a mod
 on traces like these (observations are real env output, shortened here):
 
     direct    <thought>The capital of Kenya is Nairobi.</thought><answer> Nairobi</answer>
-    search    <thought>I need to look up Kenya.</thought><call>Kenya</call><obs>[Kenya] …</obs><answer> Shilling</answer>
-    multihop  <thought>I need to look up Kenya and Peru.</thought><call>Kenya</call><obs>…</obs>
-              <thought>Now I need Peru.</thought><call>Peru</call><obs>…</obs><answer> Kenya</answer>
+    search    <thought>I need to look up Kenya.</thought><call> Kenya</call><obs>[Kenya] …</obs><answer> Shilling</answer>
+    multihop  <thought>I need to look up Kenya and Peru.</thought><call> Kenya</call><obs>…</obs>
+              <thought>Now I need Peru.</thought><call> Peru</call><obs>…</obs><answer> Kenya</answer>
 
 A Trace is stored as segments, ("model", text) or ("obs", result), so the SFT tokenizer can
 encode them apart and mask observations as `grpo.rollout` does, whose result for a query is
@@ -28,14 +28,15 @@ occurs as whole words in its normalized observations; HotpotQA traces (`verify_g
 are kept and only counted (snippets are cut; yes/no answers never occur). A trace that fails
 `parse_completion(text).well_formed`, or whose calls differ from the hops, is skipped (counted).
 
-The answer slot (`ANSWER`): a space after `<answer>`. In SmolLM2's tokenizer a word after a space is
-one word-initial token (" Athens"), the token the thought or the observation holds; right after
-`>` the same word is spelled in other pieces ("At" + "hens"), so a bare `<answer>Athens` makes the
-model re-spell the fact instead of copying it, and it failed exactly there (Greece -> "Tokyo",
-Philippines -> "M Manila"). With the space one cold start bound every held-out memory question to its
-thought and misread fewer observations (results/economy/README.md, "The answer slot spells the fact in
-other tokens"). The parser strips the space. `bare_answer` (CLI `--bare-answer`) gives the old format,
-which every result before 2026-11-27 was trained on.
+The slots (`ANSWER`, `CALL`): a space after `<answer>` and after `<call>`. In SmolLM2's tokenizer a
+word after a space is one word-initial token (" Athens", " Latvia"), the token the thought or the
+observation holds; right after `>` the same word is spelled in other pieces ("At" + "hens", "Lat" +
+"via"), so a bare slot makes the model re-spell what it copies, and it failed exactly there (Greece ->
+"Tokyo", Philippines -> "M Manila"; searches for "Latgae", "Bahamina"). With the space in the answer
+one cold start bound every held-out memory question to its thought and misread fewer observations
+(results/economy/README.md, "The answer slot spells the fact in other tokens"). The parser and the
+rollout strip the spaces. `bare(trace, tags)` (CLI `--bare answer call`) drops them: every result
+before 2026-11-27 was trained with both slots bare, the spaced-answer runs of that day with `call` bare.
 
 Drawing: counts per style = n * mix by largest remainder (summing to n). Each style draws from
 its eligible examples sorted by id and shuffled by a string-seeded RNG (no hash(): the same
@@ -128,7 +129,9 @@ UNKNOWN_THOUGHT_STYLES = tuple(HEDGED_SEARCHES)
 # Recall, then search (`recall_search`): a search of a continent the model does not know starts with the
 # model's own closed-book sentence when that names no continent, and says so before searching.
 RECALL_SEARCH_THOUGHT = "{recall} That does not say which continent; I will search for {c}."
-ANSWER = "<answer> {a}</answer>"  # the answer slot: a space after the tag (module docstring)
+ANSWER = "<answer> {a}</answer>"  # the slots: a space after the tag (module docstring)
+CALL = "<call> {q}</call>"
+SLOTS = ("answer", "call")  # the tags `bare` can leave without that space
 CONTINENT_STEMS = ("africa", "asia", "europe", "america", "oceania", "australia", "antarctica")  # "Eurasian" too
 
 
@@ -288,12 +291,12 @@ def build_trace(example: QAExample, style: str, env, rng: random.Random,
             thought = RECALL_SEARCH_THOUGHT.format(recall=recall, c=queries[0])
         else:
             thought = hedged.format(c=queries[0]) if hedged else rng.choice(first).format(q=queries[0], qs=listed)
-        segments = [("model", f"<thought>{thought}</thought><call>{queries[0]}</call>")]
+        segments = [("model", f"<thought>{thought}</thought>{CALL.format(q=queries[0])}")]
         for i, query in enumerate(queries):
             segments.append(("obs", no_results(query, env.max_chars) if miss else run_tool(env, query)[0]))
             if i + 1 < len(queries):
                 hop = rng.choice(NEXT_HOP_THOUGHTS).format(q=queries[i + 1])
-                segments.append(("model", f"<thought>{hop}</thought><call>{queries[i + 1]}</call>"))
+                segments.append(("model", f"<thought>{hop}</thought>{CALL.format(q=queries[i + 1])}"))
         if miss:
             answer = f"<thought>{MISS_THOUGHT.format(recall=recall_sentence(example, replies))}</thought>{answer}"
         segments.append(("model", answer))
@@ -301,9 +304,16 @@ def build_trace(example: QAExample, style: str, env, rng: random.Random,
                  example.kind, style, tuple(segments), example.type)
 
 
-def bare_answer(trace: Trace) -> Trace:
-    """The trace with no space after `<answer>` (the format before `ANSWER`'s space); observations untouched."""
-    return replace(trace, segments=tuple((role, text.replace("<answer> ", "<answer>") if role == "model" else text)
+def bare(trace: Trace, tags: Sequence[str] = SLOTS) -> Trace:
+    """The trace with no space after `<tag>` for each of `tags` (the older formats); observations untouched."""
+    if unknown := [t for t in tags if t not in SLOTS]:
+        raise ValueError(f"bare: unknown slot {unknown[0]!r}, expected one of {SLOTS}")
+
+    def unspaced(text: str) -> str:
+        for tag in tags:
+            text = text.replace(f"<{tag}> ", f"<{tag}>")
+        return text
+    return replace(trace, segments=tuple((role, unspaced(text) if role == "model" else text)
                                          for role, text in trace.segments))
 
 
@@ -563,8 +573,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="searches of continents the model does not know start from its own closed-book "
                              "sentence when that names no continent ('... located in the Atlantic Ocean. That "
                              "does not say which continent; I will search for ...')")
-    parser.add_argument("--bare-answer", action="store_true",
-                        help="no space after <answer> (the format of the results trained before 2026-11-27)")
+    parser.add_argument("--bare", nargs="+", choices=SLOTS, default=(),
+                        help="no space after these tags: 'answer call' is the format of every result trained "
+                             "before 2026-11-27, 'call' that of the spaced-answer runs of that day")
     args = parser.parse_args(argv)
     if not 0 <= args.hotpotqa_share <= 1:
         parser.error(f"--hotpotqa-share must be in [0, 1], got {args.hotpotqa_share}")
@@ -574,8 +585,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      args.direct_min_sampled, args.recall_search)
     except ValueError as err:
         parser.error(str(err))
-    if args.bare_answer:
-        traces = [bare_answer(t) for t in traces]
+    if args.bare:
+        traces = [bare(t, args.bare) for t in traces]
     write_traces(traces, args.out)
     print(summarize(traces, reports))
     for style in STYLES:

@@ -21,7 +21,7 @@ import pytest
 
 from data.answers import contains_gold, normalize_answer
 from data.offline_task import build_offline_task
-from data.traces import (STYLES, Trace, bare_answer, build_trace, closed_book_replies, demote_half_known, draw_traces,
+from data.traces import (STYLES, Trace, bare, build_trace, closed_book_replies, demote_half_known, draw_traces,
                          hotpotqa_traces, main, make_traces, offline_traces, own_words, quotas, read_traces,
                          recall_sentence, recall_without_continent, unknown_memory, write_traces)
 from data.types import LOOKUP, MEMORY
@@ -427,27 +427,38 @@ def test_read_errors_name_file_line_and_field(traces, tmp_path):
         read_traces(path)
 
 
-def test_every_answer_slot_has_a_space_before_the_first_gold(task, env, traces):
-    # the answer's first word is then the word-initial token the thought or the observation holds
+def test_every_slot_has_a_space_before_what_it_copies(task, env, traces):
+    # the answer's first word and the query's are then the word-initial tokens the thought or the
+    # observation holds (" Athens", " Latvia"), not a re-spelling ("At" + "hens")
     missed = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, miss_share=1.0)
     for t in [*traces, *missed]:
         role, last = t.segments[-1]
         assert role == "model" and last.endswith(f"</thought><answer> {t.answers[0]}</answer>") or \
             last == f"<answer> {t.answers[0]}</answer>", last
-        assert t.text.count("<answer>") == 1 and parse_completion(t.text).answer == t.answers[0]
+        parsed = parse_completion(t.text)
+        assert t.text.count("<answer>") == 1 and parsed.answer == t.answers[0]
+        assert t.text.count("<call> ") == t.text.count("<call>") == len(parsed.calls)
+        assert "".join(text for role, text in t.segments if role == "model").count("<call> ") == len(parsed.calls)
 
 
-def test_bare_answer_drops_only_the_space_after_the_answer_tag(traces):
+def test_bare_drops_only_the_space_after_the_chosen_tags(traces):
+    searches = [t for t in traces if t.style != "direct"]
+    assert searches
     for t in traces:
-        old = bare_answer(t)
-        assert old.text == t.text.replace("<answer> ", "<answer>") and "<answer> " not in old.text
+        old = bare(t)
+        assert old.text == t.text.replace("<answer> ", "<answer>").replace("<call> ", "<call>")
         assert obs_texts(old) == obs_texts(t) and [r for r, _ in old.segments] == [r for r, _ in t.segments]
-        assert parse_completion(old.text).answer == parse_completion(t.text).answer
+        assert parse_completion(old.text) == parse_completion(t.text)
         assert (old.id, old.question, old.answers, old.style) == (t.id, t.question, t.answers, t.style)
+        assert bare(t, ["call"]).text == t.text.replace("<call> ", "<call>")
+        assert bare(t, ["answer"]).text == t.text.replace("<answer> ", "<answer>")
+        assert bare(t, []) == t
     obs_like = Trace("search/x", "q?", ("B",), LOOKUP, "search",
-                     (("model", "<thought>t</thought><call>A</call>"), ("obs", "[A] see <answer> B"),
+                     (("model", "<thought>t</thought><call> A</call>"), ("obs", "[A] see <answer> B <call> C"),
                       ("model", "<answer> B</answer>")))
-    assert bare_answer(obs_like).segments[1] == ("obs", "[A] see <answer> B")  # observations are never edited
+    assert bare(obs_like).segments[1] == ("obs", "[A] see <answer> B <call> C")  # observations are never edited
+    with pytest.raises(ValueError, match="'obs'"):
+        bare(obs_like, ["obs"])
 
 
 def test_command_line_writes_a_readable_file(tmp_path, capsys):
@@ -458,11 +469,11 @@ def test_command_line_writes_a_readable_file(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "20 traces: direct 6, search 10, multihop 4" in printed and "skipped: none" in printed
     assert "sample search/" in printed and len(read_traces(out)) == 20
-    bare = tmp_path / "bare.jsonl"
+    plain = tmp_path / "bare.jsonl"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        main(["--out", str(bare), "--n", "20", "--seed", "1", "--bare-answer"])
-    assert [t.text for t in read_traces(bare)] == [t.text.replace("<answer> ", "<answer>") for t in read_traces(out)]
+        main(["--out", str(plain), "--n", "20", "--seed", "1", "--bare", "answer", "call"])
+    assert [t.text for t in read_traces(plain)] == [bare(t).text for t in read_traces(out)]
     assert all("<answer> " in t.text for t in read_traces(out))
 
 

@@ -57,14 +57,14 @@ evaluate() {  # evaluate LABEL ADAPTER QUESTIONS
 }
 
 # 1. cold start, and how much of the base model's knowledge it kept
-#    (--bare-answer: no space after <answer>, the format the published policies were trained on)
-sft sft_hedge_all_714 714 --mix 0.3 0.5 0.2 --unknown-thought hedge-all --bare-answer
+#    (--bare answer call: no space after <answer> or <call>, the format the published policies were trained on)
+sft sft_hedge_all_714 714 --mix 0.3 0.5 0.2 --unknown-thought hedge-all --bare answer call
 [ -f "$OUT/cold_start_eval.json" ] || run cold_start_eval "$PY" -m experiments.eval_cold_start \
     --adapter "$OUT/sft_hedge_all_714" --split heldout --lookup-limit 64 --modes greedy sampled \
     --temperature 0.7 --samples 4 --out "$OUT/cold_start_eval.json"
 
 # 2. always-search baseline: one- and two-search traces only, generic thoughts, as many as phase 1's traces
-sft sft_always 714 --mix 0 0.5 0.2 --unknown-thought plain --bare-answer
+sft sft_always 714 --mix 0 0.5 0.2 --unknown-thought plain --bare answer call
 
 # 3. GRPO from the cold start (run H), then 40 more updates from its policy (run I), then 20 with tool
 #    outages from run I's (run L), then 20 with the ungrounded-answer price from run L's (run P); a killed
