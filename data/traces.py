@@ -36,7 +36,7 @@ observation holds; right after `>` the same word is spelled in other pieces ("At
 one cold start bound every held-out memory question to its thought and misread fewer observations
 (results/economy/README.md, "The answer slot spells the fact in other tokens"). The parser and the
 rollout strip the spaces. `bare(trace, tags)` (CLI `--bare answer call`) drops them: every result
-before 2026-11-27 was trained with both slots bare, the spaced-answer runs of that day with `call` bare.
+before that section was trained with both slots bare; its spaced-answer runs with `call` bare.
 
 Drawing: counts per style = n * mix by largest remainder (summing to n). Each style draws from
 its eligible examples sorted by id and shuffled by a string-seeded RNG (no hash(): the same
@@ -574,8 +574,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "sentence when that names no continent ('... located in the Atlantic Ocean. That "
                              "does not say which continent; I will search for ...')")
     parser.add_argument("--bare", nargs="+", choices=SLOTS, default=(),
-                        help="no space after these tags: 'answer call' is the format of every result trained "
-                             "before 2026-11-27, 'call' that of the spaced-answer runs of that day")
+                        help="no space after these tags: 'answer call' is the format of every result before "
+                             "the spaced answers (results/economy/README.md), 'call' that of the spaced-answer runs")
     args = parser.parse_args(argv)
     if not 0 <= args.hotpotqa_share <= 1:
         parser.error(f"--hotpotqa-share must be in [0, 1], got {args.hotpotqa_share}")

@@ -83,11 +83,13 @@ def contradictions(rows: list[dict], golds: dict[str, list[str]]) -> list[tuple[
     return out
 
 
-def answer_slot(text: str) -> str:
-    """The completion up to its answer: through the last `<answer>` and the whitespace the policy wrote
-    after it (`<answer> Tokyo` -> `<answer> `), so both answers are scored where the given one began."""
+def answer_slot(text: str) -> tuple[str, str]:
+    """The completion through its last `<answer>`, and the whitespace the policy wrote after it
+    (`…<answer> Tokyo` -> (`…<answer>`, " ")). The whitespace is scored with the answer, not put in the
+    context: " Tokyo" is one token, so a context ending in a space would split it."""
     end = text.rindex("<answer>") + len("<answer>")
-    return text[:end] + text[end:][:len(text[end:]) - len(text[end:].lstrip())]
+    rest = text[end:]
+    return text[:end], rest[:len(rest) - len(rest.lstrip())]
 
 
 def main() -> None:
@@ -108,10 +110,11 @@ def main() -> None:
     cases, given_likelier = contradictions(rows, golds), 0
     for row, stated in cases:
         text = row["text"]
-        context = build_prompt(tokenizer, row["question"]) + answer_slot(text)
+        head, space = answer_slot(text)
+        context = build_prompt(tokenizer, row["question"]) + head
         given = parse_completion(text).answer
-        p_given = math.exp(answer_logprob(model, tokenizer, context, given))
-        p_stated = math.exp(answer_logprob(model, tokenizer, context, stated))
+        p_given = math.exp(answer_logprob(model, tokenizer, context, space + given))
+        p_stated = math.exp(answer_logprob(model, tokenizer, context, space + stated))
         given_likelier += p_given > p_stated
         print(f"{row['question']} | thought: {' '.join(thoughts(text))} | P({given!r}) = {p_given:.3f}, "
               f"P({stated!r}) = {p_stated:.3f}")

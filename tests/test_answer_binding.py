@@ -77,6 +77,6 @@ def test_greedy_answers_are_greedy_continuations_cut_at_the_closing_tag():
 
 def test_answer_slot_keeps_the_space_the_policy_wrote_after_the_tag():
     thought = "<thought>The capital of Greece is Athens.</thought>"
-    assert answer_slot(thought + "<answer> Tokyo</answer>") == thought + "<answer> "
-    assert answer_slot(thought + "<answer>Tokyo</answer>") == thought + "<answer>"
-    assert answer_slot("<answer>x</answer><answer>\n  Tokyo") == "<answer>x</answer><answer>\n  "  # the last one
+    assert answer_slot(thought + "<answer> Tokyo</answer>") == (thought + "<answer>", " ")
+    assert answer_slot(thought + "<answer>Tokyo</answer>") == (thought + "<answer>", "")
+    assert answer_slot("<answer>x</answer><answer>\n  Tokyo") == ("<answer>x</answer><answer>", "\n  ")  # the last

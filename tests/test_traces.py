@@ -433,8 +433,8 @@ def test_every_slot_has_a_space_before_what_it_copies(task, env, traces):
     missed = make_traces(task.train, env, n=320, mix=(0.3, 0.5, 0.2), seed=0, miss_share=1.0)
     for t in [*traces, *missed]:
         role, last = t.segments[-1]
-        assert role == "model" and last.endswith(f"</thought><answer> {t.answers[0]}</answer>") or \
-            last == f"<answer> {t.answers[0]}</answer>", last
+        assert role == "model" and (last.endswith(f"</thought><answer> {t.answers[0]}</answer>")
+                                    or last == f"<answer> {t.answers[0]}</answer>"), last
         parsed = parse_completion(t.text)
         assert t.text.count("<answer>") == 1 and parsed.answer == t.answers[0]
         assert t.text.count("<call> ") == t.text.count("<call>") == len(parsed.calls)
