@@ -18,9 +18,13 @@ fp32 rounding (SmolLM2's sampler/learner gap, `benchmarks/sampler_gap.py`: mean 
 1.7e-6, where bf16-mixed has 6e-3). For decoding only: the packed weight is a copy without gradient,
 the module's own weight is not touched, and an input that needs a gradient or has another dtype takes
 the plain path. On exit every module has its own forward back, also on error. Left as they are:
-other dtypes, models off the CPU, PyTorch builds without oneDNN.
+other dtypes, models off the CPU, PyTorch builds without oneDNN, and a dtype this CPU's oneDNN cannot
+pack (`packs`: bf16 needs AVX512-BW/VL/DQ or AVX-NE-CONVERT; on an AVX2-only CPU oneDNN refuses it, and
+there a plain bf16 matmul is ~8x slower than fp32 anyway: keep `32-true` and no `rollout_dtype` there).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +44,27 @@ def available() -> bool:
         and hasattr(ops, "_linear_pointwise")
 
 
+def _reorder(weight: Tensor, rows_hint: int) -> Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)                   # (out, in), oneDNN layout
+
+
+@functools.cache
+def packs(dtype: torch.dtype) -> bool:
+    """This CPU's oneDNN packs weights of `dtype` (asked once, with an 8 x 8 weight: the op raises where the
+    CPU lacks the instructions it needs, e.g. bf16 on an AVX2-only CPU)."""
+    if not available():
+        return False
+    try:
+        _reorder(torch.zeros(8, 8, dtype=dtype), 1)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _packable(module: nn.Module, rows: int) -> bool:
     w = getattr(module, "weight", None)
     return (type(module) is nn.Linear and w is not None and w.dtype in DTYPES and w.device.type == "cpu"
-            and (w.dtype != torch.float32 or rows >= FP32_MIN_ROWS))
+            and (w.dtype != torch.float32 or rows >= FP32_MIN_ROWS) and packs(w.dtype))
 
 
 class _PackedForward:
@@ -51,7 +72,7 @@ class _PackedForward:
 
     def __init__(self, module: nn.Linear, rows_hint: int):
         self.weight, self.bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows_hint)   # (out, in), oneDNN layout
+        self.packed = _reorder(self.weight, rows_hint)                                  # (out, in), oneDNN layout
 
     def __call__(self, x: Tensor) -> Tensor:                                            # (..., in) -> (..., out)
         if x.dtype != self.weight.dtype or x.requires_grad:
@@ -62,6 +83,6 @@ class _PackedForward:
 def packed_linears(model: nn.Module, rows: int = ROWS_HINT):
     """`model` whose bf16/fp32 CPU `nn.Linear`s call oneDNN with a weight packed once, for the body of a `with`
     block (module docstring). `rows`: how many rows the caller decodes at a time; fp32 weights are packed from
-    FP32_MIN_ROWS rows on."""
+    FP32_MIN_ROWS rows on; a dtype this CPU cannot pack (`packs`) is left to the plain call."""
     modules = (m for m in model.modules() if _packable(m, rows)) if available() else ()
     return instance_forwards(modules, lambda m: _PackedForward(m, min(rows, ROWS_HINT)))

@@ -247,3 +247,18 @@ def test_gather_eval_rows_counts_each_question_once(tmp_path):
         assert gather_eval_rows(rows) == rows[:2]
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_is_warned_about():
+    """bf16 (precision, weights or rollout copy) on a CPU whose oneDNN lacks bf16 kernels: a warning that names
+    the fix; native bf16, fp32, or another device: silence."""
+    from grpo.agent import warn_if_bf16_is_slow
+
+    with pytest.warns(UserWarning, match="32-true"):
+        warn_if_bf16_is_slow("cpu", uses_bf16=True, native_bf16=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_bf16_is_slow("cpu", uses_bf16=True, native_bf16=True)
+        warn_if_bf16_is_slow("cpu", uses_bf16=False, native_bf16=False)
+        warn_if_bf16_is_slow("cuda", uses_bf16=True, native_bf16=False)

@@ -1,7 +1,8 @@
 """models.packed.packed_linears: inside it every bf16 or fp32 nn.Linear of a CPU model calls oneDNN with a
 weight packed once; in bf16 the model computes the very same logits (bit for bit) as with plain
 `F.linear` and a rollout samples the same tokens with the same log-probs; in fp32 the same up to
-rounding; every module gets its own forward back on exit, also on error. Tiny random Llama (tests only)."""
+rounding; every module gets its own forward back on exit, also on error; a dtype the CPU cannot pack is
+left to the plain call instead of raising. Tiny random Llama (tests only)."""
 import contextlib
 
 import pytest
@@ -19,6 +20,11 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not packed.available(), reason="this PyTorch build has no oneDNN packed-linear ops")]
 
 
+needs_bf16_packing = pytest.mark.skipif(not packed.packs(torch.bfloat16),
+                                        reason="this CPU's oneDNN cannot pack bf16 weights (needs AVX512-BW/VL/DQ or "
+                                               "AVX-NE-CONVERT); test_a_dtype_the_cpu_cannot_pack_is_left_alone covers it")
+
+
 def bf16_model():
     return tiny_model(300).to(torch.bfloat16).eval()
 
@@ -27,6 +33,7 @@ def patched(model) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m.__dict__.get("forward"), packed._PackedForward)]
 
 
+@needs_bf16_packing
 def test_packed_model_gives_the_same_logits_bit_for_bit():
     model = bf16_model()
     ids, mask = torch.tensor([[0, 5, 6, 7], [9, 10, 11, 12]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
@@ -40,6 +47,7 @@ def test_packed_model_gives_the_same_logits_bit_for_bit():
     assert patched(model) == []                                                         # forwards given back
 
 
+@needs_bf16_packing
 def test_linear_with_bias_other_dtypes_and_gradients():
     """A bias is added as F.linear adds it; an fp32 input, or one that needs a gradient, takes the plain path."""
     torch.manual_seed(0)
@@ -74,6 +82,7 @@ def test_fp32_packed_equals_plain_up_to_rounding_and_fp16_is_left_alone():
         assert patched(model) == []
 
 
+@needs_bf16_packing
 def test_errors_restore_every_forward():
     model = bf16_model()
     with pytest.raises(KeyError), packed.packed_linears(model):
@@ -82,6 +91,7 @@ def test_errors_restore_every_forward():
     assert patched(model) == []
 
 
+@needs_bf16_packing
 def test_rollout_with_packed_weights_samples_the_same(monkeypatch):
     """A bf16 rollout (tool turns included) gives the same tokens, texts and π_old log-probs with the weights
     packed as without."""
@@ -96,3 +106,31 @@ def test_rollout_with_packed_weights_samples_the_same(monkeypatch):
     plain = run()
     assert fast.texts == plain.texts
     assert torch.equal(fast.input_ids, plain.input_ids) and torch.equal(fast.sample_logp, plain.sample_logp)
+
+
+def test_a_dtype_the_cpu_cannot_pack_is_left_alone(monkeypatch):
+    """Where oneDNN refuses to pack a dtype (bf16 on an AVX2-only CPU raises in `_reorder_linear_weight`),
+    `packs` says so and `packed_linears` leaves those layers to the plain call: the model decodes, it does not
+    crash inside the library. The probe's answer is cached per dtype."""
+    def refuse(weight, rows_hint):
+        if weight.dtype == torch.bfloat16:
+            raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support ...")
+        return real(weight, rows_hint)
+
+    real = packed._reorder
+    monkeypatch.setattr(packed, "_reorder", refuse)
+    packed.packs.cache_clear()
+    try:
+        assert not packed.packs(torch.bfloat16) and packed.packs(torch.float32)
+        model = bf16_model()
+        ids, mask = torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long)
+        with torch.no_grad():
+            plain = decode_steps(model, ids, mask)
+            with packed.packed_linears(model):
+                assert patched(model) == []
+                assert torch.equal(decode_steps(model, ids, mask), plain)
+        fp32 = tiny_model(300).eval()
+        with packed.packed_linears(fp32):
+            assert len(patched(fp32)) == 7 * fp32.config.num_hidden_layers + 1           # fp32 still packed
+    finally:
+        packed.packs.cache_clear()                                                      # no refusal leaks out
