@@ -47,21 +47,24 @@ def test_packed_model_gives_the_same_logits_bit_for_bit():
     assert patched(model) == []                                                         # forwards given back
 
 
-@needs_bf16_packing
-def test_linear_with_bias_other_dtypes_and_gradients():
-    """A bias is added as F.linear adds it; an fp32 input, or one that needs a gradient, takes the plain path."""
+@pytest.mark.parametrize("dtype, other", [
+    pytest.param(torch.bfloat16, torch.float32, marks=needs_bf16_packing),
+    (torch.float32, torch.bfloat16)])                                                   # fp32: every oneDNN CPU
+def test_linear_with_bias_other_dtypes_and_gradients(dtype, other):
+    """A bias is added as F.linear adds it (bf16: bit for bit; fp32: up to rounding, another GEMM); an input of
+    another dtype, or one that needs a gradient, takes the plain path."""
     torch.manual_seed(0)
-    layer = nn.Linear(24, 40).to(torch.bfloat16)
-    x = torch.randn(3, 5, 24, dtype=torch.bfloat16)
+    layer = nn.Linear(24, 40).to(dtype)
+    x = torch.randn(3, 5, 24, dtype=dtype)
     want = layer(x)
     with packed.packed_linears(layer):
         assert patched(layer) == [layer]
-        assert torch.equal(layer(x), want)
+        torch.testing.assert_close(layer(x), want, rtol=0, atol=0 if dtype == torch.bfloat16 else 1e-5)
         xg = x.clone().requires_grad_()
         layer(xg).sum().backward()
         assert xg.grad is not None                                                      # plain path: differentiable
         with pytest.raises(RuntimeError):
-            layer(x.float())                                                            # as F.linear: dtypes must match
+            layer(x.to(other))                                                          # as F.linear: dtypes must match
 
 
 def test_fp32_packed_equals_plain_up_to_rounding_and_fp16_is_left_alone():
