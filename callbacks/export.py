@@ -25,12 +25,30 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from data.files import atomic_write_dir
-from models.lora import cast_adapter, export_lora, read_adapter, truncate_lora, write_adapter
+from models.lora import ADAPTER_WEIGHTS, cast_adapter, export_lora, read_adapter, truncate_lora, write_adapter
 from models.loading import DTYPES
+
+ADAPTER_FILES = frozenset({"adapter_config.json", ADAPTER_WEIGHTS, "README.md"})  # what PEFT writes
+
+
+def check_replaceable(target: Path) -> None:
+    """An export replaces its folder whole: refuse a `target` that holds anything but an adapter's files
+    (a log dir, a checkpoint), naming what it would delete, or that is a file."""
+    target = Path(target)
+    if target.is_dir():
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in ADAPTER_FILES)
+        if foreign:
+            raise ValueError(f"adapter folder {target} holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, "
+                             f"not only an adapter; the export replaces the folder whole and would delete them: "
+                             f"choose another folder")
+    elif target.exists():
+        raise ValueError(f"adapter folder {target}: is a file")
 
 
 def save_adapter(policy, target: Path) -> Path:
-    """Write the policy's adapter (`export_lora`) to `target` atomically: a temporary folder, then a rename."""
+    """Write the policy's adapter (`export_lora`) to `target` atomically: a temporary folder, then a rename
+    (`check_replaceable` first)."""
+    check_replaceable(target)
     return atomic_write_dir(Path(target), lambda tmp: export_lora(policy, tmp))
 
 
@@ -39,6 +57,18 @@ class ExportAdapter(L.Callback):
 
     def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Before training, not after it: `dirpath` must be replaceable and must not hold the run's logs
+        (the logger writes into its log dir during the run; the export would then delete them)."""
+        log_dir = trainer.log_dir  # a collective call: every rank must make it
+        if stage != "fit" or self.dirpath is None:
+            return
+        target = Path(self.dirpath).resolve()
+        if log_dir is not None and (target == Path(log_dir).resolve() or target in Path(log_dir).resolve().parents):
+            raise ValueError(f"ExportAdapter dirpath={self.dirpath!r} holds the logger's log dir {log_dir!r}: the "
+                             f"export at the end of fit would delete the logs; give it a folder of its own")
+        check_replaceable(target)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_dir = trainer.log_dir  # a collective call: every rank must make it
@@ -126,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ap.error(f"--rank {args.rank}: expected a positive integer")
     errors: dict[str, float] = {}
     try:
+        check_replaceable(args.target)
         if args.rank is None:
             atomic_write_dir(args.target, lambda tmp: cast_adapter(args.source, tmp, DTYPES[args.dtype]))
         else:

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.export import AdapterCheckpoint, save_adapter
+from callbacks.export import AdapterCheckpoint, ExportAdapter, save_adapter
 from data.datamodule import QADataModule
 from grpo.infer import load_for_inference
 from grpo.module import GRPOModule
@@ -118,6 +118,32 @@ def test_export_without_init_adapter_is_unchanged(tmp_path):
     policy.save_pretrained(tmp_path / "peft")
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (tmp_path / "export" / name).read_bytes() == (tmp_path / "peft" / name).read_bytes(), name
+
+
+def test_export_never_deletes_what_is_not_an_adapter(tmp_path):
+    """The export replaces its folder whole: an old adapter is replaced, a folder that holds anything else
+    (here a TensorBoard log dir) is refused by name and left as it was — by `save_adapter`, by the CLI, and by
+    `ExportAdapter` at setup, before training, when its dirpath holds the logger's log dir."""
+    from types import SimpleNamespace
+
+    from callbacks.export import main
+
+    policy = grpo_policy(None)
+    save_adapter(policy, tmp_path / "export")
+    save_adapter(policy, tmp_path / "export")                                         # an adapter: replaced
+    run = tmp_path / "run"
+    (run / "version_0").mkdir(parents=True)
+    (run / "version_0" / "events.out").write_text("logs")
+    with pytest.raises(ValueError, match=r"holds \['version_0'\]"):
+        save_adapter(policy, run)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "export"), str(run)])
+    assert (run / "version_0" / "events.out").read_text() == "logs"
+    trainer = SimpleNamespace(log_dir=str(run / "version_0"))
+    with pytest.raises(ValueError, match="log dir"):
+        ExportAdapter(dirpath=str(run)).setup(trainer, None, "fit")
+    ExportAdapter(dirpath=str(tmp_path / "fresh")).setup(trainer, None, "fit")        # a folder of its own: fine
+    ExportAdapter().setup(trainer, None, "fit")                                       # default: <log dir>/adapter
 
 
 def test_checkpoint_adapter_with_init_adapter_is_the_policy(tmp_path):
