@@ -69,6 +69,9 @@ Guadeloupe is a French island located in the Atlantic Ocean. That does not say w
 will search for Guadeloupe.</thought>"): GRPO's policies recalled such a sentence for a territory and
 then guessed a continent; here the fork comes after the recall, where the model can see what its
 recall did not state.
+The continent check (`check_continent`, `--continent-check`): every continent recall ends with the same
+clause, "So its continent is Africa." on a direct trace, "So its continent is not stated; I will search
+for Syria." after a recall-search one's region, so the branches fork at the fact token again.
 Run `python -m data.traces --out outputs/traces.jsonl [--hotpotqa PATH]`.
 """
 from __future__ import annotations
@@ -129,6 +132,10 @@ UNKNOWN_THOUGHT_STYLES = tuple(HEDGED_SEARCHES)
 # Recall, then search (`recall_search`): a search of a continent the model does not know starts with the
 # model's own closed-book sentence when that names no continent, and says so before searching.
 RECALL_SEARCH_THOUGHT = "{recall} That does not say which continent; I will search for {c}."
+# The continent check (`check_continent`): both branches end their recall with the same clause and fork
+# at its fact token, the continent copied from the recall or "not" when the recall names none.
+CONTINENT_CHECK = " So its continent is {a}."
+CONTINENT_CHECK_SEARCH = " So its continent is not stated; I will search for {c}."
 ANSWER = "<answer> {a}</answer>"  # the slots: a space after the tag (module docstring)
 CALL = "<call> {q}</call>"
 SLOTS = ("answer", "call")  # the tags `bare` can leave without that space
@@ -315,6 +322,33 @@ def bare(trace: Trace, tags: Sequence[str] = SLOTS) -> Trace:
         return text
     return replace(trace, segments=tuple((role, unspaced(text) if role == "model" else text)
                                          for role, text in trace.segments))
+
+
+def check_continent(trace: Trace) -> Trace:
+    """The trace with its continent recall checked in the same words on both branches (CLI `--continent-check`).
+
+    A direct continent trace's thought gets CONTINENT_CHECK after its recall ("Kenya is a country located
+    in East Africa. So its continent is Africa."); a recall-search one's "That does not say which
+    continent; ..." becomes CONTINENT_CHECK_SEARCH ("Syria is located in the Middle East. So its continent
+    is not stated; I will search for Syria."). The branches then share a prefix up to the fact token, where
+    the model copies a continent its recall named or has none to copy: the recall-search cold start answered
+    a region recall directly ("Syria is located in the Middle East" -> "Africa") because its fork came
+    one clause after the recall, at a token that does not look at it. Other traces are returned unchanged.
+    """
+    if trace.type != "continent" or trace.style not in ("direct", "search"):
+        return trace
+    role, text = trace.segments[0]
+    end = text.find("</thought>")
+    if trace.style == "direct" and end > 0:
+        text = text[:end] + CONTINENT_CHECK.format(a=trace.answers[0]) + text[end:]
+    elif trace.style == "search":
+        marker = " That does not say which continent; I will search for "
+        start = text.find(marker)
+        if start < 0:
+            return trace  # a hedged search that recalled nothing: it forks before any recall
+        country = text[start + len(marker):end - 1]
+        text = text[:start] + CONTINENT_CHECK_SEARCH.format(c=country) + text[end:]
+    return replace(trace, segments=((role, text),) + trace.segments[1:])
 
 
 def check_trace(trace: Trace, queries: Sequence[str]) -> str:
@@ -573,6 +607,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="searches of continents the model does not know start from its own closed-book "
                              "sentence when that names no continent ('... located in the Atlantic Ocean. That "
                              "does not say which continent; I will search for ...')")
+    parser.add_argument("--continent-check", action="store_true",
+                        help="continent recalls end with 'So its continent is <it>.' or, with --recall-search, "
+                             "'So its continent is not stated; I will search for ...' (check_continent)")
     parser.add_argument("--bare", nargs="+", choices=SLOTS, default=(),
                         help="no space after these tags: 'answer call' is the format of every result before "
                              "the spaced answers (results/economy/README.md), 'call' that of the spaced-answer runs")
@@ -585,6 +622,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      args.direct_min_sampled, args.recall_search)
     except ValueError as err:
         parser.error(str(err))
+    if args.continent_check:
+        traces = [check_continent(t) for t in traces]
     if args.bare:
         traces = [bare(t, args.bare) for t in traces]
     write_traces(traces, args.out)

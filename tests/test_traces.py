@@ -21,7 +21,7 @@ import pytest
 
 from data.answers import contains_gold, normalize_answer
 from data.offline_task import build_offline_task
-from data.traces import (STYLES, Trace, bare, build_trace, closed_book_replies, demote_half_known, draw_traces,
+from data.traces import (STYLES, Trace, bare, build_trace, check_continent, closed_book_replies, demote_half_known, draw_traces,
                          hotpotqa_traces, main, make_traces, offline_traces, own_words, quotas, read_traces,
                          recall_sentence, recall_without_continent, unknown_memory, write_traces)
 from data.types import LOOKUP, MEMORY
@@ -355,6 +355,27 @@ def test_recall_search_changes_only_the_thoughts_of_continent_searches(task, env
         first = recall_without_continent(replies[example.id], example.hops[0])
         assert thought_of(new) == f"{first} That does not say which continent; I will search for {example.hops[0]}."
         assert old.segments[1:] == new.segments[1:]  # same search, observations and answer
+
+
+def test_continent_check_ends_both_recalls_with_the_same_clause(task, env):
+    continent = next(ex for ex in task.train if ex.type == "continent" and ex.kind == LOOKUP)
+    country, gold = continent.hops[0], continent.answers[0]
+    replies = {continent.id: f"{country} is a small island located in the Atlantic Ocean, far away."}
+    search = build_trace(continent, "search", env, random.Random(0), replies, recall_search=True)
+    checked = check_continent(search)
+    assert thought_of(checked) == (f"{country} is a small island located in the Atlantic Ocean. "
+                                   f"So its continent is not stated; I will search for {country}.")
+    assert checked.segments[1:] == search.segments[1:] and checked.id == search.id
+    assert parse_completion(checked.text).calls == (country,)
+    direct = build_trace(continent, "direct", env, random.Random(0), {continent.id: f"{country} is in {gold}."})
+    assert check_continent(direct).segments == (
+        ("model", f"<thought>{country} is in {gold}. So its continent is {gold}.</thought><answer> {gold}</answer>"),)
+    # a hedge that recalled nothing, another type, a multihop: unchanged
+    hedge = build_trace(continent, "search", env, random.Random(0), replies)
+    assert check_continent(hedge) == hedge
+    capital = next(ex for ex in task.train if ex.type == "capital" and ex.kind == MEMORY)
+    known = build_trace(capital, "direct", env, random.Random(0), {})
+    assert check_continent(known) == known
 
 
 def test_missed_searches_find_nothing_and_answer_from_memory(task, env, by_id):
