@@ -10,7 +10,7 @@ answer its thought stated (each followed by `</answer>`, fp32, no sampling).
 Prints one line per such answer, then how often the given answer was the likelier of the two.
 
 With `--forced-recall`: the memory questions of each split of the offline task, each followed by the
-thought its cold-start direct trace has (the base model's recall sentence, `data.traces.recall_sentence`)
+thought its cold-start direct trace has (the base model's recall sentence, `data.thoughts.recall_sentence`)
 and `<answer>`; the policy's greedy answer there (`grpo.rollout.rollout`, T = 0), right or not (exact match). On the training split
 that is what the cold start was taught, on the held-out splits how well the answer binds to a
 recalled fact it has not seen.
@@ -27,7 +27,7 @@ import torch
 
 from data.answers import exact_match, normalize_answer
 from data.offline_task import build_offline_task
-from data.traces import closed_book_replies, recall_sentence
+from data.thoughts import closed_book_replies, recall_sentence
 from data.types import MEMORY, QAExample
 from data.questions import read_questions
 from envs.protocol import build_prompt, parse_completion, thoughts

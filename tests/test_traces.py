@@ -21,9 +21,9 @@ import pytest
 
 from data.answers import contains_gold, normalize_answer
 from data.offline_task import build_offline_task
-from data.traces import (STYLES, Trace, bare, build_trace, check_continent, closed_book_replies, demote_half_known, draw_traces,
-                         hotpotqa_traces, main, make_traces, offline_traces, own_words, quotas, read_traces,
-                         recall_sentence, recall_without_continent, unknown_memory, write_traces)
+from data.thoughts import closed_book_replies, demote_half_known, own_words, recall_sentence, recall_without_continent
+from data.traces import (STYLES, Trace, bare, build_trace, check_continent, draw_traces, hotpotqa_traces, main,
+                         make_traces, offline_traces, quotas, read_traces, unknown_memory, write_traces)
 from data.types import LOOKUP, MEMORY
 from envs.base import Document
 from envs.protocol import parse_completion
