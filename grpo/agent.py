@@ -63,14 +63,21 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"model.{name}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: the instructions that make a bf16 matmul faster than fp32 on a CPU. Without them
+    oneDNN emulates bf16 (AVX-512: 3-4x slower than fp32) or cannot pack it at all (AVX2 only: ~8x slower)."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe() for probe in probes if probe is not None)
+
+
 def warn_if_bf16_is_slow(device_type: str, uses_bf16: bool, native_bf16: bool) -> None:
-    """bf16 on a CPU without native bf16 kernels (oneDNN's bf16 needs AVX512-BW/VL/DQ; AVX2-only CPUs emulate
-    it) is no speed-up but a slow-down: a (512 x 576) @ (576 x 1536) matmul takes 61 ms in bf16 against 7.5 ms
-    in fp32 on such a 2-core EPYC. Warned, not refused: the numbers are right, only slow."""
+    """bf16 on a CPU without bf16 instructions (`cpu_has_fast_bf16`) is no speed-up but a slow-down: a
+    (512 x 576) @ (576 x 1536) matmul takes 61 ms in bf16 against 7.5 ms in fp32 on a 2-core AVX2-only EPYC.
+    Warned, not refused: the numbers are right, only slow."""
     if uses_bf16 and device_type == "cpu" and not native_bf16:
-        warnings.warn("bf16 is used on a CPU without native bf16 kernels (torch.ops.mkldnn._is_mkldnn_bf16_supported()"
-                      " is False): bf16 matmuls run ~8x slower than fp32 here; prefer --trainer.precision 32-true and"
-                      " no --model.rollout_dtype (README, Performance)")
+        warnings.warn("bf16 is used on a CPU without bf16 instructions (no AVX512-BF16, no AMX): bf16 matmuls run "
+                      "3-8x slower than fp32 here; prefer --trainer.precision 32-true and no --model.rollout_dtype "
+                      "(README, Design choices)")
 
 
 class AgentModule(EvaluationHooks, L.LightningModule):
@@ -183,7 +190,7 @@ class AgentModule(EvaluationHooks, L.LightningModule):
         precision = str(getattr(self._trainer, "precision", ""))  # no trainer: a bare module in a test
         warn_if_bf16_is_slow(self.device.type, "bf16" in precision or self.hparams.dtype == "bfloat16"
                              or self.rollout_torch_dtype == torch.bfloat16,
-                             torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+                             cpu_has_fast_bf16())
         self._sampler = None  # every run starts its rank's stream from the seed (or the checkpoint's state)
         dm = getattr(self.trainer, "datamodule", None)
         if self.env is None and dm is not None and hasattr(dm, "search_env"):

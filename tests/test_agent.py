@@ -262,3 +262,14 @@ def test_bf16_on_a_cpu_without_bf16_kernels_is_warned_about():
         warn_if_bf16_is_slow("cpu", uses_bf16=True, native_bf16=True)
         warn_if_bf16_is_slow("cpu", uses_bf16=False, native_bf16=False)
         warn_if_bf16_is_slow("cuda", uses_bf16=True, native_bf16=False)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, fast", [(False, False, False), (True, False, True), (False, True, True)])
+def test_fast_bf16_needs_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, fast):
+    """AVX-512 alone (oneDNN's bf16 kernels exist there, but emulated: 3-4x slower than fp32) is not enough."""
+    from grpo.agent import cpu_has_fast_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: True, raising=False)
+    assert cpu_has_fast_bf16() is fast
