@@ -25,9 +25,9 @@ Guadeloupe is a French island located in the Atlantic Ocean. That does not say w
 will search for Guadeloupe.</thought>"): GRPO's policies recalled such a sentence for a territory and
 then guessed a continent; here the fork comes after the recall, where the model can see what its
 recall did not state.
-The continent check (`data.traces.check_continent`, `--continent-check`): every continent recall ends with the same
-clause, "So its continent is Africa." on a direct trace, "So its continent is not stated; I will search
-for Syria." after a recall-search one's region, so the branches fork at the fact token again.
+The continent check (`data.traces.check_continent`, `--continent-check`): every continent recall ends
+with the same clause, "So its continent is Africa." on a direct trace, "So its continent is not stated;
+I will search for Syria." after a recall-search one's region, so the branches fork at the fact token again.
 """
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ HEDGED_SEARCHES = {"plain": {}, "hedge": HEDGE_TEMPLATES, "hedge-all": HEDGE_TEM
 UNKNOWN_THOUGHT_STYLES = tuple(HEDGED_SEARCHES)
 # Recall, then search (`recall_search`): a search of a continent the model does not know starts with the
 # model's own closed-book sentence when that names no continent, and says so before searching.
-RECALL_SEARCH_THOUGHT = "{recall} That does not say which continent; I will search for {c}."
+RECALL_SEARCH_TAIL = " That does not say which continent; I will search for {c}."
+RECALL_SEARCH_THOUGHT = "{recall}" + RECALL_SEARCH_TAIL
 # The continent check (`check_continent`): both branches end their recall with the same clause and fork
 # at its fact token, the continent copied from the recall or "not" when the recall names none.
 CONTINENT_CHECK = " So its continent is {a}."
@@ -159,6 +160,7 @@ def demote_half_known(examples: Sequence[QAExample], sampled: Mapping[str, float
         raise ValueError(f"min_sampled must be in [0, 1], got {min_sampled!r}")
     return [replace(ex, kind=LOOKUP) if ex.kind == MEMORY and sampled.get(ex.id, 1.0) < min_sampled else ex
             for ex in examples]
+
 
 def direct_replies(direct_thought: str, memory_file: str | Path = DEFAULT_MEMORY_FILE) -> dict[str, str] | None:
     """The `replies` argument of `draw_traces` for a direct-thought style ("recall" or "plain")."""

@@ -68,8 +68,9 @@ from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import MEMORY_TYPES, build_offline_task
 from data.thoughts import (CONTINENT_CHECK, CONTINENT_CHECK_SEARCH, DEFAULT_UNKNOWN_THOUGHT, DIRECT_THOUGHT_STYLES,
                            DIRECT_THOUGHTS, HEDGED_SEARCHES, MISS_THOUGHT, MULTIHOP_THOUGHTS, NEXT_HOP_THOUGHTS,
-                           RECALL_SEARCH_THOUGHT, SEARCH_THOUGHTS, UNKNOWN_THOUGHT_STYLES, demote_half_known,
-                           direct_replies, recall_sentence, recall_without_continent, sampled_accuracies)
+                           RECALL_SEARCH_TAIL, RECALL_SEARCH_THOUGHT, SEARCH_THOUGHTS, UNKNOWN_THOUGHT_STYLES,
+                           demote_half_known, direct_replies, recall_sentence, recall_without_continent,
+                           sampled_accuracies)
 from data.types import MEMORY, QAExample
 from envs.protocol import observation_text, parse_completion
 from envs.sandbox import run_tool
@@ -203,12 +204,11 @@ def check_continent(trace: Trace) -> Trace:
     if trace.style == "direct" and end > 0:
         text = text[:end] + CONTINENT_CHECK.format(a=trace.answers[0]) + text[end:]
     elif trace.style == "search":
-        marker = " That does not say which continent; I will search for "
-        start = text.find(marker)
-        if start < 0:
+        country = parse_completion(trace.text).calls[0]
+        tail = RECALL_SEARCH_TAIL.format(c=country) + "</thought>"
+        if tail not in text:
             return trace  # a hedged search that recalled nothing: it forks before any recall
-        country = text[start + len(marker):end - 1]
-        text = text[:start] + CONTINENT_CHECK_SEARCH.format(c=country) + text[end:]
+        text = text.replace(tail, CONTINENT_CHECK_SEARCH.format(c=country) + "</thought>", 1)
     return replace(trace, segments=((role, text),) + trace.segments[1:])
 
 
