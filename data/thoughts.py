@@ -18,7 +18,7 @@ anything.
 "hedge-all" (default) also hedges every other one-hop search at its fact ("The population of Kenya
 is not something I know; I will search for Kenya."): GRPO from "hedge" drifted to searching known
 capitals through the generic first-token fork that every lookup reinforces, while from "hedge-all",
-where no such fork is left, it kept answering what the model knows (results/economy/README.md).
+where no such fork is left, it kept answering what the model knows (results/economy/experiments.md).
 Recall, then search (`recall_search`): a search of a continent the model does not know whose
 closed-book reply names no continent starts with that reply's first clause and says so ("<thought>
 Guadeloupe is a French island located in the Atlantic Ocean. That does not say which continent; I

@@ -29,7 +29,7 @@ observation holds; right after `>` the same word is spelled in other pieces ("At
 "via"), so a bare slot makes the model re-spell what it copies, and it failed exactly there (Greece ->
 "Tokyo", Philippines -> "M Manila"; searches for "Latgae", "Bahamina"). With the space in the answer
 one cold start bound every held-out memory question to its thought and misread fewer observations
-(results/economy/README.md, "The answer slot spells the fact in other tokens"). The parser and the
+(results/economy/experiments.md, "The answer slot spells the fact in other tokens"). The parser and the
 rollout strip the spaces. `bare(trace, tags)` (CLI `--bare answer call`) drops them: every result
 before that section was trained with both slots bare; its spaced-answer runs with `call` bare.
 
@@ -47,7 +47,7 @@ tool that fails or does not cover the question returns) and go on to answer from
 recall sentence: "<thought>The search found nothing, so I answer from memory. The capital of Uganda
 is Kampala.</thought><answer> Kampala</answer>" (ids "miss/<example id>", style "search"). Without
 them no trace ever sees an empty search, and out of the tool's domain GRPO's policy searched again
-and again until the call budget ran out (results/economy/README.md, probe).
+and again until the call budget ran out (results/economy/experiments.md, probe).
 Run `python -m data.traces --out outputs/traces.jsonl [--hotpotqa PATH]`.
 """
 from __future__ import annotations
@@ -466,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "'So its continent is not stated; I will search for ...' (check_continent)")
     parser.add_argument("--bare", nargs="+", choices=SLOTS, default=(),
                         help="no space after these tags: 'answer call' is the format of every result before "
-                             "the spaced answers (results/economy/README.md), 'call' that of the spaced-answer runs")
+                             "the spaced answers (results/economy/experiments.md), 'call' that of the spaced-answer runs")
     args = parser.parse_args(argv)
     if not 0 <= args.hotpotqa_share <= 1:
         parser.error(f"--hotpotqa-share must be in [0, 1], got {args.hotpotqa_share}")

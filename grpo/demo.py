@@ -5,7 +5,8 @@
     2. GRPO from the SFT adapter, evaluated every 4 steps (Pareto plot + report)
     3. validate the last checkpoint
     4. what GRPO learns: the published policy (`results/economy/`) next to its cold start
-       (`results/cold_start/`), greedy, on the same held-out questions (skipped if not published)
+       (`results/cold_start/`), greedy, on the balanced test set: EM, calls, searches per kind, and
+       the questions where GRPO changed what the policy does (skipped if not published)
 
 Each phase is an ordinary CLI run (`python -m grpo fit -c configs/demo_*.yaml`); this file
 only chains them and says where the outputs are.
@@ -17,12 +18,14 @@ from pathlib import Path
 
 from data.answers import exact_match
 from data.offline_task import build_offline_task, summary
-from data.types import MEMORY
+from data.questions import read_questions
+from data.types import LOOKUP, MEMORY
 from envs.search import LocalSearchEnv
 from grpo.cli import main as cli
 
-COLD_START = Path("results/cold_start/sft_adapter_hedge_all_714")
+COLD_START = Path("results/cold_start/sft_adapter_cc_714")
 PUBLISHED = Path("results/economy/grpo_adapter")
+QUESTIONS = Path("results/questions/test_balanced.jsonl")
 
 
 def _phase(title: str) -> float:
@@ -30,34 +33,69 @@ def _phase(title: str) -> float:
     return time.perf_counter()
 
 
-def side_by_side(adapters: dict[str, Path], examples, env, model_name: str | None = None) -> str:
-    """One line per question and policy (greedy): searched or not, the answer, right or wrong."""
+def run_policies(adapters: dict[str, Path], examples, env, model_name: str | None = None) -> dict[str, list]:
+    """{label: one `InferenceResult` per example}: each adapter answers every question, greedy."""
     from grpo.infer import answer, load_for_inference
 
-    lines = []
     results = {}
     for label, path in adapters.items():
         model, tokenizer = load_for_inference(str(path), model_name)
         results[label] = [answer(model, tokenizer, env, ex.question, temperature=0.0) for ex in examples]
-    width = max(map(len, adapters))
+    return results
+
+
+def _right(result, ex) -> bool:
+    return exact_match(result.answer or "", ex.answers)
+
+
+def totals(results: dict[str, list], examples) -> str:
+    """One line per policy: EM, tool calls per question, and the share searched of each kind."""
+    lines = []
+    width = max(map(len, results))
+    for label, rows in results.items():
+        em = sum(_right(r, ex) for r, ex in zip(rows, examples)) / len(examples)
+        calls = sum(r.calls for r in rows) / len(examples)
+        searched = []
+        for kind in (MEMORY, LOOKUP):
+            of_kind = [r for r, ex in zip(rows, examples) if ex.kind == kind]
+            if of_kind:
+                share = sum(r.calls > 0 for r in of_kind) / len(of_kind)
+                searched.append(f"{kind} searched {share:.2f} ({len(of_kind)} q)")
+        lines.append(f"  {label:<{width}}  EM {em:.3f}  calls / q {calls:.2f}  " + "  ".join(searched))
+    return "\n".join(lines)
+
+
+def side_by_side(results: dict[str, list], examples, only_different: bool = False) -> str:
+    """One line per question and policy: searched or not, the answer, right or wrong. With
+    `only_different`, only the questions where the policies differ in searching or in being right."""
+    lines = []
+    width = max(map(len, results))
     for i, ex in enumerate(examples):
+        rows = {label: results[label][i] for label in results}
+        if only_different and len({(r.calls > 0, _right(r, ex)) for r in rows.values()}) == 1:
+            continue
         lines.append(f"{ex.question}  [{ex.kind}; gold {ex.answers[0]}]")
-        for label in adapters:
-            r = results[label][i]
-            mark = "right" if exact_match(r.answer or "", ex.answers) else "wrong"
+        for label, r in rows.items():
+            mark = "right" if _right(r, ex) else "wrong"
             how = f"searched {', '.join(r.queries)}" if r.calls else "answered directly"
             lines.append(f"  {label:<{width}}  {how:<34} -> {r.answer!s:<22} {mark}")
     return "\n".join(lines)
 
 
-def show_what_grpo_learned(n_per_kind: int = 4) -> None:
+def show_what_grpo_learned(questions: Path = QUESTIONS) -> None:
+    """The published policy next to its cold start on the balanced test set: totals, then every
+    question where GRPO changed whether the policy searches or whether it is right."""
     if not (COLD_START.is_dir() and PUBLISHED.is_dir()):
         print(f"no published policy ({PUBLISHED} and {COLD_START}): skipped")
         return
-    task = build_offline_task(seed=0)
-    memory = [ex for ex in task.test if ex.kind == MEMORY][:n_per_kind]
-    lookup = [ex for ex in task.test if ex.kind != MEMORY][:n_per_kind]
-    print(side_by_side({"cold start": COLD_START, "GRPO": PUBLISHED}, memory + lookup, LocalSearchEnv(task.documents)))
+    examples = read_questions(questions)
+    env = LocalSearchEnv(build_offline_task(seed=0).documents)
+    results = run_policies({"cold start": COLD_START, "GRPO": PUBLISHED}, examples, env)
+    print(f"{questions} ({len(examples)} questions), greedy:")
+    print(totals(results, examples))
+    changed = side_by_side(results, examples, only_different=True)
+    print("\nWhere GRPO changed what the policy does (searched or not, right or wrong):")
+    print(changed or "  nowhere")
 
 
 def main() -> None:

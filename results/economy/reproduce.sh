@@ -1,31 +1,27 @@
 #!/usr/bin/env bash
 # Reproduce the tool-economy results (issue #12) from a fresh clone, on CPU, in one command:
 #
-#     bash results/economy/reproduce.sh [OUT]        # OUT defaults to outputs/economy; ~5.5 h on 2 cores
+#     bash results/economy/reproduce.sh [OUT]        # OUT defaults to outputs/economy; ~4 h on 2 cores (fp32)
 #
 # Phases, each skipped when its output already exists (so a killed run resumes where it stopped):
-#   1. cold start      714 hedge-all SFT traces (156 direct, 415 one-search, 143 two-search), one epoch of SFT
-#                      (90 steps, ~35 min), its knowledge check
+#   1. cold start      714 SFT traces (156 direct, 415 one-search, 143 two-search; every search thought
+#                      recalls and gives up at the fact, continent recalls end "So its continent is ..."
+#                      on both branches), one epoch of SFT (90 steps, ~50 min fp32), its knowledge check
 #   2. baseline        the always-search policy: 714 search traces (558 one-search, 156 two-search,
-#                      generic thoughts), the same number of SFT steps as phase 1 (~33 min)
-#   3. GRPO            configs/grpo_economy.yaml from the phase-1 adapter (run H: 30 updates, ~50 min),
-#                      then the same config from run H's policy (run I: 40 updates, ~60 min), then from
-#                      run I's with a quarter of the training questions given an empty tool (run L:
-#                      20 updates, ~35 min), then from run L's with a price on direct answers their own
-#                      thoughts do not state (run P: 20 updates, ~30 min; the published adapter is run P,
-#                      trained at commit 7928744 with the first version of that check; this script, with
-#                      the check as fixed, trains run P2 — results/economy/README.md; runs of this last
-#                      stage with other seeds scored 0.789–0.816 on the balanced set, run P 0.868: expect
-#                      the former)
+#                      generic thoughts), the same number of SFT steps as phase 1 (~50 min)
+#   3. GRPO            configs/grpo_economy.yaml from the phase-1 adapter: run CC-H, 30 updates (~75 min)
 #   4. publish         the cold-start and GRPO adapters in bf16, as under results/ (seconds)
-#   5. evaluation      every policy (the bf16 ones as published), greedy, on the balanced test set and
-#                      on the out-of-domain probe (~3 min each), then one table and one EM-vs-calls
-#                      Pareto plot per question set
-# Everything is written under OUT; nothing in results/ is touched (compare OUT with results/economy).
+#   5. evaluation      every policy (the bf16 ones as published), greedy, on the balanced test set, the
+#                      whole test split and the out-of-domain probe (~1, 5 and 3 min each), then one
+#                      table and one EM-vs-calls Pareto plot per question set
+# Everything is written under OUT; nothing in results/ is touched (compare OUT with results/economy/summary).
+# Seeds: the published run is seed 0 (configs/grpo_economy.yaml); `SEED=1 bash results/economy/reproduce.sh`
+# trains and evaluates another draw of phase 3 (README.md here: how far draws differ).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 OUT=${1:-outputs/economy}
+SEED=${SEED:-0}
 Q=results/questions
 mkdir -p "$OUT/logs"
 
@@ -57,55 +53,35 @@ evaluate() {  # evaluate LABEL ADAPTER QUESTIONS
 }
 
 # 1. cold start, and how much of the base model's knowledge it kept
-#    (--bare answer call: no space after <answer> or <call>, the format the published policies were trained on)
-sft sft_hedge_all_714 714 --mix 0.3 0.5 0.2 --unknown-thought hedge-all --bare answer call
+sft sft_cc_714 714 --mix 0.3 0.5 0.2 --unknown-thought hedge-all --recall-search --continent-check
 [ -f "$OUT/cold_start_eval.json" ] || run cold_start_eval "$PY" -m experiments.eval_cold_start \
-    --adapter "$OUT/sft_hedge_all_714" --split heldout --lookup-limit 64 --modes greedy sampled \
+    --adapter "$OUT/sft_cc_714" --split heldout --lookup-limit 64 --modes greedy sampled \
     --temperature 0.7 --samples 4 --out "$OUT/cold_start_eval.json"
 
 # 2. always-search baseline: one- and two-search traces only, generic thoughts, as many as phase 1's traces
-sft sft_always 714 --mix 0 0.5 0.2 --unknown-thought plain --bare answer call
+sft sft_always_both_714 714 --mix 0 0.5 0.2 --unknown-thought plain
 
-# 3. GRPO from the cold start (run H), then 40 more updates from its policy (run I), then 20 with tool
-#    outages from run I's (run L), then 20 with the ungrounded-answer price from run L's (run P); a killed
-#    run is started again from its beginning
-RUN_H="$OUT/runs/grpo_economy/version_0/checkpoints"
-if [ ! -d "$RUN_H/last.adapter" ]; then
-    run grpo_h "$PY" -m grpo fit -c configs/grpo_economy.yaml --model.init_adapter "$OUT/sft_hedge_all_714" \
-        --trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.version 0
-fi
-RUN_I="$OUT/runs/grpo_economy_more/version_0/checkpoints"
-if [ ! -d "$RUN_I/last.adapter" ]; then
-    run grpo_i "$PY" -m grpo fit -c configs/grpo_economy.yaml --model.init_adapter "$RUN_H/last.adapter" \
-        --trainer.max_steps 40 --trainer.logger.init_args.save_dir "$OUT/runs" \
-        --trainer.logger.init_args.name grpo_economy_more --trainer.logger.init_args.version 0
-fi
-RUN_L="$OUT/runs/grpo_economy_outages/version_0/checkpoints"
-if [ ! -d "$RUN_L/last.adapter" ]; then
-    run grpo_l "$PY" -m grpo fit -c configs/grpo_economy.yaml --model.init_adapter "$RUN_I/last.adapter" \
-        --trainer.max_steps 20 --model.tool_outage_rate 0.25 --trainer.logger.init_args.save_dir "$OUT/runs" \
-        --trainer.logger.init_args.name grpo_economy_outages --trainer.logger.init_args.version 0
-fi
-GRPO_DIR="$OUT/runs/grpo_economy_grounded/version_0/checkpoints"
+# 3. GRPO from the cold start (run CC-H; a killed run is started again from its beginning)
+GRPO_DIR="$OUT/runs/grpo_economy_seed$SEED/version_0/checkpoints"
 if [ ! -d "$GRPO_DIR/last.adapter" ]; then
-    run grpo_p "$PY" -m grpo fit -c configs/grpo_economy.yaml --model.init_adapter "$RUN_L/last.adapter" \
-        --trainer.max_steps 20 --model.tool_outage_rate 0.25 --model.voi_weights.ungrounded_direct -1.0 \
-        --trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.name grpo_economy_grounded \
+    run grpo_seed$SEED "$PY" -m grpo fit -c configs/grpo_economy.yaml --model.init_adapter "$OUT/sft_cc_714" \
+        --seed_everything "$SEED" --model.seed "$SEED" --data.seed "$SEED" \
+        --trainer.logger.init_args.save_dir "$OUT/runs" --trainer.logger.init_args.name grpo_economy_seed$SEED \
         --trainer.logger.init_args.version 0
 fi
 
 # 4. the adapters as published under results/ (bf16)
-run publish_cold_start "$PY" -m callbacks.export "$OUT/sft_hedge_all_714" "$OUT/sft_adapter_hedge_all_714"
-run publish_grpo "$PY" -m callbacks.export "$GRPO_DIR/last.adapter" "$OUT/grpo_adapter"
+run publish_cold_start "$PY" -m callbacks.export "$OUT/sft_cc_714" "$OUT/sft_adapter_cc_714"
+run publish_grpo "$PY" -m callbacks.export "$GRPO_DIR/last.adapter" "$OUT/grpo_adapter_seed$SEED"
 
-# 5. evaluation of every policy on both question sets, then the tables
-for questions in test_balanced probe_general_labelled; do
-    evaluate cold_start "$OUT/sft_adapter_hedge_all_714" $questions
-    evaluate always_search "$OUT/sft_always" $questions
-    evaluate grpo "$OUT/grpo_adapter" $questions
+# 5. evaluation of every policy on each question set, then the tables
+for questions in test_balanced test_full probe_general_labelled; do
+    evaluate cold_start "$OUT/sft_adapter_cc_714" $questions
+    evaluate always_search "$OUT/sft_always_both_714" $questions
+    evaluate grpo_seed$SEED "$OUT/grpo_adapter_seed$SEED" $questions
     run "compare_$questions" "$PY" -m callbacks.compare --out "$OUT/$questions" --baseline "always search" \
         "always search=$(eval_json always_search $questions)" "cold start=$(eval_json cold_start $questions)" \
-        "GRPO=$(eval_json grpo $questions)"
+        "GRPO seed $SEED=$(eval_json grpo_seed$SEED $questions)"
     cat "$OUT/$questions/table.md"
 done
 
