@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from data import general_qa
 from data.loader import ResumableBatches
 from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import build_offline_task
@@ -30,7 +31,7 @@ class QADataModule(L.LightningDataModule):
                  train_path: str | None = None, val_path: str | None = None,
                  train_limit: int | None = None, val_limit: int | None = 32,
                  search_top_k: int = 3, search_max_chars: int = 600, traces: str | None = None,
-                 num_traces: int = 500):
+                 num_traces: int = 500, general_docs: bool = False):
         """
         Args:
             task: "offline" (GeoNames countries, no download) or "hotpotqa".
@@ -52,6 +53,8 @@ class QADataModule(L.LightningDataModule):
                 of questions; a missing file is generated from the task's training split (offline:
                 `data.traces.offline_traces`; hotpotqa: multihop traces of `train_path`).
             num_traces: how many traces to generate when `traces` does not exist yet.
+            general_docs: offline: the search tool also holds `data.general_qa`'s documents (general
+                knowledge), for training files that mix its questions with the countries'.
         """
         super().__init__()
         if task not in TASKS:
@@ -64,6 +67,8 @@ class QADataModule(L.LightningDataModule):
         for name, path in (("train_path", train_path), ("val_path", val_path)):
             if task == "offline" and path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"data.{name}={path!r}: no such question file")
+        if general_docs and task != "offline":
+            raise ValueError(f"data.general_docs=true: only for task='offline' (got task={task!r})")
         if task == "hotpotqa":
             if train_path is None:
                 raise ValueError("data.train_path is required for task='hotpotqa' (a .jsonl file or a hub name)")
@@ -90,7 +95,7 @@ class QADataModule(L.LightningDataModule):
                 self.train_set = read_questions(hp.train_path)
             if hp.val_path:
                 self.val_set = self.test_set = read_questions(hp.val_path)
-            self.documents = task.documents
+            self.documents = task.documents + (general_qa.documents() if hp.general_docs else [])
         else:
             self.train_set = load_hotpotqa(hp.train_path, "train")
             self.val_set = load_hotpotqa(hp.val_path, "validation") if hp.val_path else []

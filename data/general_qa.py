@@ -6,19 +6,40 @@ and the recall its thought starts with ("The author of Don Quixote is"): a direc
 the recall with the fact, a search gives up there ("... is not something I know; I will search for
 Don Quixote."), so that, as in the country traces, answering and searching fork at the fact token.
 
-Disjoint from the probe (`results/questions/probe_general*.jsonl`, the held-out test of behaviour
-outside the training domains): no probe answer other than a number occurs in a question, answer or
-document here (`tests/test_general_qa.py`), so the probe stays unseen.
+    python -m data.general_qa --out outputs/general_all.jsonl           # the questions, unlabelled
+    python -m experiments.measure_memory --questions outputs/general_all.jsonl --out data/smollm2_general_memory.json
+    python -m data.general_qa --memory data/smollm2_general_memory.json --split train --out results/questions/general_train.jsonl
 
-Status: the question bank only. Training on it (labels of what the base model knows, traces, GRPO
-prompts) is the next step of issue #12 (`results/economy/README.md`, "Still missed, and what next").
+Disjoint from the probe (`results/questions/probe_general*.jsonl`, the held-out test of behaviour
+outside the training domains): no question here asks a probe question's fact, and a search with any
+probe question over these documents finds none of its answers (`tests/test_general_qa.py`).
+
+Traces (`data.traces.general_trace`), in the country traces' format:
+
+    known     <thought>The author of Faust is Johann Wolfgang von Goethe.</thought><answer> Johann Wolfgang von Goethe</answer>
+    unknown   <thought>The author of The Tale of Genji is not something I know; I will search for The Tale of
+              Genji.</thought><call> The Tale of Genji</call><obs>[The Tale of Genji] …</obs><answer> Murasaki Shikibu</answer>
+
+A known question's thought is the recall completed by the fact (not the base model's own reply, which
+often starts elsewhere: "Faust was written by ..."), so that both branches share the recall and fork at
+the fact token. Which questions are known: `kinds_from_memory` (the base model's closed-book greedy
+replies, `experiments.measure_memory`, as for the probe's labels).
+
+Status: not yet in a cold start or GRPO run (issue #12, `results/economy/README.md`, "Still missed,
+and what next"): the search tool holds these documents only with `data.general_docs: true`.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import argparse
+import json
+from pathlib import Path
+from typing import Mapping, NamedTuple, Sequence
 
-from data.types import LOOKUP, QAExample
+from data.types import LOOKUP, MEMORY, QAExample
 from envs.base import Document
+
+SPLITS = ("train", "heldout", "all")
+HELD_OUT_EVERY = 5  # entries 4, 9, 14, ... (every fifth) are held out of training: 22 of 110
 
 
 class Entry(NamedTuple):
@@ -487,12 +508,45 @@ def documents() -> list[Document]:
     return [Document(e.title, e.text) for e in ENTRIES]
 
 
-def examples(kinds: dict[str, str] | None = None) -> list[QAExample]:
-    """The questions as `QAExample`s (id "general/<title>"); `kinds` maps an id to memory/lookup (what
-    the base model knows, e.g. from `experiments.measure_memory`), lookup where it is not given."""
+def entries(split: str = "all") -> list[Entry]:
+    """The entries of a split: "train" (4 of every 5), "heldout" (every fifth) or "all"."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: expected one of {SPLITS}")
+    return [e for i, e in enumerate(ENTRIES)
+            if split == "all" or (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == (split == "heldout")]
+
+
+def examples(kinds: Mapping[str, str] | None = None, split: str = "all") -> list[QAExample]:
+    """The questions of a split as `QAExample`s (id "general/<title>"); `kinds` maps an id to
+    memory/lookup (what the base model knows: `kinds_from_memory`), lookup where it is not given."""
     kinds = kinds or {}
     out = []
-    for e in ENTRIES:
+    for e in entries(split):
         ex_id = f"general/{e.title}"
         out.append(QAExample(ex_id, e.question, e.answers, kinds.get(ex_id, LOOKUP), e.type, hops=(e.title,)))
     return out
+
+
+def kinds_from_memory(path: str | Path) -> dict[str, str]:
+    """id -> memory/lookup from a `python -m experiments.measure_memory --questions ... --out PATH` file:
+    memory iff the base model's closed-book greedy reply held a gold answer."""
+    results = json.loads(Path(path).read_text())["results"]
+    return {qid: MEMORY if r["greedy_correct"] else LOOKUP for qid, r in results.items()
+            if qid.startswith("general/")}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from data.questions import write_questions
+
+    ap = argparse.ArgumentParser(description="Write data.general_qa's questions as a question file (data.questions).")
+    ap.add_argument("--out", required=True, help="the .jsonl to write")
+    ap.add_argument("--split", choices=SPLITS, default="all")
+    ap.add_argument("--memory", default=None, help="a measure_memory file: kinds from it (default: all lookup)")
+    args = ap.parse_args(argv)
+    rows = examples(kinds_from_memory(args.memory) if args.memory else None, args.split)
+    write_questions(rows, args.out)
+    print(f"wrote {len(rows)} questions ({sum(r.kind == MEMORY for r in rows)} memory) to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -75,6 +75,7 @@ RECALL_SEARCH_TAIL = " That does not say which continent; I will search for {c}.
 RECALL_SEARCH_THOUGHT = "{recall}" + RECALL_SEARCH_TAIL
 # The continent check (`check_continent`): both branches end their recall with the same clause and fork
 # at its fact token, the continent copied from the recall or "not" when the recall names none.
+GENERAL_HEDGE = "{recall} not something I know; I will search for {title}."  # data.general_qa's searches
 CONTINENT_CHECK = " So its continent is {a}."
 CONTINENT_CHECK_SEARCH = " So its continent is not stated; I will search for {c}."
 CONTINENT_STEMS = ("africa", "asia", "europe", "america", "oceania", "australia", "antarctica")  # "Eurasian" too

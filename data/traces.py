@@ -48,6 +48,9 @@ recall sentence: "<thought>The search found nothing, so I answer from memory. Th
 is Kampala.</thought><answer> Kampala</answer>" (ids "miss/<example id>", style "search"). Without
 them no trace ever sees an empty search, and out of the tool's domain GRPO's policy searched again
 and again until the call budget ran out (results/economy/experiments.md, probe).
+General knowledge (`--general-memory`, `data.general_qa`): one trace per training question of that
+second domain on top of the n, direct where the base model knows it, else a hedged search
+(`general_trace`).
 Run `python -m data.traces --out outputs/traces.jsonl [--hotpotqa PATH]`.
 """
 from __future__ import annotations
@@ -64,14 +67,16 @@ from typing import Iterator, Mapping, Sequence
 
 from data.answers import contains_gold
 from data.files import atomic_write, iter_json_lines
+from data import general_qa
+from data.general_qa import Entry
 from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import MEMORY_TYPES, build_offline_task
 from data.thoughts import (CONTINENT_CHECK, CONTINENT_CHECK_SEARCH, DEFAULT_UNKNOWN_THOUGHT, DIRECT_THOUGHT_STYLES,
-                           DIRECT_THOUGHTS, HEDGED_SEARCHES, MISS_THOUGHT, MULTIHOP_THOUGHTS, NEXT_HOP_THOUGHTS,
-                           RECALL_SEARCH_TAIL, RECALL_SEARCH_THOUGHT, SEARCH_THOUGHTS, UNKNOWN_THOUGHT_STYLES,
-                           demote_half_known, direct_replies, recall_sentence, recall_without_continent,
-                           sampled_accuracies)
-from data.types import MEMORY, QAExample
+                           DIRECT_THOUGHTS, GENERAL_HEDGE, HEDGED_SEARCHES, MISS_THOUGHT, MULTIHOP_THOUGHTS,
+                           NEXT_HOP_THOUGHTS, RECALL_SEARCH_TAIL, RECALL_SEARCH_THOUGHT, SEARCH_THOUGHTS,
+                           UNKNOWN_THOUGHT_STYLES, demote_half_known, direct_replies, recall_sentence,
+                           recall_without_continent, sampled_accuracies)
+from data.types import LOOKUP, MEMORY, QAExample
 from envs.protocol import observation_text, parse_completion
 from envs.sandbox import run_tool
 from envs.search import LocalSearchEnv, no_results
@@ -171,6 +176,22 @@ def build_trace(example: QAExample, style: str, env, rng: random.Random,
         segments.append(("model", answer))
     return Trace(f"{'miss' if miss else style}/{example.id}", example.question, tuple(example.answers),
                  example.kind, style, tuple(segments), example.type)
+
+
+def general_trace(entry: Entry, kind: str, env) -> Trace:
+    """The trace of one general-knowledge entry (`data.general_qa`): if `kind` is memory, its recall
+    completed by the fact ("The author of Faust is Johann Wolfgang von Goethe."), else the recall given
+    up at the fact and a search for its title (GENERAL_HEDGE); the observation is `run_tool(env, title)[0]`."""
+    answer = ANSWER.format(a=entry.answers[0])
+    if kind == MEMORY:
+        style, segments = "direct", (("model", f"<thought>{entry.recall} {entry.answers[0]}.</thought>{answer}"),)
+    else:
+        thought = GENERAL_HEDGE.format(recall=entry.recall, title=entry.title)
+        style = "search"
+        segments = (("model", f"<thought>{thought}</thought>{CALL.format(q=entry.title)}"),
+                    ("obs", run_tool(env, entry.title)[0]), ("model", answer))
+    return Trace(f"{style}/general/{entry.title}", entry.question, tuple(entry.answers), kind, style, segments,
+                 entry.type)
 
 
 def bare(trace: Trace, tags: Sequence[str] = SLOTS) -> Trace:
@@ -400,10 +421,13 @@ def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = 
                hotpotqa_share: float = 0.5, direct_thought: str = "recall",
                unknown_share: float = DEFAULT_UNKNOWN_SHARE, unknown_thought: str = DEFAULT_UNKNOWN_THOUGHT,
                miss_share: float = 0.0, direct_min_sampled: float = 0.0,
-               recall_search: bool = False) -> tuple[list[Trace], list[TraceReport]]:
+               recall_search: bool = False, general_memory: str | None = None) -> tuple[list[Trace], list[TraceReport]]:
     """Offline train traces; with `hotpotqa`, that file gives `hotpotqa_share` of the multihop count
     (fewer if it is short) and offline comparisons the rest. Each source keeps its own env: the
-    one its GRPO run searches. direct_min_sampled > 0: `demote_half_known` first."""
+    one its GRPO run searches. direct_min_sampled > 0: `demote_half_known` first. With
+    `general_memory` (a `measure_memory` file of `data.general_qa`'s questions), one trace per
+    training entry of that domain is added on top of the n (`general_trace`), its searches run over
+    the countries and the general documents together (`data.datamodule`'s `general_docs`)."""
     counts = quotas(n, mix)
     hp, reports = [], []
     if hotpotqa:
@@ -416,6 +440,10 @@ def cli_traces(n: int, mix: Sequence[float], seed: int, task_seed: int | None = 
                                   replies=direct_replies(direct_thought), unknown_share=unknown_share,
                                   unknown_thought=unknown_thought, miss_share=miss_share, recall_search=recall_search)
     traces = hp + offline
+    if general_memory:
+        kinds = general_qa.kinds_from_memory(general_memory)
+        env = LocalSearchEnv(task.documents + general_qa.documents())
+        traces += [general_trace(e, kinds.get(f"general/{e.title}", LOOKUP), env) for e in general_qa.entries("train")]
     random.Random(f"{seed}/mixed").shuffle(traces)
     return traces, reports + [report]
 
@@ -464,6 +492,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--continent-check", action="store_true",
                         help="continent recalls end with 'So its continent is <it>.' or, with --recall-search, "
                              "'So its continent is not stated; I will search for ...' (check_continent)")
+    parser.add_argument("--general-memory", default=None,
+                        help="add a trace per training question of data.general_qa, labelled by this "
+                             "measure_memory file (known: direct, else a hedged search)")
     parser.add_argument("--bare", nargs="+", choices=SLOTS, default=(),
                         help="no space after these tags: 'answer call' is the format of every result before "
                              "the spaced answers (results/economy/experiments.md), 'call' that of the spaced-answer runs")
@@ -473,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         traces, reports = cli_traces(args.n, args.mix, args.seed, args.task_seed, args.hotpotqa, args.hotpotqa_share,
                                      args.direct_thought, args.unknown_share, args.unknown_thought, args.miss_share,
-                                     args.direct_min_sampled, args.recall_search)
+                                     args.direct_min_sampled, args.recall_search, args.general_memory)
     except ValueError as err:
         parser.error(str(err))
     if args.continent_check:

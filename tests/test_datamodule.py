@@ -95,3 +95,15 @@ def test_offline_train_path_replaces_the_training_split(tmp_path):
     assert dm.val_set and dm.documents  # validation split and documents still the task's own
     with pytest.raises(FileNotFoundError, match=r"data.train_path=.*nope.jsonl': no such question file"):
         QADataModule(task="offline", train_path=str(tmp_path / "nope.jsonl"))
+
+
+def test_general_docs_add_the_general_knowledge_documents_to_the_offline_tool():
+    from data.datamodule import QADataModule
+    from data.general_qa import ENTRIES
+
+    plain, mixed = QADataModule(task="offline"), QADataModule(task="offline", general_docs=True)
+    plain.setup("fit"), mixed.setup("fit")
+    assert mixed.documents[:len(plain.documents)] == plain.documents
+    assert [d.title for d in mixed.documents[len(plain.documents):]] == [e.title for e in ENTRIES]
+    with pytest.raises(ValueError, match="data.general_docs=true: only for task='offline'"):
+        QADataModule(task="hotpotqa", train_path="x.jsonl", general_docs=True)

@@ -22,7 +22,7 @@ import pytest
 from data.answers import contains_gold, normalize_answer
 from data.offline_task import build_offline_task
 from data.thoughts import closed_book_replies, demote_half_known, own_words, recall_sentence, recall_without_continent
-from data.traces import (STYLES, Trace, bare, build_trace, check_continent, draw_traces, hotpotqa_traces, main,
+from data.traces import (STYLES, Trace, bare, build_trace, check_continent, cli_traces, draw_traces, hotpotqa_traces, main,
                          make_traces, offline_traces, quotas, read_traces, unknown_memory, write_traces)
 from data.types import LOOKUP, MEMORY
 from envs.base import Document
@@ -535,3 +535,39 @@ def test_half_known_memory_questions_get_hedged_searches_not_direct_answers(task
     assert demote_half_known(memory, sampled, 0.0) == memory
     with pytest.raises(ValueError, match="min_sampled"):
         demote_half_known(memory, sampled, 1.5)
+
+
+# --------------------------------------------------------------------------- general knowledge
+
+def test_general_traces_fork_at_the_fact_token_and_search_the_title():
+    from data.general_qa import ENTRIES, documents
+    from data.traces import general_trace
+
+    faust = next(e for e in ENTRIES if e.title == "Faust")
+    env = LocalSearchEnv(documents())
+    known, unknown = general_trace(faust, MEMORY, env), general_trace(faust, LOOKUP, env)
+    assert known.text == ("<thought>The author of Faust is Johann Wolfgang von Goethe.</thought>"
+                          "<answer> Johann Wolfgang von Goethe</answer>")
+    assert unknown.text.startswith("<thought>The author of Faust is not something I know; I will search for "
+                                   "Faust.</thought><call> Faust</call><obs>[Faust] Faust is a tragic play")
+    # both branches share the recall, then part at the fact token
+    shared = os.path.commonprefix([known.text, unknown.text])
+    assert shared == "<thought>The author of Faust is "
+    parsed = parse_completion(unknown.text)
+    assert parsed.well_formed and parsed.calls == ("Faust",) and parsed.answer == "Johann Wolfgang von Goethe"
+    assert (known.id, known.style, unknown.id, unknown.style) == ("direct/general/Faust", "direct",
+                                                                  "search/general/Faust", "search")
+    assert unknown.segments[1] == ("obs", run_tool(env, "Faust")[0])
+
+
+def test_general_memory_adds_one_trace_per_training_entry(tmp_path):
+    from data.general_qa import entries
+
+    memory = tmp_path / "memory.json"
+    memory.write_text(json.dumps({"results": {"general/Frankenstein": {"greedy_correct": True}}}))
+    base, _ = cli_traces(20, (0.3, 0.5, 0.2), seed=1)
+    mixed, _ = cli_traces(20, (0.3, 0.5, 0.2), seed=1, general_memory=str(memory))
+    general = [t for t in mixed if "/general/" in t.id]
+    assert len(mixed) == 20 + len(entries("train")) == len(base) + len(general)
+    assert sorted(t.id for t in mixed if "/general/" not in t.id) == sorted(t.id for t in base)
+    assert [t.id for t in general if t.style == "direct"] == ["direct/general/Frankenstein"]
