@@ -66,9 +66,8 @@ from itertools import islice
 from typing import Iterator, Mapping, Sequence
 
 from data.answers import contains_gold
-from data.files import atomic_write, iter_json_lines
 from data import general_qa
-from data.general_qa import Entry
+from data.files import atomic_write, iter_json_lines
 from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import MEMORY_TYPES, build_offline_task
 from data.thoughts import (CONTINENT_CHECK, CONTINENT_CHECK_SEARCH, DEFAULT_UNKNOWN_THOUGHT, DIRECT_THOUGHT_STYLES,
@@ -178,7 +177,7 @@ def build_trace(example: QAExample, style: str, env, rng: random.Random,
                  example.kind, style, tuple(segments), example.type)
 
 
-def general_trace(entry: Entry, kind: str, env) -> Trace:
+def general_trace(entry: general_qa.Entry, kind: str, env) -> Trace:
     """The trace of one general-knowledge entry (`data.general_qa`): if `kind` is memory, its recall
     completed by the fact ("The author of Faust is Johann Wolfgang von Goethe."), else the recall given
     up at the fact and a search for its title (GENERAL_HEDGE); the observation is `run_tool(env, title)[0]`."""

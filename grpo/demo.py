@@ -19,7 +19,7 @@ from pathlib import Path
 from data.answers import exact_match
 from data.offline_task import build_offline_task, summary
 from data.questions import read_questions
-from data.types import LOOKUP, MEMORY
+from data.types import KINDS, MEMORY
 from envs.search import LocalSearchEnv
 from grpo.cli import main as cli
 
@@ -56,7 +56,7 @@ def totals(results: dict[str, list], examples) -> str:
         em = sum(_right(r, ex) for r, ex in zip(rows, examples)) / len(examples)
         calls = sum(r.calls for r in rows) / len(examples)
         searched = []
-        for kind in (MEMORY, LOOKUP):
+        for kind in KINDS:
             of_kind = [r for r, ex in zip(rows, examples) if ex.kind == kind]
             if of_kind:
                 share = sum(r.calls > 0 for r in of_kind) / len(of_kind)
