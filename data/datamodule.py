@@ -28,7 +28,7 @@ def _collate(batch: list[QAExample]) -> list[QAExample]:
 
 class QADataModule(L.LightningDataModule):
     def __init__(self, task: str = "offline", batch_size: int = 2, seed: int = 0,
-                 train_path: str | None = None, val_path: str | None = None,
+                 train_path: str | list[str] | None = None, val_path: str | None = None,
                  train_limit: int | None = None, val_limit: int | None = 32,
                  search_top_k: int = 3, search_max_chars: int = 600, traces: str | None = None,
                  num_traces: int = 500, general_docs: bool = False):
@@ -41,7 +41,8 @@ class QADataModule(L.LightningDataModule):
                 (e.g. "hotpotqa/hotpot_qa"); required for task="hotpotqa". Offline: a question file
                 (see `data.questions`) replacing the task's training split, e.g. a balanced one
                 (`python -m data.questions --split train`), so that memory questions are not
-                outnumbered ~7 to 1 by lookups in the GRPO prompts.
+                outnumbered ~7 to 1 by lookups in the GRPO prompts; or a list of question files,
+                read one after the other (e.g. the countries' and `data.general_qa`'s).
             val_path: the questions of validation and test: HotpotQA: a file or hub name (split
                 "validation"); offline: a question file (.jsonl, see `data.questions`) replacing the
                 task's own validation and test splits, e.g. a balanced test set.
@@ -64,7 +65,11 @@ class QADataModule(L.LightningDataModule):
         for name, value in (("train_limit", train_limit), ("val_limit", val_limit)):
             if value is not None and value < 1:
                 raise ValueError(f"data.{name}={value}: must be >= 1 or null")
-        for name, path in (("train_path", train_path), ("val_path", val_path)):
+        if isinstance(train_path, list) and (task != "offline" or not train_path):
+            raise ValueError(f"data.train_path={train_path!r}: a list of question files is for task='offline' "
+                             f"and must not be empty")
+        train_files = train_path if isinstance(train_path, list) else [train_path]
+        for name, path in [("train_path", p) for p in train_files] + [("val_path", val_path)]:
             if task == "offline" and path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"data.{name}={path!r}: no such question file")
         if general_docs and task != "offline":
@@ -92,7 +97,8 @@ class QADataModule(L.LightningDataModule):
             task = build_offline_task(seed=hp.seed)
             self.train_set, self.val_set, self.test_set = task.train, task.validation, task.test
             if hp.train_path:
-                self.train_set = read_questions(hp.train_path)
+                files = hp.train_path if isinstance(hp.train_path, list) else [hp.train_path]
+                self.train_set = [ex for path in files for ex in read_questions(path)]
             if hp.val_path:
                 self.val_set = self.test_set = read_questions(hp.val_path)
             self.documents = task.documents + (general_qa.documents() if hp.general_docs else [])

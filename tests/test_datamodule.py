@@ -97,6 +97,27 @@ def test_offline_train_path_replaces_the_training_split(tmp_path):
         QADataModule(task="offline", train_path=str(tmp_path / "nope.jsonl"))
 
 
+def test_offline_train_path_list_reads_the_files_in_order(tmp_path):
+    from data.datamodule import QADataModule
+    from data.questions import write_questions
+    from data.types import LOOKUP, MEMORY, QAExample
+
+    write_questions([QAExample("capital/KE", "What is the capital of Kenya?", ("Nairobi",), MEMORY, "capital")],
+                    tmp_path / "a.jsonl")
+    write_questions([QAExample("general/Hamlet", "Who wrote Hamlet?", ("Shakespeare",), LOOKUP, "author"),
+                     QAExample("general/Mars", "Which planet is red?", ("Mars",), MEMORY, "astronomy")],
+                    tmp_path / "b.jsonl")
+    dm = QADataModule(task="offline", batch_size=2, train_path=[str(tmp_path / "b.jsonl"), str(tmp_path / "a.jsonl")])
+    dm.setup("fit")
+    assert [ex.id for ex in dm.train_set] == ["general/Hamlet", "general/Mars", "capital/KE"]
+    with pytest.raises(FileNotFoundError, match=r"data.train_path=.*nope.jsonl': no such question file"):
+        QADataModule(task="offline", train_path=[str(tmp_path / "a.jsonl"), str(tmp_path / "nope.jsonl")])
+    with pytest.raises(ValueError, match=r"data.train_path=\[\]: a list of question files"):
+        QADataModule(task="offline", train_path=[])
+    with pytest.raises(ValueError, match=r"a list of question files is for task='offline'"):
+        QADataModule(task="hotpotqa", train_path=[str(tmp_path / "a.jsonl")])
+
+
 def test_general_docs_add_the_general_knowledge_documents_to_the_offline_tool():
     from data.datamodule import QADataModule
     from data.general_qa import ENTRIES
