@@ -26,6 +26,11 @@ def _collate(batch: list[QAExample]) -> list[QAExample]:
     return batch
 
 
+def _as_list(path: str | list[str] | None) -> list:
+    """`data.train_path` as a list: one file, or a list of question files (offline)."""
+    return path if isinstance(path, list) else [path]
+
+
 class QADataModule(L.LightningDataModule):
     def __init__(self, task: str = "offline", batch_size: int = 2, seed: int = 0,
                  train_path: str | list[str] | None = None, val_path: str | None = None,
@@ -68,8 +73,7 @@ class QADataModule(L.LightningDataModule):
         if isinstance(train_path, list) and (task != "offline" or not train_path):
             raise ValueError(f"data.train_path={train_path!r}: a list of question files is for task='offline' "
                              f"and must not be empty")
-        train_files = train_path if isinstance(train_path, list) else [train_path]
-        for name, path in [("train_path", p) for p in train_files] + [("val_path", val_path)]:
+        for name, path in [("train_path", p) for p in _as_list(train_path)] + [("val_path", val_path)]:
             if task == "offline" and path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"data.{name}={path!r}: no such question file")
         if general_docs and task != "offline":
@@ -97,8 +101,7 @@ class QADataModule(L.LightningDataModule):
             task = build_offline_task(seed=hp.seed)
             self.train_set, self.val_set, self.test_set = task.train, task.validation, task.test
             if hp.train_path:
-                files = hp.train_path if isinstance(hp.train_path, list) else [hp.train_path]
-                self.train_set = [ex for path in files for ex in read_questions(path)]
+                self.train_set = [ex for path in _as_list(hp.train_path) for ex in read_questions(path)]
             if hp.val_path:
                 self.val_set = self.test_set = read_questions(hp.val_path)
             self.documents = task.documents + (general_qa.documents() if hp.general_docs else [])

@@ -25,8 +25,10 @@ often starts elsewhere: "Faust was written by ..."), so that both branches share
 the fact token. Which questions are known: `kinds_from_memory` (the base model's closed-book greedy
 replies, `experiments.measure_memory`, as for the probe's labels).
 
-Status: not yet in a cold start or GRPO run (issue #12, `results/economy/README.md`, "Still missed,
-and what next"): the search tool holds these documents only with `data.general_docs: true`.
+In use: the cold start `results/cold_start/sft_adapter_ccg_802` and GRPO run CCG-H (issue #12,
+`results/economy/README.md`, "A second domain in training"), whose training files list
+`results/questions/general_train.jsonl` beside the countries'; the search tool holds these documents
+only with `data.general_docs: true`.
 """
 from __future__ import annotations
 
