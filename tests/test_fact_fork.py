@@ -1,0 +1,59 @@
+"""experiments.fact_fork: where a completion's first thought forks between the fact and the hedge, and
+the probability of each branch's first token (a tiny model, checked against a by-hand softmax)."""
+import pytest
+import torch
+
+from experiments.fact_fork import fork_offset, fork_probs, group_hit
+from models.loading import load_model_and_tokenizer
+
+
+@pytest.mark.parametrize("text, golds, head", [
+    ("<thought>The capital of Cyprus is not something I know; I will search for Cyprus.</thought><call> Cyprus",
+     ["Nicosia"], "<thought>The capital of Cyprus is"),
+    ("<thought>The capital of Cyprus is Nicosia.</thought><answer> Nicosia</answer>",
+     ["Nicosia"], "<thought>The capital of Cyprus is"),
+    # a continent recall: the gold inside the region ("East Africa") follows no verb, the check's does
+    ("<thought>Kenya is a country in East Africa. So its continent is Africa.</thought><answer> Africa</answer>",
+     ["Africa"], "<thought>Kenya is a country in East Africa. So its continent is"),
+    ("<thought>Syria is located in the Middle East. So its continent is not stated; I will search for Syria.</thought>",
+     ["Asia"], "<thought>Syria is located in the Middle East. So its continent is"),
+    ("<thought>Guam is a territory. So its continent is north america.</thought>",   # case-folded gold
+     ["North America"], "<thought>Guam is a territory. So its continent is"),
+])
+def test_the_fork_is_after_the_verb_before_the_fact_or_the_hedge(text, golds, head):
+    assert text[:fork_offset(text, golds)] == head
+
+
+@pytest.mark.parametrize("text", [
+    "<thought>Nairobi is the capital of Kenya.</thought><answer>Nairobi</answer>",  # the fact comes first
+    "<thought>The capital of Kenya is Mombasa.</thought><answer>Mombasa</answer>",  # no gold, no hedge
+    "<answer>Nairobi</answer>",                                                      # no thought at all
+    "<thought>I know this.</thought><answer>The capital is Nairobi</answer>",     # gold only after the thought
+])
+def test_no_fork_when_the_first_thought_neither_states_the_gold_after_a_verb_nor_hedges(text):
+    assert fork_offset(text, ["Nairobi"]) is None
+
+
+def test_fork_probs_are_the_tempered_softmax_of_the_next_token():
+    model, tok = load_model_and_tokenizer("tiny")
+    model.eval()
+    context = "<thought>A is"
+    ctx = tok.encode(context, add_special_tokens=False)
+    with torch.no_grad():
+        logits = model(torch.tensor([ctx])).logits[0, -1].float()
+    for T in (1.0, 0.5):
+        want = [float(torch.softmax(logits / T, -1)[tok.encode(context + c, add_special_tokens=False)[len(ctx)]])
+                for c in (" B", " not")]
+        got = fork_probs(model, tok, context, [" B", " not"], temperature=T)
+        assert got == pytest.approx(want, abs=1e-6)
+    assert fork_probs(model, tok, context, [" B"], 0.5) != pytest.approx(fork_probs(model, tok, context, [" B"], 1.0))
+    with pytest.raises(ValueError, match="temperature"):
+        fork_probs(model, tok, context, [" B"], temperature=0.0)
+    with pytest.raises(ValueError, match="''"):
+        fork_probs(model, tok, context, [""])
+
+
+def test_group_hit_is_one_minus_the_chance_that_every_sample_misses():
+    assert group_hit(0.5, 2) == pytest.approx(0.75)        # 1 - 0.5 * 0.5
+    assert group_hit(0.1, 8) == pytest.approx(1 - 0.9 ** 8)  # 0.570
+    assert group_hit(0.0, 8) == 0.0 and group_hit(1.0, 1) == 1.0
