@@ -3,11 +3,12 @@
 The cold starts' thoughts fork at the fact token: "The capital of Cyprus is" continues with
 " Nicosia." (answer directly) or " not something I know; I will search for Cyprus." (search). For
 every memory question of an evaluation this takes the policy's own greedy completion, cuts it at
-that fork (`fork_offset`), and prints, at the sampling temperature, the probability of the gold
-fact's first token and of the hedge's " not" there, beside what the greedy policy did and the base
-model's sampled closed-book accuracy (`sampled_accuracy` of the memory file); then the chance that
-a group of G samples holds at least one that states the fact, 1 - (1 - p)^G (`group_hit`): a
-group with none cannot learn to answer directly.
+that fork (`fork_offset`), and prints, at the sampling temperature, the probability that the next
+token starts a gold answer (`fact_prob`: any of its aliases) and that it is the hedge's " not",
+beside what the greedy policy did and the base model's sampled closed-book accuracy
+(`sampled_accuracy` of the memory file); then the chance that a group of G samples holds at least
+one that states the fact, 1 - (1 - p)^G (`group_hit`): a group with none cannot learn to answer
+directly.
 
     python -m experiments.fact_fork --adapter results/economy/grpo_adapter \
         --eval results/economy/evals/grpo_cc_h_seed0_step30_test.json --questions results/questions/test_balanced.jsonl
@@ -49,21 +50,33 @@ def fork_offset(text: str, golds: Sequence[str]) -> int | None:
     return m.end() if m else None
 
 
+def first_token(tokenizer, context: str, continuation: str) -> int:
+    """The id of the token that starts `continuation` right after `context`."""
+    ctx = tokenizer.encode(context, add_special_tokens=False)
+    full = tokenizer.encode(context + continuation, add_special_tokens=False)
+    if full[:len(ctx)] != ctx or len(full) == len(ctx):
+        raise ValueError(f"the context's tokens change when {continuation!r} follows it (or {continuation!r} is empty)")
+    return full[len(ctx)]
+
+
 def fork_probs(model, tokenizer, context: str, continuations: Sequence[str], temperature: float = 1.0) -> list[float]:
     """P(first token of each continuation | context) under softmax(logits / temperature)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    firsts = [first_token(tokenizer, context, c) for c in continuations]
     ctx = tokenizer.encode(context, add_special_tokens=False)
-    firsts = []
-    for c in continuations:
-        full = tokenizer.encode(context + c, add_special_tokens=False)
-        if full[:len(ctx)] != ctx or len(full) == len(ctx):
-            raise ValueError(f"the context's tokens change when {c!r} follows it (or {c!r} is empty)")
-        firsts.append(full[len(ctx)])
     with torch.no_grad():
         logits = model(torch.tensor([ctx])).logits[0, -1].float()          # (V,) the next token
     p = torch.softmax(logits / temperature, dim=-1)
     return [float(p[t]) for t in firsts]
+
+
+def fact_prob(model, tokenizer, context: str, facts: Sequence[str], temperature: float = 1.0) -> float:
+    """P(the next token starts one of `facts`, each written as it would follow the context: " Nicosia"):
+    the distinct first tokens summed once each (" William Shakespeare" and " Shakespeare" are two ways
+    to state one fact; " Shakespeare" and " Shakespeare's" one way)."""
+    distinct = {first_token(tokenizer, context, f): f for f in facts if f}
+    return sum(fork_probs(model, tokenizer, context, list(distinct.values()), temperature))
 
 
 def group_hit(p: float, group_size: int) -> float:
@@ -83,6 +96,9 @@ def main() -> None:
     golds = {q.question: list(q.answers) for q in read_questions(args.questions)}
     sampled = sampled_accuracies(args.memory)
     rows = [r for r in json.load(open(args.eval))["rows"] if r["kind"] == MEMORY]
+    missing = [r["question"] for r in rows if r["question"] not in golds]
+    if missing:
+        ap.error(f"{len(missing)} questions of {args.eval} are not in {args.questions}, e.g. {missing[0]!r}")
     model, tokenizer = load_model_and_tokenizer(init_adapter=args.adapter)
     model.eval()
     by_choice: dict[bool, list[float]] = {True: [], False: []}
@@ -94,7 +110,8 @@ def main() -> None:
             print(f"{r['question'][:44]:44s} {'search' if searched else 'direct':7s} (no fork in its thought)")
             continue
         context = build_prompt(tokenizer, r["question"]) + r["text"][:cut]
-        p_fact, p_hedge = fork_probs(model, tokenizer, context, [" " + golds[r["question"]][0], HEDGE], args.temperature)
+        p_fact = fact_prob(model, tokenizer, context, [" " + g for g in golds[r["question"]]], args.temperature)
+        p_hedge, = fork_probs(model, tokenizer, context, [HEDGE], args.temperature)
         by_choice[searched].append(p_fact)
         acc = sampled.get(r.get("id", ""), float("nan"))
         print(f"{r['question'][:44]:44s} {'search' if searched else 'direct':7s} {p_fact:7.3f} {p_hedge:7.3f} "
