@@ -38,12 +38,19 @@ from grpo.rewards import answer_grounded
 from models.loading import load_model_and_tokenizer
 
 
+def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(ids of `context`, ids of `context + continuation`), checked that the first are a prefix of the
+    second: a continuation that merges with the context's last token cannot be scored after it."""
+    ctx = tokenizer.encode(context, add_special_tokens=False)
+    full = tokenizer.encode(context + continuation, add_special_tokens=False)
+    if full[:len(ctx)] != ctx:
+        raise ValueError(f"the context's tokens change when {continuation!r} follows it")
+    return ctx, full
+
+
 def answer_logprob(model, tokenizer, context: str, answer: str) -> float:
     """log P(answer + "</answer>" | context) under `model`, summed over its tokens."""
-    ctx = tokenizer.encode(context, add_special_tokens=False)
-    full = tokenizer.encode(context + answer + "</answer>", add_special_tokens=False)
-    if full[:len(ctx)] != ctx:
-        raise ValueError(f"the context's tokens change when {answer!r} follows it")
+    ctx, full = continuation_ids(tokenizer, context, answer + "</answer>")
     ids = torch.tensor([full])                                                  # (1, T)
     with torch.no_grad():
         logits = model(ids).logits[:, len(ctx) - 1:-1]                          # (1, A, V) predict the answer

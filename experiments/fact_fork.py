@@ -4,7 +4,7 @@ The cold starts' thoughts fork at the fact token: "The capital of Cyprus is" con
 " Nicosia." (answer directly) or " not something I know; I will search for Cyprus." (search). For
 every memory question of an evaluation this takes the policy's own greedy completion, cuts it at
 that fork (`fork_offset`), and prints, at the sampling temperature, the probability that the next
-token starts a gold answer (`fact_prob`: any of its aliases) and that it is the hedge's " not",
+token starts a gold answer (`fact_and_hedge`: any of its aliases) and that it is the hedge's " not",
 beside what the greedy policy did and the base model's sampled closed-book accuracy
 (`sampled_accuracy` of the memory file); then the chance that a group of G samples holds at least
 one that states the fact, 1 - (1 - p)^G (`group_hit`): a group with none cannot learn to answer
@@ -30,6 +30,7 @@ from data.questions import read_questions
 from data.thoughts import sampled_accuracies
 from data.types import MEMORY
 from envs.protocol import build_prompt
+from experiments.answer_binding import continuation_ids
 from models.loading import load_model_and_tokenizer
 
 HEDGE = " not"                  # the hedge's first token: "... is not something I know" / "... is not stated"
@@ -52,10 +53,9 @@ def fork_offset(text: str, golds: Sequence[str]) -> int | None:
 
 def first_token(tokenizer, context: str, continuation: str) -> int:
     """The id of the token that starts `continuation` right after `context`."""
-    ctx = tokenizer.encode(context, add_special_tokens=False)
-    full = tokenizer.encode(context + continuation, add_special_tokens=False)
-    if full[:len(ctx)] != ctx or len(full) == len(ctx):
-        raise ValueError(f"the context's tokens change when {continuation!r} follows it (or {continuation!r} is empty)")
+    ctx, full = continuation_ids(tokenizer, context, continuation)
+    if len(full) == len(ctx):
+        raise ValueError(f"the continuation {continuation!r} adds no token to the context")
     return full[len(ctx)]
 
 
@@ -71,12 +71,14 @@ def fork_probs(model, tokenizer, context: str, continuations: Sequence[str], tem
     return [float(p[t]) for t in firsts]
 
 
-def fact_prob(model, tokenizer, context: str, facts: Sequence[str], temperature: float = 1.0) -> float:
-    """P(the next token starts one of `facts`, each written as it would follow the context: " Nicosia"):
-    the distinct first tokens summed once each (" William Shakespeare" and " Shakespeare" are two ways
-    to state one fact; " Shakespeare" and " Shakespeare's" one way)."""
-    distinct = {first_token(tokenizer, context, f): f for f in facts if f}
-    return sum(fork_probs(model, tokenizer, context, list(distinct.values()), temperature))
+def fact_and_hedge(model, tokenizer, context: str, facts: Sequence[str], temperature: float = 1.0) -> tuple[float, float]:
+    """(P(the next token starts one of `facts`), P(it is the hedge's " not")), from one forward. Each fact
+    is written as it would follow the context (" Nicosia"); their distinct first tokens are summed once
+    each (" William Shakespeare" and " Shakespeare" are two ways to state one fact; " Shakespeare" and
+    " Shakespeare's" one way)."""
+    distinct = list({first_token(tokenizer, context, f): f for f in facts if f}.values())
+    *p_facts, p_hedge = fork_probs(model, tokenizer, context, distinct + [HEDGE], temperature)
+    return sum(p_facts), p_hedge
 
 
 def group_hit(p: float, group_size: int) -> float:
@@ -110,8 +112,8 @@ def main() -> None:
             print(f"{r['question'][:44]:44s} {'search' if searched else 'direct':7s} (no fork in its thought)")
             continue
         context = build_prompt(tokenizer, r["question"]) + r["text"][:cut]
-        p_fact = fact_prob(model, tokenizer, context, [" " + g for g in golds[r["question"]]], args.temperature)
-        p_hedge, = fork_probs(model, tokenizer, context, [HEDGE], args.temperature)
+        p_fact, p_hedge = fact_and_hedge(model, tokenizer, context, [" " + g for g in golds[r["question"]]],
+                                         args.temperature)
         by_choice[searched].append(p_fact)
         acc = sampled.get(r.get("id", ""), float("nan"))
         print(f"{r['question'][:44]:44s} {'search' if searched else 'direct':7s} {p_fact:7.3f} {p_hedge:7.3f} "

@@ -3,7 +3,7 @@ the probability of each branch's first token (a tiny model, checked against a by
 import pytest
 import torch
 
-from experiments.fact_fork import fact_prob, fork_offset, fork_probs, group_hit
+from experiments.fact_fork import HEDGE, fact_and_hedge, fork_offset, fork_probs, group_hit
 from models.loading import load_model_and_tokenizer
 
 
@@ -59,12 +59,13 @@ def test_group_hit_is_one_minus_the_chance_that_every_sample_misses():
     assert group_hit(0.0, 8) == 0.0 and group_hit(1.0, 1) == 1.0
 
 
-def test_fact_prob_sums_the_distinct_first_tokens_of_the_facts():
+def test_fact_and_hedge_sums_the_distinct_first_tokens_of_the_facts():
     model, tok = load_model_and_tokenizer("tiny")   # one token per character
     model.eval()
     context = "<thought>A is "
     b, c = fork_probs(model, tok, context, ["B", "C"], temperature=0.7)
     assert b != pytest.approx(c)
-    assert fact_prob(model, tok, context, ["B", "C"], 0.7) == pytest.approx(b + c, abs=1e-6)   # two ways to say it
-    assert fact_prob(model, tok, context, ["B", "B C"], 0.7) == pytest.approx(b, abs=1e-6)     # one first token, once
-    assert fact_prob(model, tok, context, ["B", ""], 0.7) == pytest.approx(b, abs=1e-6)        # an empty fact is none
+    hedge, = fork_probs(model, tok, context, [HEDGE], temperature=0.7)
+    assert fact_and_hedge(model, tok, context, ["B", "C"], 0.7) == pytest.approx((b + c, hedge), abs=1e-6)  # two ways
+    assert fact_and_hedge(model, tok, context, ["B", "B C"], 0.7)[0] == pytest.approx(b, abs=1e-6)   # one first token, once
+    assert fact_and_hedge(model, tok, context, ["B", ""], 0.7)[0] == pytest.approx(b, abs=1e-6)      # an empty fact is none
