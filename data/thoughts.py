@@ -168,3 +168,23 @@ def direct_replies(direct_thought: str, memory_file: str | Path = DEFAULT_MEMORY
     if direct_thought not in DIRECT_THOUGHT_STYLES:
         raise ValueError(f"direct_thought={direct_thought!r}: expected one of {DIRECT_THOUGHT_STYLES}")
     return closed_book_replies(memory_file) if direct_thought == "recall" else None
+
+
+# Where a thought forks (experiments.fact_fork, the SFT's `fork_target`): right after the recall's verb,
+# before the hedge's " not" or the fact.
+HEDGE = " not"                  # the hedge's first token: "... is not something I know" / "... is not stated"
+_VERB = r"(?:is|are|was|were)"  # the recall's verb right before the fork
+
+
+def fork_offset(text: str, golds: Sequence[str]) -> int | None:
+    """Offset in `text` of the fork of its first thought: the space before the hedge's "not" or before
+    a gold answer, whichever comes first right after a verb ("The capital of Cyprus is| Nicosia",
+    "So its continent is| not stated"). None when the first thought has neither there: a recall that
+    states the fact first ("Nairobi is the capital of Kenya.") has no fork at the fact token."""
+    start, end = text.find("<thought>"), text.find("</thought>")
+    if start < 0 or end < start:
+        return None
+    facts = "|".join(re.escape(g) for g in golds if g)
+    fork = re.compile(rf"\b{_VERB}(?= (?:not\b{'|' + facts if facts else ''}))", re.IGNORECASE)
+    m = fork.search(text, start + len("<thought>"), end)
+    return m.end() if m else None

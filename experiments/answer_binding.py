@@ -36,16 +36,7 @@ from grpo.logprobs import token_logprobs
 from grpo.rollout import rollout
 from grpo.rewards import answer_grounded
 from models.loading import load_model_and_tokenizer
-
-
-def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(ids of `context`, ids of `context + continuation`), checked that the first are a prefix of the
-    second: a continuation that merges with the context's last token cannot be scored after it."""
-    ctx = tokenizer.encode(context, add_special_tokens=False)
-    full = tokenizer.encode(context + continuation, add_special_tokens=False)
-    if full[:len(ctx)] != ctx:
-        raise ValueError(f"the context's tokens change when {continuation!r} follows it")
-    return ctx, full
+from models.tokenizer import continuation_ids
 
 
 def answer_logprob(model, tokenizer, context: str, answer: str) -> float:

@@ -20,44 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from typing import Sequence
 
 import torch
 
 from data.offline_task import DEFAULT_MEMORY_FILE
 from data.questions import read_questions
-from data.thoughts import sampled_accuracies
+from data.thoughts import HEDGE, fork_offset, sampled_accuracies
 from data.types import MEMORY
 from envs.protocol import build_prompt
-from experiments.answer_binding import continuation_ids
 from models.loading import load_model_and_tokenizer
-
-HEDGE = " not"                  # the hedge's first token: "... is not something I know" / "... is not stated"
-_VERB = r"(?:is|are|was|were)"  # the recall's verb right before the fork
-
-
-def fork_offset(text: str, golds: Sequence[str]) -> int | None:
-    """Offset in `text` of the fork of its first thought: the space before the hedge's "not" or before
-    a gold answer, whichever comes first right after a verb ("The capital of Cyprus is| Nicosia",
-    "So its continent is| not stated"). None when the first thought has neither there: a recall that
-    states the fact first ("Nairobi is the capital of Kenya.") has no fork at the fact token."""
-    start, end = text.find("<thought>"), text.find("</thought>")
-    if start < 0 or end < start:
-        return None
-    facts = "|".join(re.escape(g) for g in golds if g)
-    fork = re.compile(rf"\b{_VERB}(?= (?:not\b{'|' + facts if facts else ''}))", re.IGNORECASE)
-    m = fork.search(text, start + len("<thought>"), end)
-    return m.end() if m else None
-
-
-def first_token(tokenizer, context: str, continuation: str) -> int:
-    """The id of the token that starts `continuation` right after `context`."""
-    ctx, full = continuation_ids(tokenizer, context, continuation)
-    if len(full) == len(ctx):
-        raise ValueError(f"the continuation {continuation!r} adds no token to the context")
-    return full[len(ctx)]
-
+from models.tokenizer import first_token
 
 def fork_probs(model, tokenizer, context: str, continuations: Sequence[str], temperature: float = 1.0) -> list[float]:
     """P(first token of each continuation | context) under softmax(logits / temperature)."""

@@ -10,6 +10,20 @@ model's own segments are encoded on their own, and each observation is encoded a
 The loss is the token-level cross-entropy on the assistant's own tokens only (its segments
 and the final EOS); prompt and observation tokens are context, with label -100.
 
+The fork (`fork_target: base`). A recall thought forks at its fact token: "The capital of Uganda is|
+Kampala." (answer) or "... is| not something I know; I will search for Uganda." (search). Trained on
+the trace's own token there, the cold start learns a certainty the base model never had: after one
+epoch it puts 0.995 on " not" after "The planet known as the Red Planet is", where the base model put
+0.33 on " Mars" (results/economy/experiments.md, "Where the policy forks"). With `fork_target: base`
+the target at that one position is the base model's own distribution with every token that does not
+start the fact moved onto the hedge:
+
+    q(f) = p_base(f) for each fact first token f,   q(" not") = 1 - sum_f p_base(f),   q = 0 elsewhere
+
+so the cold start hedges exactly as often as the base model would not have stated the fact, and the
+choice to search stays tied to what the model knows (p_base: the policy with its LoRA adapters off,
+i.e. the model the SFT started from, at temperature 1). Every other position keeps its one-hot label.
+
 GRPO then starts from the SFT adapter (`model.init_adapter`): it is merged into the base
 weights, fresh LoRA adapters are added, and the reference policy of the KL term is the
 merged network with those adapters disabled, i.e. the SFT policy, not the raw base model.
@@ -18,11 +32,16 @@ from __future__ import annotations
 
 import torch
 
+from data.thoughts import HEDGE, fork_offset
 from data.traces import Trace
 from envs.protocol import build_prompt, encode_observation
 from grpo.agent import AgentModule
+from models.loading import reference_policy
+from models.tokenizer import continuation_ids, first_token
 
 IGNORE = -100  # label of tokens without loss
+FORK_TARGETS = ("trace", "base")  # SFTModule.fork_target
+Forks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # rows (K,), label positions (K,), targets (K, V)
 
 
 def tokenize_trace(tokenizer, trace: Trace, max_obs_tokens: int = 160,
@@ -66,19 +85,93 @@ def collate_sft(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dic
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, forks: Forks | None = None) -> torch.Tensor:
     """Token-level cross-entropy: token t predicts label t+1; IGNORE labels carry no loss.
 
     logits (B, L, V), labels (B, L) -> scalar mean over the supervised tokens of the batch.
+    forks: (rows (K,), positions (K,), targets (K, V)): at label position positions[k] of row rows[k]
+    the loss is the cross-entropy against the distribution targets[k], -sum_v q_v log p_v, instead of
+    against the label (which must be supervised there); the mean is over the same tokens.
     """
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    B, L, V = logits.shape
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                           ignore_index=IGNORE, reduction="none").view(B, L - 1)  # (B, L-1)
+    supervised = labels[:, 1:] != IGNORE                                                        # (B, L-1)
+    if forks is not None:
+        rows, positions, targets = forks
+        if not supervised[rows, positions - 1].all():
+            raise ValueError("a fork target sits on a position without a label")
+        logp = torch.log_softmax(logits[rows, positions - 1].float(), dim=-1)                  # (K, V)
+        ce = ce.index_put((rows, positions - 1), -(targets * logp).sum(-1))
+    return ce.sum() / supervised.sum()
+
+
+def trace_fork(tokenizer, trace: Trace) -> tuple[int, list[int], int] | None:
+    """Where the trace's first thought forks, in the ids of `tokenize_trace`: (position of the fork
+    token, the distinct first tokens of the gold answers there, the hedge's first token), or None when
+    the thought has no fork (`data.thoughts.fork_offset`), the fork falls inside a token, or a fact
+    starts with the hedge's token."""
+    if not trace.segments or trace.segments[0][0] != "model":
+        return None
+    text = trace.segments[0][1]
+    cut = fork_offset(text, trace.answers)
+    if cut is None:
+        return None
+    head = text[:cut]
+    try:
+        before, _ = continuation_ids(tokenizer, head, text[cut:])   # the segment's ids start with `before`
+        facts = sorted({first_token(tokenizer, head, " " + a) for a in trace.answers if a})
+        hedge = first_token(tokenizer, head, HEDGE)
+    except ValueError:
+        return None
+    if hedge in facts:
+        return None
+    prompt = tokenizer.encode(build_prompt(tokenizer, trace.question), add_special_tokens=False)
+    return len(prompt) + len(before), facts, hedge
+
+
+def fork_target(base_logits: torch.Tensor, facts: list[int], hedge: int) -> torch.Tensor:
+    """The target at a fork: q(f) = p_base(f) on each fact first token f, q(hedge) = 1 - sum_f p_base(f),
+    0 elsewhere (p_base = softmax of `base_logits`, temperature 1). base_logits (V,) -> q (V,)."""
+    p = torch.softmax(base_logits.float(), dim=-1)                          # (V,)
+    q = torch.zeros_like(p)
+    q[facts] = p[facts]
+    q[hedge] = 1.0 - p[facts].sum()
+    return q
+
+
+@torch.no_grad()
+def base_fork_targets(base, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      forks: list[tuple[int, int, list[int], int]]) -> Forks:
+    """`sft_loss`'s forks from one forward of the base model over the rows that fork, cut after the
+    last fork. forks: (row, position, fact ids, hedge id) per forking trace; input_ids (B, L)."""
+    rows = torch.tensor([f[0] for f in forks], device=input_ids.device)
+    positions = torch.tensor([f[1] for f in forks], device=input_ids.device)
+    end = int(positions.max())                           # logits at position - 1 predict the fork token
+    logits = base(input_ids=input_ids[rows, :end], attention_mask=attention_mask[rows, :end]).logits  # (K, end, V)
+    targets = torch.stack([fork_target(logits[k, pos - 1], facts, hedge)
+                           for k, (_, pos, facts, hedge) in enumerate(forks)])                       # (K, V)
+    return rows, positions, targets
 
 
 class SFTModule(AgentModule):
-    """The cold start: next-token cross-entropy on traces. Its options are all `AgentModule`'s (the
-    sampling and evaluation ones apply to its evaluation rollouts; `init_adapter` continues an SFT
-    from an earlier adapter)."""
+    """The cold start: next-token cross-entropy on traces. Besides `fork_target`, its options are all
+    `AgentModule`'s (the sampling and evaluation ones apply to its evaluation rollouts; `init_adapter`
+    continues an SFT from an earlier adapter)."""
+
+    def __init__(self, fork_target: str = "trace", **kwargs):
+        """
+        Args:
+            fork_target: the target at the fork of each trace's first thought: "trace" (its own token,
+                one-hot) or "base" (the base model's probability of the fact kept, the rest on the hedge:
+                the module docstring; needs LoRA, whose adapters switched off give the base model).
+        """
+        super().__init__(**kwargs)
+        if fork_target not in FORK_TARGETS:
+            raise ValueError(f"fork_target={fork_target!r}: expected one of {FORK_TARGETS}")
+        if fork_target == "base" and not self.hparams.lora:
+            raise ValueError("fork_target='base' needs lora: true (the base model is the policy with its "
+                             "adapters off; full fine-tuning keeps no copy of it)")
 
     def training_step(self, batch: list[Trace], batch_idx: int):
         if not batch or not isinstance(batch[0], Trace):
@@ -89,13 +182,24 @@ class SFTModule(AgentModule):
         enc = collate_sft([tokenize_trace(self.tokenizer, t, hp.max_obs_tokens, budget) for t in batch],
                           self.tokenizer.pad_token_id)
         enc = {k: v.to(self.device) for k, v in enc.items()}
-        # 2. next-token cross-entropy on those tokens
+        # 2. (fork_target "base") the target at each thought's fork, from the base model
+        forks, logs = None, {}
+        if hp.fork_target == "base":
+            found = [(i, *fork) for i, t in enumerate(batch) if (fork := trace_fork(self.tokenizer, t)) is not None]
+            logs["sft/fork_share"] = torch.tensor(len(found) / len(batch))
+            if found:
+                with reference_policy(self.policy) as base:
+                    forks = base_fork_targets(base, enc["input_ids"], enc["attention_mask"], found)
+                facts = [f[2] for f in found]
+                logs["sft/fork_fact_mass"] = torch.stack([q[ids].sum() for q, ids in zip(forks[2], facts)]).mean()
+        # 3. next-token cross-entropy on those tokens (against the fork targets at the forks)
         logits = self.policy(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits  # (B, L, V)
-        loss = sft_loss(logits, enc["labels"])
-        # 3. update (and one step of the LR schedule)
+        loss = sft_loss(logits, enc["labels"], forks)
+        # 4. update (and one step of the LR schedule)
         self.accumulate_grad(loss)
         self.step_optimizer()
         n_tokens = (enc["labels"] != IGNORE).sum()
-        self.log_dict({"sft/loss": loss.detach(), "sft/tokens_per_batch": n_tokens.float()}, batch_size=len(batch))
+        self.log_dict({"sft/loss": loss.detach(), "sft/tokens_per_batch": n_tokens.float(), **logs},
+                      batch_size=len(batch))
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(batch))
         return loss.detach()

@@ -4,6 +4,9 @@ It needs no files, so tests and `configs/tiny.yaml` run anywhere in seconds. It 
 small part of the Hugging Face tokenizer interface that this project uses: `encode`,
 `decode`, `batch_decode`, `eos_token_id`, `pad_token_id`, `convert_tokens_to_ids`,
 `__len__`. Ids 0..255 are raw UTF-8 bytes; the special tokens follow.
+
+`continuation_ids` and `first_token` work with any tokenizer (this one or a Hugging Face one): which
+token a continuation starts with right after a context (the fork of a thought, an answer to score).
 """
 from __future__ import annotations
 
@@ -61,3 +64,23 @@ class ByteTokenizer:
 
     def convert_tokens_to_ids(self, token: str) -> int | None:
         return self._special_to_id.get(token)
+
+
+# --------------------------------------------------------------------------- any tokenizer (HF or ByteTokenizer)
+
+def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(ids of `context`, ids of `context + continuation`), checked that the first are a prefix of the
+    second: a continuation that merges with the context's last token cannot be scored after it."""
+    ctx = tokenizer.encode(context, add_special_tokens=False)
+    full = tokenizer.encode(context + continuation, add_special_tokens=False)
+    if full[:len(ctx)] != ctx:
+        raise ValueError(f"the context's tokens change when {continuation!r} follows it")
+    return ctx, full
+
+
+def first_token(tokenizer, context: str, continuation: str) -> int:
+    """The id of the token that starts `continuation` right after `context`."""
+    ctx, full = continuation_ids(tokenizer, context, continuation)
+    if len(full) == len(ctx):
+        raise ValueError(f"the continuation {continuation!r} adds no token to the context")
+    return full[len(ctx)]

@@ -3,7 +3,8 @@ the probability of each branch's first token (a tiny model, checked against a by
 import pytest
 import torch
 
-from experiments.fact_fork import HEDGE, fact_and_hedge, fork_offset, fork_probs, group_hit
+from data.thoughts import HEDGE, fork_offset
+from experiments.fact_fork import fact_and_hedge, fork_probs, group_hit
 from models.loading import load_model_and_tokenizer
 
 

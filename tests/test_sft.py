@@ -1,6 +1,7 @@
 """Cold start: trace tokenization masks prompt and observations; the tiny SFT run trains."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from data.traces import Trace
@@ -71,3 +72,89 @@ def test_tiny_sft_fit(tmp_path):
     assert (tmp_path / "traces.jsonl").exists()
     assert "sft/loss" in cli.trainer.logged_metrics and torch.isfinite(cli.trainer.logged_metrics["sft/loss"])
     assert "eval/well_formed" in cli.trainer.logged_metrics
+
+
+# --------------------------------------------------------------------------- the fork target (fork_target: base)
+
+def _fork_tokenizer():
+    """Bytes, plus " not", " Nairobi" and " Nai" as single tokens, so that the fork falls between tokens."""
+    from models.tokenizer import SPECIAL_TOKENS
+    return ByteTokenizer(SPECIAL_TOKENS + (" not", " Nairobi", " Nai"))
+
+
+def _recall(thought: str, answers=("Nairobi",)) -> Trace:
+    return Trace(id="t", question="Q?", answers=answers, kind="memory", style="direct",
+                 segments=(("model", f"<thought>{thought}</thought><answer> Nairobi</answer>"),))
+
+
+def test_fork_target_keeps_the_facts_mass_and_moves_the_rest_to_the_hedge():
+    """p = softmax(log [0.1, 0.2, 0.3, 0.4]): facts 1 and 2 keep 0.2 and 0.3, the hedge (0) gets 1 - 0.5."""
+    from grpo.sft import fork_target
+    q = fork_target(torch.tensor([0.1, 0.2, 0.3, 0.4]).log(), facts=[1, 2], hedge=0)
+    assert q.tolist() == pytest.approx([0.5, 0.2, 0.3, 0.0])
+    q = fork_target(torch.tensor([0.1, 0.2, 0.3, 0.4]).log(), facts=[3], hedge=2)
+    assert q.tolist() == pytest.approx([0.0, 0.0, 0.6, 0.4])
+
+
+def test_trace_fork_finds_the_fact_token_after_the_recalls_verb():
+    """"<thought>The capital of Kenya is| Nairobi." : the fork token is the one after "... is"."""
+    from grpo.sft import trace_fork
+    tok = _fork_tokenizer()
+    trace = _recall("The capital of Kenya is Nairobi.", answers=("Nairobi", "Nai robi"))
+    ids, labels = tokenize_trace(tok, trace)
+    position, facts, hedge = trace_fork(tok, trace)
+    nairobi, nai, not_ = tok.convert_tokens_to_ids(" Nairobi"), tok.convert_tokens_to_ids(" Nai"), tok.convert_tokens_to_ids(" not")
+    assert ids[position] == nairobi and labels[position] == nairobi
+    assert tok.decode(ids[:position]).endswith("<thought>The capital of Kenya is")
+    assert facts == sorted({nairobi, nai}) and hedge == not_
+    hedged = _recall("The capital of Kenya is not something I know; I will search for Kenya.")
+    position, _, _ = trace_fork(tok, hedged)
+    assert tokenize_trace(tok, hedged)[0][position] == not_
+    assert trace_fork(tok, _recall("Nairobi is the capital of Kenya.")) is None          # the fact comes first
+    assert trace_fork(ByteTokenizer(), trace) is None                 # " Nairobi" and " not" both start with " "
+
+
+def test_base_fork_targets_read_the_logits_that_predict_the_fork_token():
+    """Rows padded to different lengths; each target is `fork_target` of the base model's logits at
+    position - 1 of that row alone (unpadded), not at the fork token itself."""
+    from grpo.sft import base_fork_targets, fork_target, trace_fork
+    from models.loading import tiny_model
+    tok = _fork_tokenizer()
+    model = tiny_model(len(tok), seed=1).eval()
+    traces = [_recall("So its continent is not stated."), _recall("The capital of Kenya is Nairobi.")]
+    batch = collate_sft([tokenize_trace(tok, t) for t in traces], tok.pad_token_id)
+    found = [(i, *trace_fork(tok, t)) for i, t in enumerate(traces)]
+    rows, positions, targets = base_fork_targets(model, batch["input_ids"], batch["attention_mask"], found)
+    assert rows.tolist() == [0, 1] and positions.tolist() == [f[1] for f in found]
+    for k, (i, pos, facts, hedge) in enumerate(found):
+        alone = torch.tensor([tokenize_trace(tok, traces[i])[0][:pos]])
+        with torch.no_grad():
+            want = fork_target(model(input_ids=alone).logits[0, -1], facts, hedge)
+        assert torch.allclose(targets[k], want, atol=1e-5)
+        assert targets[k].sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_loss_against_a_fork_target_replaces_the_label_there_only():
+    """One row, three supervised labels; at the fork (label 2) the loss is -sum q log p instead of
+    -log p(label). With q one-hot on the label the loss is the plain one."""
+    logits = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 0.0, 0.0], [0.5, 0.5, 2.0], [0.0, 0.0, 0.0]]])  # (1, 4, 3)
+    labels = torch.tensor([[IGNORE, 2, 0, 1]])
+    logp = torch.log_softmax(logits[0], -1)
+    plain = -(logp[0, 2] + logp[1, 0] + logp[2, 1]) / 3
+    assert sft_loss(logits, labels) == pytest.approx(float(plain))
+    rows, positions = torch.tensor([0]), torch.tensor([2])
+    one_hot = torch.tensor([[1.0, 0.0, 0.0]])
+    assert sft_loss(logits, labels, (rows, positions, one_hot)) == pytest.approx(float(plain))
+    q = torch.tensor([[0.25, 0.0, 0.75]])
+    want = -(logp[0, 2] + 0.25 * logp[1, 0] + 0.75 * logp[1, 2] + logp[2, 1]) / 3
+    assert sft_loss(logits, labels, (rows, positions, q)) == pytest.approx(float(want))
+    with pytest.raises(ValueError, match="without a label"):
+        sft_loss(logits, torch.tensor([[IGNORE, 2, IGNORE, 1]]), (rows, positions, q))
+
+
+def test_fork_target_option_is_checked():
+    from grpo.sft import SFTModule
+    with pytest.raises(ValueError, match="'bogus'"):
+        SFTModule(model_name="tiny", fork_target="bogus")
+    with pytest.raises(ValueError, match="lora"):
+        SFTModule(model_name="tiny", fork_target="base", lora=False)
