@@ -13,8 +13,10 @@ directly.
     python -m experiments.fact_fork --adapter results/economy/grpo_adapter \
         --eval results/economy/evals/grpo_cc_h_seed0_step30_test.json --questions results/questions/test_balanced.jsonl
 
-The probabilities are fp32 forwards of one context each (no sampling); `--temperature` is the
-training rollout's (configs/grpo_economy.yaml: 0.7).
+Without `--adapter` the base model is scored at the same cuts: what it would have said at the fork of
+that policy's thought (at `--temperature 1`, the target of the SFT's `fork_target: base`). The
+probabilities are fp32 forwards of one context each (no sampling); `--temperature` is the training
+rollout's (configs/grpo_economy.yaml: 0.7).
 """
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ def group_hit(p: float, group_size: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapter", required=True, help="the policy (a PEFT adapter folder)")
+    ap.add_argument("--adapter", default=None,
+                    help="the policy (a PEFT adapter folder); without it the base model, scored at the forks of --eval's completions")
     ap.add_argument("--eval", required=True, help="an eval.json of that policy (rows with id, kind, text)")
     ap.add_argument("--questions", required=True, help="the question file it was evaluated on (gold answers)")
     ap.add_argument("--memory", default=str(DEFAULT_MEMORY_FILE), help="closed-book measurement (sampled_accuracy)")
