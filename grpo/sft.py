@@ -176,14 +176,25 @@ class SFTModule(AgentModule):
     def training_step(self, batch: list[Trace], batch_idx: int):
         if not batch or not isinstance(batch[0], Trace):
             raise ValueError("SFTModule trains on traces: set data.traces (a .jsonl path; made if missing)")
+        loss, logs = self.batch_loss(batch)  # steps 1-3
+        # 4. update (and one step of the LR schedule)
+        self.accumulate_grad(loss)
+        self.step_optimizer()
+        self.log_dict({"sft/loss": loss.detach(), **logs}, batch_size=len(batch))
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(batch))
+        return loss.detach()
+
+    def batch_loss(self, batch: list[Trace]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The SFT loss of a batch of traces, and what to log beside it."""
         # 1. tokenize exactly as the rollout will see it; labels only on the model's own tokens
         hp = self.hparams
         budget = hp.max_tool_calls if hp.show_budget else None  # observations as the rollout writes them
         enc = collate_sft([tokenize_trace(self.tokenizer, t, hp.max_obs_tokens, budget) for t in batch],
                           self.tokenizer.pad_token_id)
         enc = {k: v.to(self.device) for k, v in enc.items()}
+        logs = {"sft/tokens_per_batch": (enc["labels"] != IGNORE).sum().float()}
         # 2. (fork_target "base") the target at each thought's fork, from the base model
-        forks, logs = None, {}
+        forks = None
         if hp.fork_target == "base":
             found = [(i, *fork) for i, t in enumerate(batch) if (fork := trace_fork(self.tokenizer, t)) is not None]
             logs["sft/fork_share"] = torch.tensor(len(found) / len(batch))
@@ -194,12 +205,4 @@ class SFTModule(AgentModule):
                 logs["sft/fork_fact_mass"] = torch.stack([q[ids].sum() for q, ids in zip(forks[2], facts)]).mean()
         # 3. next-token cross-entropy on those tokens (against the fork targets at the forks)
         logits = self.policy(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits  # (B, L, V)
-        loss = sft_loss(logits, enc["labels"], forks)
-        # 4. update (and one step of the LR schedule)
-        self.accumulate_grad(loss)
-        self.step_optimizer()
-        n_tokens = (enc["labels"] != IGNORE).sum()
-        self.log_dict({"sft/loss": loss.detach(), "sft/tokens_per_batch": n_tokens.float(), **logs},
-                      batch_size=len(batch))
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(batch))
-        return loss.detach()
+        return sft_loss(logits, enc["labels"], forks), logs

@@ -158,3 +158,46 @@ def test_fork_target_option_is_checked():
         SFTModule(model_name="tiny", fork_target="bogus")
     with pytest.raises(ValueError, match="lora"):
         SFTModule(model_name="tiny", fork_target="base", lora=False)
+
+
+def test_module_targets_the_forks_with_the_base_model_not_the_trained_policy(monkeypatch):
+    """SFTModule(fork_target="base").batch_loss on a tiny model whose LoRA update is non-zero (so the policy
+    differs from the base): the loss equals sft_loss with the targets of the model with its adapters off,
+    differs from the targets of the policy itself and from the one-hot loss (fork_target "trace")."""
+    import models.loading
+    from grpo.sft import SFTModule, base_fork_targets, trace_fork
+    monkeypatch.setattr(models.loading, "ByteTokenizer", _fork_tokenizer)   # "tiny" gets the fork tokens
+    traces = [_recall("The capital of Kenya is Nairobi."), _recall("So its continent is not stated.")]
+    module = SFTModule(model_name="tiny", fork_target="base", lora_r=4)
+    module.configure_model()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)                                  # the policy is no longer the base model
+    tok = module.tokenizer
+    batch = collate_sft([tokenize_trace(tok, t) for t in traces], tok.pad_token_id)
+    found = [(i, *trace_fork(tok, t)) for i, t in enumerate(traces)]
+    assert len(found) == 2
+    import grpo.sft
+    seen = []                                                      # the forks batch_loss hands to sft_loss
+    monkeypatch.setattr(grpo.sft, "sft_loss", lambda logits, labels, forks=None: seen.append(forks) or sft_loss(logits, labels, forks))
+    with torch.no_grad():
+        loss, logs = module.batch_loss(traces)
+        logits = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with module.policy.disable_adapter():
+            from_base = base_fork_targets(module.policy, batch["input_ids"], batch["attention_mask"], found)
+        from_policy = base_fork_targets(module.policy, batch["input_ids"], batch["attention_mask"], found)
+    assert float(loss) == pytest.approx(float(sft_loss(logits, batch["labels"], from_base)), rel=1e-5)
+    rows, positions, targets = seen[0]
+    assert rows.tolist() == [0, 1] and positions.tolist() == [f[1] for f in found]
+    assert torch.allclose(targets, from_base[2], atol=1e-6)
+    assert (targets - from_policy[2]).abs().max() > 1e-4              # 1e-3 here; 0 if the base were the policy
+    assert abs(float(loss) - float(sft_loss(logits, batch["labels"]))) > 1e-3        # the one-hot loss: 0.003 away
+    assert float(logs["sft/fork_share"]) == 1.0
+    facts = [f[2] for f in found]
+    assert float(logs["sft/fork_fact_mass"]) == pytest.approx(
+        float(sum(q[ids].sum() for q, ids in zip(from_base[2], facts)) / 2), rel=1e-5)
+    module.hparams.fork_target = "trace"
+    with torch.no_grad():
+        assert float(module.batch_loss(traces)[0]) == pytest.approx(float(sft_loss(logits, batch["labels"])), rel=1e-5)
