@@ -70,3 +70,18 @@ def test_fact_and_hedge_sums_the_distinct_first_tokens_of_the_facts():
     assert fact_and_hedge(model, tok, context, ["B", "C"], 0.7) == pytest.approx((b + c, hedge), abs=1e-6)  # two ways
     assert fact_and_hedge(model, tok, context, ["B", "B C"], 0.7)[0] == pytest.approx(b, abs=1e-6)   # one first token, once
     assert fact_and_hedge(model, tok, context, ["B", ""], 0.7)[0] == pytest.approx(b, abs=1e-6)      # an empty fact is none
+
+
+def test_capital_fork_scores_the_template_thought():
+    """capital_fork is fork_probs of the fact and the hedge after the prompt and "<thought>The capital of X is"."""
+    from envs.protocol import build_prompt
+    from experiments.capital_forks import capital_fork
+    model, tok = load_model_and_tokenizer("tiny")
+    model.eval()
+    q = "What is the capital of Kenya?"
+    want = fork_probs(model, tok, build_prompt(tok, q) + "<thought>The capital of Kenya is", [" Nairobi", HEDGE], 0.7)
+    assert capital_fork(model, tok, q, "Nairobi", 0.7) == pytest.approx(tuple(want), abs=1e-7)
+    other = fork_probs(model, tok, build_prompt(tok, q) + "<thought>The capital of Kenya was", [" Nairobi", HEDGE], 0.7)
+    assert capital_fork(model, tok, q, "Nairobi", 0.7) != pytest.approx(tuple(other), abs=1e-7)
+    with pytest.raises(ValueError, match="Which has more"):
+        capital_fork(model, tok, "Which has more people, A or B?", "A")
