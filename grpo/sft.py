@@ -13,8 +13,8 @@ and the final EOS); prompt and observation tokens are context, with label -100.
 The fork (`fork_target: base`). A recall thought forks at its fact token: "The capital of Uganda is|
 Kampala." (answer) or "... is| not something I know; I will search for Uganda." (search). Trained on
 the trace's own token there, the cold start learns a certainty the base model never had: after one
-epoch it puts 0.995 on " not" after "The planet known as the Red Planet is", where the base model put
-0.33 on " Mars" (results/economy/experiments.md, "Where the policy forks"). With `fork_target: base`
+epoch it puts 0.85 on " not" after "The planet known as the Red Planet is", where the base model puts
+0.01 (and 0.10 on " Mars"; T = 1, results/economy/experiments.md). With `fork_target: base`
 the target at that one position is the base model's own distribution with every token that does not
 start the fact moved onto the hedge:
 
@@ -23,6 +23,8 @@ start the fact moved onto the hedge:
 so the cold start hedges exactly as often as the base model would not have stated the fact, and the
 choice to search stays tied to what the model knows (p_base: the policy with its LoRA adapters off,
 i.e. the model the SFT started from, at temperature 1). Every other position keeps its one-hot label.
+Measured (section "The fork's target from the base model"): in the trained domain it does what it says;
+on questions unlike the training ones it hedges as much as the one-hot target, so the default stays "trace".
 
 GRPO then starts from the SFT adapter (`model.init_adapter`): it is merged into the base
 weights, fresh LoRA adapters are added, and the reference policy of the KL term is the
