@@ -34,6 +34,7 @@ from envs.protocol import build_prompt
 from models.loading import load_model_and_tokenizer
 from models.tokenizer import first_token
 
+
 def fork_probs(model, tokenizer, context: str, continuations: Sequence[str], temperature: float = 1.0) -> list[float]:
     """P(first token of each continuation | context) under softmax(logits / temperature)."""
     if temperature <= 0:
