@@ -228,6 +228,28 @@ BUGS = [  # (name, file, correct code, planted bug)
     ('instance forwards (packed, frozen casts) never given back', 'models/loading.py',
      '            del module.forward ',
      '            pass '),
+    # the module's options reach the loss functions (each function is tested alone too)
+    ('module ignores scale_by_std', 'grpo/module.py',
+     'group_advantages(rewards, G, hp.scale_by_std)',
+     'group_advantages(rewards, G)'),
+    ('module drops clip_eps_high', 'grpo/module.py',
+     'hp.clip_eps, hp.clip_eps_high, hp.beta, hp.token_level,',
+     'hp.clip_eps, None, hp.beta, hp.token_level,'),
+    ('module hard-codes clip_eps', 'grpo/module.py',
+     'hp.clip_eps, hp.clip_eps_high, hp.beta, hp.token_level,',
+     '0.2, hp.clip_eps_high, hp.beta, hp.token_level,'),
+    ('module drops beta (KL logged, never applied)', 'grpo/module.py',
+     'hp.clip_eps, hp.clip_eps_high, hp.beta, hp.token_level,',
+     'hp.clip_eps, hp.clip_eps_high, 0.0, hp.token_level,'),
+    ('module ignores token_level', 'grpo/module.py',
+     'hp.clip_eps, hp.clip_eps_high, hp.beta, hp.token_level,',
+     'hp.clip_eps, hp.clip_eps_high, hp.beta, True,'),
+    ('sft mean over every position', 'grpo/sft.py',
+     '    return ce.sum() / supervised.sum()',
+     '    return ce.sum() / supervised.numel()'),
+    ('sampled ids re-encoded from their text', 'grpo/rollout.py',
+     '        completion[i, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)',
+     '        completion[i, :len(r.ids)] = torch.tensor(tokenizer.encode(tokenizer.decode(r.ids), add_special_tokens=False)[:len(r.ids)] + [tokenizer.pad_token_id] * max(0, len(r.ids) - len(tokenizer.encode(tokenizer.decode(r.ids), add_special_tokens=False))), dtype=torch.long)'),
 ]
 
 

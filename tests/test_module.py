@@ -424,6 +424,85 @@ def test_micro_batched_update_is_the_one_pass_update(token_level):
     torch.testing.assert_close(m.reference_logprobs(ro, grpo.logprobs.loss_micro_batches(ro, 1)), ref_logp,
                                atol=1e-6, rtol=1e-6)
 
+
+LOG_1_25 = math.log(1.25)
+K3_ROW0, K3_ROW1 = 0.8 + LOG_1_25 - 1, 2 - math.log(2) - 1  # k3 = e^d - d - 1, d = ref - logp: 0.0231436, 0.3068528
+
+
+def _fixed_logp_update(monkeypatch, **options):
+    """One `policy_update` whose log-probs are a leaf θ, so its loss is a function of known numbers.
+
+    N = 2 samples (G = 2), C = 2 columns; row 0 has 2 sampled tokens, row 1 one (then padding).
+    π_old = π_ref = 0 in log space, Â = (+1, −1), θ = [[log 1.25, log 1.25], [log 0.5, pad]], so the
+    ratios are 1.25, 1.25 | 0.5. The module's options: ε_low = 0.1, ε_high = 0.28, β = 0.5, T = 0.7."""
+    m = _Spy(model_name="tiny", group_size=2, temperature=0.7, clip_eps=0.1, clip_eps_high=0.28, beta=0.5, **options)
+    ro = fake_rollout(["a", "b"], tokens=[2, 1], G=2)                                    # masks [[1, 1], [1, 0]]
+    theta = torch.tensor([[LOG_1_25, LOG_1_25], [math.log(0.5), 0.0]], requires_grad=True)
+    temperatures = []
+
+    def fixed(model, ro_mb, temperature):
+        temperatures.append(temperature)
+        return theta * 1.0                                                                # (N, C), graph to θ
+    monkeypatch.setattr(grpo.module, "completion_logprobs", fixed)
+    zeros = torch.zeros(2, 2)
+    out = m.policy_update(ro, [torch.arange(2)], zeros, zeros, torch.tensor([1.0, -1.0]), torch.ones(()))
+    assert temperatures == [0.7]
+    return out, theta.grad
+
+
+def test_policy_update_applies_the_modules_clip_range_and_beta_token_level(monkeypatch):
+    """The module's ε_low, ε_high and β reach the loss (the loss functions are tested alone in
+    tests/test_losses.py; this is the plumbing). Per token, loss = max(−Â r, −Â clip(r, 0.9, 1.28)):
+      row 0, Â = +1, r = 1.25 < 1.28: −1.25, not clipped (ε_high = ε_low = 0.1 would give −1.1)
+      row 1, Â = −1, r = 0.5 < 0.9:   +0.9, clipped      (the default ε = 0.2 would give +0.8)
+    token mean (M = 3): pg = (−1.25 − 1.25 + 0.9) / 3 = −0.53333, kl = (2 k3₀ + k3₁) / 3 = 0.11771,
+    loss = pg + 0.5 kl = −0.47448 (β = 0 would give −0.53333), clip_frac 1/3.
+    dloss/dθ: row 0 −Â r / 3 + β (1 − e^d) / 3 = (−1.25 + 0.1) / 3; row 1 (clipped: no policy gradient)
+    β (1 − 2) / 3 = −0.5 / 3; padding 0."""
+    out, grad = _fixed_logp_update(monkeypatch, token_level=True)
+    assert out.policy_loss.item() == pytest.approx(-1.6 / 3, abs=1e-6)
+    assert out.kl.item() == pytest.approx((2 * K3_ROW0 + K3_ROW1) / 3, abs=1e-6)
+    assert out.loss.item() == pytest.approx(-1.6 / 3 + 0.5 * (2 * K3_ROW0 + K3_ROW1) / 3, abs=1e-6)
+    assert out.clip_frac.item() == pytest.approx(1 / 3)
+    torch.testing.assert_close(grad, torch.tensor([[-1.15 / 3, -1.15 / 3], [-0.5 / 3, 0.0]]))
+
+
+def test_policy_update_applies_the_modules_per_sequence_mean(monkeypatch):
+    """`token_level: false` reaches the loss: each row's mean, then the mean over N' = 2 rows:
+    pg = ((−1.25 − 1.25) / 2 + 0.9) / 2 = −0.175 (token mean: −0.53333), kl = (k3₀ + k3₁) / 2."""
+    out, _ = _fixed_logp_update(monkeypatch, token_level=False)
+    assert out.policy_loss.item() == pytest.approx(-0.175, abs=1e-6)
+    assert out.kl.item() == pytest.approx((K3_ROW0 + K3_ROW1) / 2, abs=1e-6)
+    assert out.loss.item() == pytest.approx(-0.175 + 0.5 * (K3_ROW0 + K3_ROW1) / 2, abs=1e-6)
+
+
+class _OneRightInFour(GRPOModule):
+    """Rewards (1, 0, 0, 0) in every group of G = 4; records the advantages each update is given."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.advantages = []
+
+    def compute_rewards(self, ro, batch):
+        r = torch.tensor([1.0, 0.0, 0.0, 0.0] * (len(ro.texts) // 4))
+        return r, {"fixed": r}, r > 0
+
+    def policy_update(self, ro, micro, old_logp, ref_logp, advantages, token_scale):
+        self.advantages.append(advantages.clone())
+        return super().policy_update(ro, micro, old_logp, ref_logp, advantages, token_scale)
+
+
+@pytest.mark.parametrize("scale_by_std, expected", [
+    (False, [0.75, -0.25, -0.25, -0.25]),                       # Dr. GRPO: r − mean, mean 1/4
+    (True, [0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001]),  # sample std of (1, 0, 0, 0) = 0.5, + ε 1e-4
+])
+def test_training_step_applies_the_modules_scale_by_std(scale_by_std, expected):
+    L.seed_everything(0)
+    m = _OneRightInFour(model_name="tiny", group_size=4, max_new_tokens=4, beta=0.0, lr=1e-3, warmup_ratio=0.0,
+                        scale_by_std=scale_by_std)
+    fit(m, 1)
+    assert m.advantages[0].tolist() == pytest.approx(expected * 2, abs=1e-5)            # B = 2 groups
+
 # --------------------------------------------------------------------------------------- the reward of each sample
 
 

@@ -184,6 +184,23 @@ def test_forced_observations_masks_and_stopping():
     assert r.num_calls_no_obs.sum() == r.incomplete_calls.sum() == r.tool_errors.sum() == 0
 
 
+
+def test_sampled_ids_are_kept_not_re_encoded():
+    """The rollout keeps the ids it sampled; decoding and encoding again is not the identity (BPE drift),
+    and the loss would then score tokens π_old never sampled. The script spells "<answer>Paris</answer>"
+    byte by byte (22 ids), which encodes again to 7 ids (each tag is one special token)."""
+    text = "<answer>Paris</answer>"
+    spelled = list(text.encode())
+    assert len(spelled) == 22 and len(TOK.encode(text)) == 7
+    model = ScriptedLM([text], group_size=1)
+    model.scripts = [spelled]
+    r = rollout(model, TOK, ["Q"], ScriptedEnv(), group_size=1, max_new_tokens=64,
+                generator=torch.Generator().manual_seed(0))
+    assert r.stop_reasons == ["answer"] and int(r.num_generated[0]) == 22   # the closing bytes stop it
+    n = int(r.attention_mask[0, r.prompt_length:].sum())
+    assert n == 22 and r.completion_ids[0, :n].tolist() == spelled
+    assert r.completion_mask[0, :n].tolist() == [1] * 22 and r.texts[0] == text
+
 def test_each_token_fed_once():
     """Prompts are prefilled once per group (B rows, not N); afterwards each forward feeds only new
     tokens at the row's next position, never padding: no token is fed again after a tool turn, a row

@@ -1,6 +1,8 @@
 """Cold start: trace tokenization masks prompt and observations; the tiny SFT run trains."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -52,6 +54,25 @@ def test_loss_ignores_prompt_and_observation_positions():
     noisy[0, :-1][~predicts_masked] += 1.0 * torch.randn(int((~predicts_masked).sum()), V)
     assert not torch.allclose(sft_loss(noisy, batch["labels"]), base)
 
+
+
+def test_loss_is_the_mean_over_supervised_tokens_by_hand():
+    """Divided by the supervised tokens only, so padding (a long trace in the batch) does not shrink it.
+    V = 4, logits 0: cross-entropy log 4 = 1.386294 per supervised token. Labels [-, 1, 2, -]: positions
+    0 and 1 predict labels 1 and 2; the mean over those 2 is log 4 (over all 3 predicting positions
+    0.924196). Row 1 supervises 3 tokens at logits 0 and row 0 one token at logits (2, 0, 0, 0) on label
+    0: CE log(e² + 3) − 2 = 0.451929; token mean (0.451929 + 3 log 4) / 4 = 1.152703 (the mean of the
+    rows' means would be 0.919112)."""
+    labels = torch.tensor([[IGNORE, 1, 2, IGNORE]])
+    assert sft_loss(torch.zeros(1, 4, 4), labels).item() == pytest.approx(math.log(4))
+    padded = torch.full((2, 10), IGNORE)                         # 6 padded columns and a row of padding
+    padded[0, :4] = labels[0]
+    assert sft_loss(torch.zeros(2, 10, 4), padded).item() == pytest.approx(math.log(4))
+    logits = torch.zeros(2, 4, 4)
+    logits[0, 0, 0] = 2.0
+    labels = torch.tensor([[IGNORE, 0, IGNORE, IGNORE], [IGNORE, 1, 2, 3]])
+    want = (math.log(math.e ** 2 + 3) - 2 + 3 * math.log(4)) / 4
+    assert sft_loss(logits, labels).item() == pytest.approx(want)
 
 def test_collate_masks_from_lengths_even_where_pad_is_eos():
     tok = ByteTokenizer()
