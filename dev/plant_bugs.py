@@ -249,7 +249,7 @@ BUGS = [  # (name, file, correct code, planted bug)
      '    return ce.sum() / supervised.numel()'),
     ('sampled ids re-encoded from their text', 'grpo/rollout.py',
      '        completion[i, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)',
-     '        completion[i, :len(r.ids)] = torch.tensor(tokenizer.encode(tokenizer.decode(r.ids), add_special_tokens=False)[:len(r.ids)] + [tokenizer.pad_token_id] * max(0, len(r.ids) - len(tokenizer.encode(tokenizer.decode(r.ids), add_special_tokens=False))), dtype=torch.long)'),
+     '        completion[i, :len(r.ids)] = torch.tensor((tokenizer.encode(tokenizer.decode(r.ids), add_special_tokens=False) + r.ids)[:len(r.ids)], dtype=torch.long)'),  # same length: no crash
 ]
 
 

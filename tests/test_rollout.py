@@ -184,7 +184,6 @@ def test_forced_observations_masks_and_stopping():
     assert r.num_calls_no_obs.sum() == r.incomplete_calls.sum() == r.tool_errors.sum() == 0
 
 
-
 def test_sampled_ids_are_kept_not_re_encoded():
     """The rollout keeps the ids it sampled; decoding and encoding again is not the identity (BPE drift),
     and the loss would then score tokens π_old never sampled. The script spells "<answer>Paris</answer>"
@@ -200,6 +199,7 @@ def test_sampled_ids_are_kept_not_re_encoded():
     n = int(r.attention_mask[0, r.prompt_length:].sum())
     assert n == 22 and r.completion_ids[0, :n].tolist() == spelled
     assert r.completion_mask[0, :n].tolist() == [1] * 22 and r.texts[0] == text
+
 
 def test_each_token_fed_once():
     """Prompts are prefilled once per group (B rows, not N); afterwards each forward feeds only new

@@ -55,7 +55,6 @@ def test_loss_ignores_prompt_and_observation_positions():
     assert not torch.allclose(sft_loss(noisy, batch["labels"]), base)
 
 
-
 def test_loss_is_the_mean_over_supervised_tokens_by_hand():
     """Divided by the supervised tokens only, so padding (a long trace in the batch) does not shrink it.
     V = 4, logits 0: cross-entropy log 4 = 1.386294 per supervised token. Labels [-, 1, 2, -]: positions
@@ -73,6 +72,7 @@ def test_loss_is_the_mean_over_supervised_tokens_by_hand():
     labels = torch.tensor([[IGNORE, 0, IGNORE, IGNORE], [IGNORE, 1, 2, 3]])
     want = (math.log(math.e ** 2 + 3) - 2 + 3 * math.log(4)) / 4
     assert sft_loss(logits, labels).item() == pytest.approx(want)
+
 
 def test_collate_masks_from_lengths_even_where_pad_is_eos():
     tok = ByteTokenizer()
@@ -185,6 +185,7 @@ def test_module_targets_the_forks_with_the_base_model_not_the_trained_policy(mon
     """SFTModule(fork_target="base").batch_loss on a tiny model whose LoRA update is non-zero (so the policy
     differs from the base): the loss equals sft_loss with the targets of the model with its adapters off,
     differs from the targets of the policy itself and from the one-hot loss (fork_target "trace")."""
+    import grpo.sft
     import models.loading
     from grpo.sft import SFTModule, base_fork_targets, trace_fork
     monkeypatch.setattr(models.loading, "ByteTokenizer", _fork_tokenizer)   # "tiny" gets the fork tokens
@@ -200,7 +201,6 @@ def test_module_targets_the_forks_with_the_base_model_not_the_trained_policy(mon
     batch = collate_sft([tokenize_trace(tok, t) for t in traces], tok.pad_token_id)
     found = [(i, *trace_fork(tok, t)) for i, t in enumerate(traces)]
     assert len(found) == 2
-    import grpo.sft
     seen = []                                                      # the forks batch_loss hands to sft_loss
     monkeypatch.setattr(grpo.sft, "sft_loss", lambda logits, labels, forks=None: seen.append(forks) or sft_loss(logits, labels, forks))
     with torch.no_grad():
