@@ -12,7 +12,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from data import general_qa
-from data.loader import ResumableBatches
+from data.loader import ReplayBatches, ResumableBatches
 from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import build_offline_task
 from data.questions import read_questions
@@ -36,7 +36,8 @@ class QADataModule(L.LightningDataModule):
                  train_path: str | list[str] | None = None, val_path: str | None = None,
                  train_limit: int | None = None, val_limit: int | None = 32,
                  search_top_k: int = 3, search_max_chars: int = 600, traces: str | None = None,
-                 num_traces: int = 500, general_docs: bool = False):
+                 num_traces: int = 500, general_docs: bool = False, replay_slots: int = 0,
+                 replay_max_redraws: int = 4):
         """
         Args:
             task: "offline" (GeoNames countries, no download) or "hotpotqa".
@@ -61,6 +62,10 @@ class QADataModule(L.LightningDataModule):
             num_traces: how many traces to generate when `traces` does not exist yet.
             general_docs: offline: the search tool also holds `data.general_qa`'s documents (general
                 knowledge), for training files that mix its questions with the countries'.
+            replay_slots: GRPO: up to this many of each batch's B prompts are questions drawn again because
+                their last group split between searching and answering directly (`data.loader.ReplayBatches`;
+                one process only); 0: every prompt is a fresh draw of a shuffled pass (`ResumableBatches`).
+            replay_max_redraws: how many times in a row a question may be drawn again after a fresh draw.
         """
         super().__init__()
         if task not in TASKS:
@@ -76,6 +81,13 @@ class QADataModule(L.LightningDataModule):
         for name, path in [("train_path", p) for p in _as_list(train_path)] + [("val_path", val_path)]:
             if task == "offline" and path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"data.{name}={path!r}: no such question file")
+        if not 0 <= replay_slots <= batch_size:
+            raise ValueError(f"data.replay_slots={replay_slots}: must be in [0, data.batch_size={batch_size}]")
+        if replay_max_redraws < 1:
+            raise ValueError(f"data.replay_max_redraws={replay_max_redraws}: must be >= 1")
+        if replay_slots and traces:
+            raise ValueError(f"data.replay_slots={replay_slots} with data.traces={traces!r}: redraws are for GRPO's "
+                             f"question batches, not SFT traces")
         if general_docs and task != "offline":
             raise ValueError(f"data.general_docs=true: only for task='offline' (got task={task!r})")
         if task == "hotpotqa":
@@ -149,8 +161,11 @@ class QADataModule(L.LightningDataModule):
     def train_dataloader(self) -> ResumableBatches:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return ResumableBatches(self.train_traces or self.train_set, self.hparams.batch_size, self.hparams.seed,
-                                rank=rank, world_size=world)
+        hp = self.hparams
+        if hp.replay_slots:
+            return ReplayBatches(self.train_set, hp.batch_size, hp.seed, slots=hp.replay_slots,
+                                 max_redraws=hp.replay_max_redraws, rank=rank, world_size=world)
+        return ResumableBatches(self.train_traces or self.train_set, hp.batch_size, hp.seed, rank=rank, world_size=world)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, collate_fn=_collate)

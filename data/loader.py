@@ -51,3 +51,77 @@ class ResumableBatches:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self._skip = int(state["epoch"]), int(state["served"])
         self.served = self._skip
+
+
+class ReplayBatches(ResumableBatches):
+    """`ResumableBatches` that draws again the questions the trainer asks for.
+
+    After each step the trainer tells the loader, for each prompt of the batch it served last, whether
+    to draw that question again (`feedback`; GRPO asks for the questions whose group split between
+    searching and answering directly, where the gradient on that choice is largest). Up to `slots` of
+    every batch's B prompts are such redraws, first asked first served; the rest are fresh, taken in
+    turn from shuffled passes over the items (pass p is `_order(p)`, whatever the epoch). A question is
+    drawn again at most `max_redraws` times in a row after a fresh draw.
+
+    The state (fresh draws taken, the queue, the last batch) is saved with the epoch and the batch
+    count, so a resumed run draws what an uninterrupted one would. Lightning draws a sized loader's next
+    batch after the step (no prefetch), so the feedback of step k reaches batch k + 1. One process only:
+    under DDP each rank would queue what it alone saw.
+    """
+
+    def __init__(self, items: Sequence[Any], batch_size: int, seed: int = 0, slots: int = 1,
+                 max_redraws: int = 4, rank: int = 0, world_size: int = 1):
+        if world_size != 1:
+            raise ValueError(f"data.replay_slots={slots} with {world_size} processes: redraws are decided on "
+                             f"one process; train on one device or set data.replay_slots=0")
+        if not 1 <= slots <= batch_size:
+            raise ValueError(f"data.replay_slots={slots}: must be in [1, data.batch_size={batch_size}] "
+                             f"(0 turns redraws off)")
+        if max_redraws < 1:
+            raise ValueError(f"data.replay_max_redraws={max_redraws}: must be >= 1")
+        super().__init__(items, batch_size, seed)
+        self.slots, self.max_redraws = slots, max_redraws
+        self.fresh_taken = 0                   # fresh draws so far, over all passes
+        self.queue: list[list[int]] = []       # [item index, redraws so far], waiting for a slot
+        self.last: list[list[int]] = []        # the same for each prompt of the last batch served
+        self._pass: tuple[int, list[int]] = (-1, [])
+
+    def _fresh(self) -> int:
+        p, k = divmod(self.fresh_taken, len(self.items))
+        if self._pass[0] != p:
+            self._pass = (p, self._order(p))
+        self.fresh_taken += 1
+        return self._pass[1][k]
+
+    def _next_batch(self) -> list[Any]:
+        redraws, self.queue = self.queue[:self.slots], self.queue[self.slots:]
+        self.last = redraws + [[self._fresh(), 0] for _ in range(self.batch_size - len(redraws))]
+        return [self.items[i] for i, _ in self.last]
+
+    @property
+    def redrawn(self) -> int:
+        """How many prompts of the last batch were redraws."""
+        return sum(r > 0 for _, r in self.last)
+
+    def __iter__(self):
+        start, self._skip = self._skip, 0
+        for b in range(start, len(self)):
+            self.served = b + 1
+            yield self._next_batch()
+        self.epoch, self.served = self.epoch + 1, 0
+
+    def feedback(self, again: Sequence[bool]) -> None:
+        """Queue for another draw each prompt of the last batch whose `again` is true (B flags, in the
+        batch's order), unless it was already drawn `max_redraws` times in a row."""
+        if len(again) != len(self.last):
+            raise ValueError(f"feedback for {len(again)} prompts, but the last batch had {len(self.last)}")
+        self.queue += [[i, r + 1] for (i, r), a in zip(self.last, again) if a and r < self.max_redraws]
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"fresh_taken": self.fresh_taken, "queue": [list(q) for q in self.queue],
+                                       "last": [list(q) for q in self.last]}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.fresh_taken = int(state["fresh_taken"])
+        self.queue, self.last = [list(q) for q in state["queue"]], [list(q) for q in state["last"]]

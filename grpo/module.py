@@ -10,6 +10,8 @@
                     backward goes a micro-batch of whole groups at a time (memory bounded by
                     `loss_tokens_per_micro_batch`), then one optimizer step
     6. log          the step's means (`grpo.metrics`); callbacks get the rollout and its judgements
+    7. redraw       questions whose group split between searching and answering directly go back to
+                    the prompt queue, when the loader takes them (`data.replay_slots`)
 
 The maths lives in `grpo.losses`, `grpo.rewards` and `grpo.metrics` (pure, tested functions);
 sampling in `grpo.rollout`; this file only combines them. Optimization is manual so that the μ inner
@@ -28,7 +30,7 @@ from data.types import QAExample
 from envs.search import EmptySearch
 from grpo.agent import AgentModule, check_positive
 from grpo.logprobs import completion_logprobs, loss_micro_batches
-from grpo.losses import GRPOLossOutput, Normaliser, group_advantages, grpo_loss, sum_losses
+from grpo.losses import GRPOLossOutput, Normaliser, group_advantages, grpo_loss, split_groups, sum_losses
 from grpo.metrics import step_metrics
 from grpo.rewards import (OTCWeights, VOIWeights, answer_grounded, check_finite_rewards, judge, otc_group_rewards,
                           voi_reward)
@@ -143,6 +145,8 @@ class GRPOModule(AgentModule):
         metrics |= {"time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0}
         if hp.tool_outage_rate > 0:
             metrics["tools/outage_share"] = sum(isinstance(e, EmptySearch) for e in envs) / len(envs)
+        # 7. redraw the questions whose group split between searching and answering (data.loader.ReplayBatches)
+        metrics |= self.ask_redraws(split_groups(ro.num_calls + ro.num_calls_no_obs, G))
         self.log_dict(metrics, batch_size=len(batch), sync_dist=True)
         # what callbacks (per-kind tool metrics, transcripts) read in on_train_batch_end
         return {"loss": out.loss.detach(), "rollout": ro, "rewards": rewards, "components": parts,
@@ -180,6 +184,17 @@ class GRPOModule(AgentModule):
         check_finite_rewards(parts, [f"{batch[n // G].id}#{n % G}" for n in range(N)])
         components = {k: torch.tensor([p[k] for p in parts], dtype=torch.float32) for k in parts[0]}
         return components.pop("total").to(self.device), components, torch.tensor(correct, dtype=torch.bool)
+
+    def ask_redraws(self, again: Tensor) -> dict[str, float]:
+        """Tell the training loader which questions of this batch to draw again (again: (B,) bool), when
+        it takes redraws (`data.replay_slots` > 0); returns the data/ metrics to log (none otherwise)."""
+        loader = self.trainer.train_dataloader if self._trainer is not None else None
+        if not hasattr(loader, "feedback"):
+            return {}
+        redrawn = loader.redrawn  # of the batch just trained on, before the feedback
+        loader.feedback(again.tolist())
+        return {"data/redrawn_share": redrawn / len(again), "data/split_share": again.float().mean().item(),
+                "data/queue": float(len(loader.queue))}
 
     @torch.no_grad()
     def token_share(self, completion_mask: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from grpo.losses import (Normaliser, clipped_policy_loss, group_advantages, grpo_loss, k3_kl,
-                         masked_mean_per_sequence, masked_mean_tokens, sum_losses)
+                         masked_mean_per_sequence, masked_mean_tokens, split_groups, sum_losses)
 
 # --------------------------------------------------------------------------------------- advantages
 
@@ -32,6 +32,14 @@ def test_group_advantages_eps():
     # [1, 0] with eps=1e-4: 0.5 / (sqrt(0.5) + 1e-4)
     adv, _ = group_advantages(torch.tensor([1.0, 0.0]), group_size=2)
     assert adv[0].item() == pytest.approx(0.5 / (math.sqrt(0.5) + 1e-4))
+
+
+def test_split_groups_are_those_where_some_samples_search_and_some_do_not():
+    # G = 4: [0 1 0 0] split; [2 1 1 1] all search; [0 0 0 0] none does; [0 3 3 3] split
+    calls = torch.tensor([0, 1, 0, 0, 2, 1, 1, 1, 0, 0, 0, 0, 0, 3, 3, 3])
+    assert split_groups(calls, 4).tolist() == [True, False, False, True]
+    with pytest.raises(ValueError, match="G=3"):
+        split_groups(calls, 3)
 
 
 def test_group_advantages_without_std_scaling():
