@@ -18,7 +18,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_rollout.py", "tests/test_module.py", "tests/test_agent.py", "tests/test_losses.py",
          "tests/test_rewards.py", "tests/test_metrics.py", "tests/test_protocol.py", "tests/test_answers.py",
          "tests/test_sft.py", "tests/test_checkpoint.py", "tests/test_logprobs.py", "tests/test_lora.py",
-         "tests/test_attention.py", "tests/test_models.py", "tests/test_packed.py", "tests/test_frozen_casts.py"]
+         "tests/test_attention.py", "tests/test_models.py", "tests/test_packed.py", "tests/test_frozen_casts.py",
+         "tests/test_resume.py"]
 BUGS = [  # (name, file, correct code, planted bug)
     ('logp t scored with t+1', 'grpo/logprobs.py',
      'logits = out.logits[:, :-1]',
@@ -250,6 +251,18 @@ BUGS = [  # (name, file, correct code, planted bug)
     ('sampled ids re-encoded from their text', 'grpo/rollout.py',
      '        completion[i, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)',
      '        completion[i, :len(r.ids)] = torch.tensor((tokenizer.encode(tokenizer.decode(r.ids), add_special_tokens=False) + r.ids)[:len(r.ids)], dtype=torch.long)'),  # same length: no crash
+    ('all-search groups counted as split', 'grpo/losses.py',
+     'return (searched > 0) & (searched < group_size)',
+     'return searched > 0'),
+    ('redraw queue not restored on resume', 'data/loader.py',
+     'self.queue, self.last = [list(q) for q in state["queue"]], [list(q) for q in state["last"]]',
+     'self.queue, self.last = [], [list(q) for q in state["last"]]'),
+    ('redraws without limit', 'data/loader.py',
+     'if a and r < self.max_redraws]',
+     'if a]'),
+    ('module never asks for redraws', 'grpo/module.py',
+     'loader.feedback(again.tolist())',
+     'pass'),
 ]
 
 

@@ -61,17 +61,22 @@ def group_advantages(rewards: Tensor, group_size: int, scale_by_std: bool = True
     return adv.reshape(-1), zero_spread                                      # (N,), (B,)
 
 
-def split_groups(calls: Tensor, group_size: int) -> Tensor:
+def split_groups(calls: Tensor, group_size: int, correct: Tensor | None = None) -> Tensor:
     """(B,) bool: the groups whose samples split between calling the tool and answering without a call.
 
     calls is (N,), each sample's tool calls (executed or not), the G samples of a prompt consecutive.
     In such a group the choice to search gets a gradient ∝ p(1 - p), p its share of searching samples;
-    a group where every sample searches (or none does) teaches nothing about when to search.
+    a group where every sample searches (or none does) teaches nothing about when to search. With
+    correct ((N,) bool) only the split groups where some sample answered right without a call: those
+    where the model knows something, so that answering directly can pay.
     """
     if calls.dim() != 1 or group_size < 1 or calls.numel() % group_size != 0:
         raise ValueError(f"calls of shape {tuple(calls.shape)} is not (B * G,) with G={group_size}")
     searched = (calls > 0).view(-1, group_size).sum(dim=1)                 # (B,)
-    return (searched > 0) & (searched < group_size)                        # (B,)
+    split = (searched > 0) & (searched < group_size)                       # (B,)
+    if correct is not None:
+        split &= (correct.to(calls.device) & (calls == 0)).view(-1, group_size).any(dim=1)
+    return split                                                           # (B,)
 
 
 # ---------------------------------------------------------------------------------------------

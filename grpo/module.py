@@ -39,6 +39,7 @@ from models.frozen_casts import frozen_casts
 from models.loading import SMOLLM2, frozen_copy, reference_policy
 
 REWARDS = ("voi", "otc")
+REDRAWS = ("split", "direct_right")
 
 
 def ddp_token_scale(local_tokens: torch.Tensor, global_tokens: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -61,7 +62,8 @@ class GRPOModule(AgentModule):
                  voi_weights: VOIWeights | None = None, otc_weights: OTCWeights | None = None,
                  scale_by_std: bool = True, beta: float = 0.04, clip_eps: float = 0.2,
                  clip_eps_high: float | None = None, token_level: bool = True, num_updates: int = 1,
-                 loss_tokens_per_micro_batch: int = 2048, tool_outage_rate: float = 0.0, **kwargs):
+                 loss_tokens_per_micro_batch: int = 2048, tool_outage_rate: float = 0.0, redraw: str = "split",
+                 **kwargs):
         """
         Args:
             group_size: G, completions sampled per question.
@@ -91,6 +93,9 @@ class GRPOModule(AgentModule):
                 samples finds nothing (`envs.search.EmptySearch`), so that answering from memory after an empty
                 search is rewarded, and looping on it is not. Drawn per question from (seed, step, rank, index);
                 validation and test always search the real tool.
+            redraw: which questions step 7 asks the loader to draw again (only when `data.replay_slots` > 0):
+                "split", those whose group split between searching and answering without a search;
+                "direct_right", only those of them where a sample answered right without a search.
         """
         if top_p != 1.0:
             raise ValueError(f"model.top_p={top_p}: GRPO training must sample the distribution its loss scores (the "
@@ -104,6 +109,8 @@ class GRPOModule(AgentModule):
             check_positive("clip_eps_high", clip_eps_high)
         if reward not in REWARDS:
             raise ValueError(f"model.reward={reward!r}: expected one of {REWARDS}")
+        if redraw not in REDRAWS:
+            raise ValueError(f"model.redraw={redraw!r}: expected one of {REDRAWS}")
         if not 0.0 <= tool_outage_rate <= 1.0:
             raise ValueError(f"model.tool_outage_rate={tool_outage_rate!r}: must be in [0, 1]")
         super().__init__(**kwargs)
@@ -146,7 +153,8 @@ class GRPOModule(AgentModule):
         if hp.tool_outage_rate > 0:
             metrics["tools/outage_share"] = sum(isinstance(e, EmptySearch) for e in envs) / len(envs)
         # 7. redraw the questions whose group split between searching and answering (data.loader.ReplayBatches)
-        metrics |= self.ask_redraws(split_groups(ro.num_calls + ro.num_calls_no_obs, G))
+        right = correct if hp.redraw == "direct_right" else None
+        metrics |= self.ask_redraws(split_groups(ro.num_calls + ro.num_calls_no_obs, G, right))
         self.log_dict(metrics, batch_size=len(batch), sync_dist=True)
         # what callbacks (per-kind tool metrics, transcripts) read in on_train_batch_end
         return {"loss": out.loss.detach(), "rollout": ro, "rewards": rewards, "components": parts,

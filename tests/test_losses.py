@@ -38,6 +38,9 @@ def test_split_groups_are_those_where_some_samples_search_and_some_do_not():
     # G = 4: [0 1 0 0] split; [2 1 1 1] all search; [0 0 0 0] none does; [0 3 3 3] split
     calls = torch.tensor([0, 1, 0, 0, 2, 1, 1, 1, 0, 0, 0, 0, 0, 3, 3, 3])
     assert split_groups(calls, 4).tolist() == [True, False, False, True]
+    # only those where a sample without a call is right: group 0's sample 0, not group 3's sample 0
+    correct = torch.tensor([1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    assert split_groups(calls, 4, correct).tolist() == [True, False, False, False]
     with pytest.raises(ValueError, match="G=3"):
         split_groups(calls, 3)
 

@@ -96,6 +96,7 @@ def _trainable(module) -> list[torch.Tensor]:
     ("clip_eps_high", -0.1, "model.clip_eps_high=-0.1"),  # an upper bound below 1 would be silently wrong
     ("num_updates", 0, "model.num_updates=0"),
     ("tool_outage_rate", 1.5, "model.tool_outage_rate=1.5"),
+    ("redraw", "always", "model.redraw='always'"),
 ])
 def test_bad_options_fail_before_loading(option, value, message):
     """A bad value of a GRPO option raises at construction, naming the option; no model is loaded.

@@ -60,7 +60,7 @@ def test_redraws_asked_by_the_module_reach_the_next_batch_and_survive_a_resume(t
     first of the two always did): step k + 1 starts with step k's first question, until its 4 redraws in a
     row are spent, and a run stopped at step 2 and resumed trains on the batches and weights of a straight one."""
     import grpo.module
-    monkeypatch.setattr(grpo.module, "split_groups", lambda calls, G: torch.tensor([True, False]))
+    monkeypatch.setattr(grpo.module, "split_groups", lambda calls, G, correct: torch.tensor([True, False]))
     straight_batches, resumed_batches = _Batches(), _Batches()
     straight = _fit(tmp_path / "a", batches=straight_batches, replay_slots=1)
     first = straight_batches.ids[0][0]
