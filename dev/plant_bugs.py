@@ -252,8 +252,8 @@ BUGS = [  # (name, file, correct code, planted bug)
      '        completion[i, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)',
      '        completion[i, :len(r.ids)] = torch.tensor((tokenizer.encode(tokenizer.decode(r.ids), add_special_tokens=False) + r.ids)[:len(r.ids)], dtype=torch.long)'),  # same length: no crash
     ('all-search groups counted as split', 'grpo/losses.py',
-     'return (searched > 0) & (searched < group_size)',
-     'return searched > 0'),
+     'split = (searched > 0) & (searched < group_size)',
+     'split = searched > 0'),
     ('redraw queue not restored on resume', 'data/loader.py',
      'self.queue, self.last = [list(q) for q in state["queue"]], [list(q) for q in state["last"]]',
      'self.queue, self.last = [], [list(q) for q in state["last"]]'),
@@ -263,6 +263,9 @@ BUGS = [  # (name, file, correct code, planted bug)
     ('module never asks for redraws', 'grpo/module.py',
      'loader.feedback(again.tolist())',
      'pass'),
+    ('module ignores the redraw rule', 'grpo/module.py',
+     'right = correct if hp.redraw == "direct_right" else None',
+     'right = None'),
 ]
 
 

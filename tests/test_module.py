@@ -504,6 +504,23 @@ def test_training_step_applies_the_modules_scale_by_std(scale_by_std, expected):
     fit(m, 1)
     assert m.advantages[0].tolist() == pytest.approx(expected * 2, abs=1e-5)            # B = 2 groups
 
+
+@pytest.mark.parametrize("redraw", ["split", "direct_right"])
+def test_training_step_picks_redraws_by_the_modules_rule(redraw, monkeypatch):
+    """Step 7 asks `split_groups` about the step's calls, and passes the answers' correctness only under
+    model.redraw=direct_right (here (1, 0, 0, 0) in each of the B = 2 groups of G = 4)."""
+    seen = []
+
+    def record(calls, G, correct):
+        seen.append((calls.numel(), G, None if correct is None else correct.tolist()))
+        return torch.zeros(calls.numel() // G, dtype=torch.bool)
+
+    monkeypatch.setattr(grpo.module, "split_groups", record)
+    L.seed_everything(0)
+    fit(_OneRightInFour(model_name="tiny", group_size=4, max_new_tokens=4, beta=0.0, lr=1e-3, warmup_ratio=0.0,
+                        redraw=redraw), 1)
+    assert seen == [(8, 4, None if redraw == "split" else [True, False, False, False] * 2)]
+
 # --------------------------------------------------------------------------------------- the reward of each sample
 
 
