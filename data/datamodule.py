@@ -12,7 +12,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from data import general_qa
-from data.loader import ReplayBatches, ResumableBatches
+from data.loader import ReplayBatches, ResumableBatches, check_replay
 from data.hotpotqa import hotpotqa_documents, load_hotpotqa
 from data.offline_task import build_offline_task
 from data.questions import read_questions
@@ -81,10 +81,7 @@ class QADataModule(L.LightningDataModule):
         for name, path in [("train_path", p) for p in _as_list(train_path)] + [("val_path", val_path)]:
             if task == "offline" and path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"data.{name}={path!r}: no such question file")
-        if not 0 <= replay_slots <= batch_size:
-            raise ValueError(f"data.replay_slots={replay_slots}: must be in [0, data.batch_size={batch_size}]")
-        if replay_max_redraws < 1:
-            raise ValueError(f"data.replay_max_redraws={replay_max_redraws}: must be >= 1")
+        check_replay(replay_slots, batch_size, replay_max_redraws)
         if replay_slots and traces:
             raise ValueError(f"data.replay_slots={replay_slots} with data.traces={traces!r}: redraws are for GRPO's "
                              f"question batches, not SFT traces")

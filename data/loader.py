@@ -40,10 +40,14 @@ class ResumableBatches:
         order, start = self._order(self.epoch), self._skip
         self._skip = 0
         for b in range(start, len(self)):
-            k = b * self.world_size + self.rank  # this rank's b-th batch of the shared order
             self.served = b + 1
-            yield [self.items[i] for i in order[k * self.batch_size:(k + 1) * self.batch_size]]
+            yield self._batch(order, b)
         self.epoch, self.served = self.epoch + 1, 0
+
+    def _batch(self, order: list[int], b: int) -> list[Any]:
+        """This rank's b-th batch of the epoch's shared order."""
+        k = b * self.world_size + self.rank
+        return [self.items[i] for i in order[k * self.batch_size:(k + 1) * self.batch_size]]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "served": self.served}
@@ -51,6 +55,14 @@ class ResumableBatches:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self._skip = int(state["epoch"]), int(state["served"])
         self.served = self._skip
+
+
+def check_replay(slots: int, batch_size: int, max_redraws: int) -> None:
+    """Refuse redraw settings `ReplayBatches` cannot honour (slots 0 means redraws off)."""
+    if not 0 <= slots <= batch_size:
+        raise ValueError(f"data.replay_slots={slots}: must be in [0, data.batch_size={batch_size}]")
+    if max_redraws < 1:
+        raise ValueError(f"data.replay_max_redraws={max_redraws}: must be >= 1")
 
 
 class ReplayBatches(ResumableBatches):
@@ -74,11 +86,10 @@ class ReplayBatches(ResumableBatches):
         if world_size != 1:
             raise ValueError(f"data.replay_slots={slots} with {world_size} processes: redraws are decided on "
                              f"one process; train on one device or set data.replay_slots=0")
-        if not 1 <= slots <= batch_size:
-            raise ValueError(f"data.replay_slots={slots}: must be in [1, data.batch_size={batch_size}] "
-                             f"(0 turns redraws off)")
-        if max_redraws < 1:
-            raise ValueError(f"data.replay_max_redraws={max_redraws}: must be >= 1")
+        if slots == 0:
+            raise ValueError("data.replay_slots=0: ReplayBatches needs at least one slot (0 turns redraws off: "
+                             "ResumableBatches)")
+        check_replay(slots, batch_size, max_redraws)
         super().__init__(items, batch_size, seed)
         self.slots, self.max_redraws = slots, max_redraws
         self.fresh_taken = 0                   # fresh draws so far, over all passes
@@ -93,7 +104,8 @@ class ReplayBatches(ResumableBatches):
         self.fresh_taken += 1
         return self._pass[1][k]
 
-    def _next_batch(self) -> list[Any]:
+    def _batch(self, order: list[int], b: int) -> list[Any]:
+        """Up to `slots` redraws from the queue, then fresh draws (the epoch's order is not used)."""
         redraws, self.queue = self.queue[:self.slots], self.queue[self.slots:]
         self.last = redraws + [[self._fresh(), 0] for _ in range(self.batch_size - len(redraws))]
         return [self.items[i] for i, _ in self.last]
@@ -102,13 +114,6 @@ class ReplayBatches(ResumableBatches):
     def redrawn(self) -> int:
         """How many prompts of the last batch were redraws."""
         return sum(r > 0 for _, r in self.last)
-
-    def __iter__(self):
-        start, self._skip = self._skip, 0
-        for b in range(start, len(self)):
-            self.served = b + 1
-            yield self._next_batch()
-        self.epoch, self.served = self.epoch + 1, 0
 
     def feedback(self, again: Sequence[bool]) -> None:
         """Queue for another draw each prompt of the last batch whose `again` is true (B flags, in the

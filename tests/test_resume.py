@@ -109,6 +109,7 @@ def test_replay_loader_redraws_what_it_is_told_then_fresh_items_and_resumes_exac
     resumed.load_state_dict(state)                # saved after b1's feedback, as a checkpoint would be
     assert list(resumed) == [] and next(iter(resumed)) == b2
 
+
 @pytest.mark.parametrize("bad, match", [(dict(slots=0), "replay_slots=0"), (dict(slots=5), "replay_slots=5"),
                                         (dict(max_redraws=0), "replay_max_redraws=0"),
                                         (dict(world_size=2), "2 processes")])
